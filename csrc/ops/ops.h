@@ -1,0 +1,89 @@
+// The binding layer: one function per operator (and backward), at::Tensor in and out.
+// Each checks its inputs (csrc/common/checks.h), normalises arguments, allocates outputs,
+// fills a parameter struct (csrc/common/params.h) and calls the CPU or CUDA kernel for the
+// tensors' device. csrc/cpu/register.cpp and csrc/cuda/register.cpp m.impl() these.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace blossom {
+
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// csrc/ops/sliding_window_attention.cpp
+Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const OptTensor& lengths, const OptTensor& valid,
+                                 int64_t window, bool dilated, bool causal, double scale);
+Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                          const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& out,
+                                          const at::Tensor& lse, const OptTensor& lengths,
+                                          const OptTensor& valid, int64_t window, bool dilated,
+                                          bool causal, double scale);
+
+// csrc/ops/block_compress.cpp
+Tensor2 block_compress(const at::Tensor& x, const OptTensor& pos, const OptTensor& lengths,
+                       const OptTensor& valid, int64_t block_len, int64_t stride);
+Tensor2 block_compress_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                const OptTensor& pos, const OptTensor& lengths,
+                                const OptTensor& valid, int64_t block_len, int64_t stride);
+
+// csrc/ops/select_blocks.cpp
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const OptTensor& lengths,
+                         const OptTensor& valid, int64_t top_n, int64_t block_size,
+                         int64_t stride, int64_t block_len, bool causal, double scale);
+
+// csrc/ops/block_sparse_attention.cpp
+Tensor2 block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& block_idx, const OptTensor& lengths,
+                               const OptTensor& valid, int64_t block_size, bool causal,
+                               double scale);
+Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                        const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out,
+                                        const at::Tensor& lse, const at::Tensor& block_idx,
+                                        const OptTensor& lengths, const OptTensor& valid,
+                                        int64_t block_size, bool causal, double scale);
+
+// csrc/ops/compressed_attention.cpp
+Tensor2 compressed_attention(const at::Tensor& q, const at::Tensor& k_cmp,
+                             const at::Tensor& v_cmp, const OptTensor& lengths,
+                             const OptTensor& valid, int64_t block_len, int64_t stride,
+                             bool causal, double scale);
+Tensor3 compressed_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                      const at::Tensor& q, const at::Tensor& k_cmp,
+                                      const at::Tensor& v_cmp, const at::Tensor& out,
+                                      const at::Tensor& lse, const OptTensor& lengths,
+                                      const OptTensor& valid, int64_t block_len, int64_t stride,
+                                      bool causal, double scale);
+
+// csrc/ops/gate_fusion.cpp
+at::Tensor gate_fusion(const at::Tensor& branches, const at::Tensor& gate_logits);
+Tensor2 gate_fusion_backward(const at::Tensor& grad_out, const at::Tensor& branches,
+                             const at::Tensor& gate_logits);
+
+// csrc/ops/blossom_attention.cpp
+using BlossomOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& gate_logits, const OptTensor& k_pos,
+                                 const OptTensor& v_pos, const OptTensor& lengths,
+                                 const OptTensor& valid, int64_t block_len, int64_t stride,
+                                 int64_t block_size, int64_t top_n, int64_t window, bool dilated,
+                                 bool causal, double scale);
+using BlossomGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor>;
+BlossomGrads blossom_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& gate_logits, const OptTensor& k_pos, const OptTensor& v_pos,
+    const OptTensor& lengths, const OptTensor& valid, const at::Tensor& o_sel,
+    const at::Tensor& lse_sel, const at::Tensor& o_win, const at::Tensor& lse_win,
+    const at::Tensor& o_cmp, const at::Tensor& lse_cmp, const at::Tensor& block_idx,
+    int64_t block_len, int64_t stride, int64_t block_size, int64_t top_n, int64_t window,
+    bool dilated, bool causal, double scale);
+
+}  // namespace blossom
