@@ -68,9 +68,9 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["blossom_ops", "blossom_ops.*"])
-    + ["blossom_ops.integrations"],
-    package_dir={"blossom_ops.integrations": "integrations"},
+    # blossom_ops/integrations is a link to the top-level integrations/ folder, so the
+    # adapters import as blossom_ops.integrations from a checkout and once installed.
+    packages=find_packages(include=["blossom_ops", "blossom_ops.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
