@@ -48,7 +48,8 @@ def extension():
     sources = sorted(
         glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/ops/*.cpp")
         + glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"] + default_cpu_flags()
+    # torch.utils.cpp_extension picks the C++ standard torch itself needs (C++20 for 2.13).
+    cxx = opt + ["-fopenmp", "-DPy_LIMITED_API=0x03090000"] + default_cpu_flags()
     kwargs = dict(
         name="blossom_ops._C",
         sources=sources,
@@ -59,7 +60,7 @@ def extension():
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo",
                       "-DBLOSSOM_WITH_CUDA"]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DBLOSSOM_WITH_CUDA"], "nvcc": nvcc}
         return CUDAExtension(**kwargs)
