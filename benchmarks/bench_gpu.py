@@ -104,23 +104,52 @@ def bench_sdpa(q, k, v):
     return t_f, do_bench(fwd_bwd)
 
 
-def flex_block_mask(block_idx, B, L, Hq, Hk):
-    """BlockMask (128 x 128 tiles) of the union of own block, selected blocks and window."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_block_mask(block_idx, B, L, Hq, Hk, tile=128):
+    """BlockMask of the union of own block, selected blocks and window (+ powers of two).
+
+    The tile-level structure is built directly from the indices (evaluating mask_mod over
+    B * Hq * L * L points would take minutes at L = 16k); mask_mod makes it exact inside
+    the tiles.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
     G = Hq // Hk
     bs, window, n = CFG["block_size"], CFG["window"], CFG["top_n"]
+    dev = block_idx.device
     idx = block_idx.long()  # [B, L, Hk, n]
+    QT = KT = -(-L // tile)
+    # selected blocks -> kv tiles, per (b, g, query tile)
+    bb = torch.arange(B, device=dev)[:, None, None, None]
+    gg = torch.arange(Hk, device=dev)[None, None, :, None]
+    qt = (torch.arange(L, device=dev) // tile)[None, :, None, None]
+    kt = (idx.clamp(min=0) * bs) // tile
+    flat = (((bb * Hk + gg) * QT + qt) * KT + kt)[idx >= 0]
+    tiles = torch.zeros(B * Hk * QT * KT, dtype=torch.bool, device=dev)
+    tiles[flat] = True
+    tiles = tiles.view(B, Hk, QT, KT)
+    # window, power-of-two offsets and the own block (distances < block_size), same for all
+    dists = list(range(max(window, bs))) + [1 << p for p in range(64) if (1 << p) < L]
+    i = torch.arange(L, device=dev)[:, None]
+    d = torch.tensor(sorted(set(dists)), device=dev)[None, :]
+    j = i - d
+    ok = j >= 0
+    local = torch.zeros(QT * KT, dtype=torch.bool, device=dev)
+    local[((i // tile) * KT + j.clamp(min=0) // tile)[ok]] = True
+    tiles = tiles | local.view(1, 1, QT, KT)
+    tiles = tiles.repeat_interleave(G, dim=1)  # [B, Hq, QT, KT]
+    kv_num = tiles.sum(-1, dtype=torch.int32)
+    kv_idx = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True).to(torch.int32)
 
     def mask_mod(b, h, qi, kv):
-        d = qi - kv
+        dd = qi - kv
         g = h // G
         blk = kv // bs
-        sel = (idx[b, qi, g, 0] == blk)
-        for s in range(1, n):
-            sel = sel | (idx[b, qi, g, s] == blk)
-        win = (d < window) | ((d > 0) & ((d & (d - 1)) == 0))
+        sel = idx[b, qi, g, 0] == blk
+        for s_ in range(1, n):
+            sel = sel | (idx[b, qi, g, s_] == blk)
+        win = (dd < window) | ((dd > 0) & ((dd & (dd - 1)) == 0))
         return (kv <= qi) & (win | (qi // bs == blk) | sel)
-    return create_block_mask(mask_mod, B, Hq, L, L, device="cuda", _compile=True)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=tile, mask_mod=mask_mod,
+                                    seq_lengths=(L, L))
 
 
 _flex = None

@@ -191,8 +191,9 @@ def main() -> int:
             if args.check:
                 idx_ours = parts["block_idx"].cpu()
                 check_select(idx_ours, q_d.double().cpu(),
-                             ref.block_compress(k.detach(), blen, stride, valid=vref)
-                             .to(dtype).double(), bs, stride, blen, causal, vref,
+                             ref.block_compress(k.detach().to(dtype).double(), blen, stride,
+                                                valid=vref).to(dtype).double(),
+                             bs, stride, blen, causal, vref,
                              f"blossom idx R={R} {tag}", loose=True)
 
                 def whole(qq, kk, vv, gg):
