@@ -49,7 +49,8 @@ void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const Compressed
 
 template <typename T>
 void block_compress_fwd(const CompressParams<T, float>& p, cudaStream_t stream);
-// grad_x [B, L, H, D] contiguous and grad_pos [H, block_len, D] (may be null).
+// grad_out [B, T, H, D], grad_x [B, L, H, D] and grad_pos [H, block_len, D] (may be null),
+// all contiguous.
 template <typename T>
 void block_compress_bwd(const CompressParams<T, float>& p, const T* grad_out, T* grad_x,
                         T* grad_pos, cudaStream_t stream);
