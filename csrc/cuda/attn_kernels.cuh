@@ -264,8 +264,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       int64_t i = -1, h = 0;
       float lse2 = 0.f, dlt = 0.f;
       if (n < n_pairs) {
-        h = g * G + n % G;
-        i = pol.bwd_query(b, j, g, n / G);
+        const int slot = static_cast<int>(n) / static_cast<int>(G);  // 32-bit: cheaper
+        h = g * G + (static_cast<int>(n) - slot * static_cast<int>(G));
+        i = pol.bwd_query(b, j, g, slot);
         if (i >= 0) {
           const float lse = p.lse[(b * L + i) * Hq + h];
           if (lse == -INFINITY) {

@@ -42,22 +42,25 @@ struct BlockSparsePolicy {
     return (1 + m.n) * m.block_size;
   }
   __device__ __forceinline__ int64_t fwd_key(int64_t b, int64_t i, int64_t g, int64_t n) const {
-    const int64_t bs = m.block_size;
-    const int64_t slot = n / bs, own = i / bs;
+    // 32-bit division: slot counts and positions are far below 2^31, and 64-bit division
+    // costs several times more in this per-key path.
+    const int bs = static_cast<int>(m.block_size), nn = static_cast<int>(n);
+    const int slot = nn / bs;
+    const int64_t own = static_cast<int>(i) / bs;
     int64_t c = own;
     if (slot > 0) c = selected_block(m.at(b, i, g), slot - 1, own, i, C, bs, m.causal);
     if (c < 0) return -1;
-    const int64_t j = c * bs + n % bs;
+    const int64_t j = c * bs + (nn - slot * bs);
     if (j >= L || (m.causal && j > i) || !valid(b, j)) return -1;
     return j;
   }
 
   __device__ __forceinline__ int64_t bwd_slots(int64_t b, int64_t j, int64_t g) const {
-    const int32_t* o = off + (b * Hk + g) * (C + 1) + j / m.block_size;
+    const int32_t* o = off + (b * Hk + g) * (C + 1) + static_cast<int>(j) / static_cast<int>(m.block_size);
     return m.block_size + (o[1] - o[0]);
   }
   __device__ __forceinline__ int64_t bwd_query(int64_t b, int64_t j, int64_t g, int64_t n) const {
-    const int64_t bs = m.block_size, c = j / bs;
+    const int64_t bs = m.block_size, c = static_cast<int>(j) / static_cast<int>(bs);
     int64_t i;
     if (n < bs) {
       i = c * bs + n;  // the own-block queries of block c
