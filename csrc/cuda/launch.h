@@ -3,6 +3,13 @@
 // template over the storage type T, explicitly instantiated in csrc/cuda/<op>.cu for
 // float, c10::Half and c10::BFloat16 (accumulation always in float), and enqueues its work
 // on `stream` without synchronising the host.
+//
+// Workspace: the attention backwards need device scratch (delta = rowsum(dO * O) - dlse,
+// and for block-sparse an inverse block -> query index). The launchers never allocate:
+// the binding asks `*_bwd_workspace_bytes(...)` for the size, allocates that many bytes
+// (e.g. at::empty({bytes}, q.options().dtype(at::kByte)), uninitialised is fine; the
+// caching allocator keeps it graph-safe) and passes the pointer and size. A size of 0
+// means no workspace (a null pointer is then fine).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,27 +23,34 @@ namespace gpu {
 template <typename T>
 void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
                                   cudaStream_t stream);
+size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
+                                                    const SlidingWindowMask& m);
 template <typename T>
 void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const SlidingWindowMask& m,
-                                  cudaStream_t stream);
+                                  void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 template <typename T>
 void block_sparse_attention_fwd(const AttnFwdParams<T, float>& p, const BlockSparseMask& m,
                                 cudaStream_t stream);
+size_t block_sparse_attention_bwd_workspace_bytes(const AttnShape& shape,
+                                                  const BlockSparseMask& m);
 template <typename T>
 void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
-                                cudaStream_t stream);
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 template <typename T>
 void compressed_attention_fwd(const AttnFwdParams<T, float>& p, const CompressedMask& m,
                               cudaStream_t stream);
+size_t compressed_attention_bwd_workspace_bytes(const AttnShape& shape,
+                                                const CompressedMask& m);
 template <typename T>
 void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const CompressedMask& m,
-                              cudaStream_t stream);
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 template <typename T>
 void block_compress_fwd(const CompressParams<T, float>& p, cudaStream_t stream);
-// grad_x [B, L, H, D] contiguous and grad_pos [H, block_len, D] (may be null).
+// grad_out [B, T, H, D], grad_x [B, L, H, D] and grad_pos [H, block_len, D] (may be null),
+// all contiguous.
 template <typename T>
 void block_compress_bwd(const CompressParams<T, float>& p, const T* grad_out, T* grad_x,
                         T* grad_pos, cudaStream_t stream);

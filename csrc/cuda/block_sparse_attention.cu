@@ -1,0 +1,251 @@
+// LTIS selected attention on the GPU: query i attends to its own block plus the blocks in
+// block_idx[b, i, g] (-1, duplicates and out-of-range entries ignored), one softmax over
+// the union.
+//
+// Backward without float atomics: dK/dV for key j (block c) needs the queries that attend
+// to block c. Those are the queries of block c itself plus the queries that selected c,
+// which an inverse index lists: for each (b, g, c), the queries i that selected c, in a
+// deterministic order (counting sort, built by block_index_kernel below in the workspace).
+#include "cuda/attn_kernels.cuh"
+#include "cuda/launch.h"
+
+namespace blossom {
+namespace gpu {
+namespace {
+
+constexpr int kIndexWarps = 8;  // warps of the index-building CTA (one CTA per (b, g))
+
+// Block c selected by query i in slot s, or -1 when the slot adds nothing to the own block:
+// -1 entries, out-of-range entries, the own block, repeats of an earlier slot, and (causal)
+// blocks that start after i.
+__device__ __forceinline__ int64_t selected_block(const int32_t* row, int64_t s, int64_t own,
+                                                  int64_t i, int64_t C, int64_t bs,
+                                                  bool causal) {
+  const int64_t c = row[s];
+  if (c < 0 || c >= C || c == own || (causal && c * bs > i)) return -1;
+  for (int64_t k = 0; k < s; ++k)
+    if (row[k] == c) return -1;
+  return c;
+}
+
+struct BlockSparsePolicy {
+  int64_t L = 0, C = 0, Hk = 0;
+  BlockSparseMask m;
+  Validity valid;
+  const int32_t* off = nullptr;      // [B * Hk, C + 1] start of each bucket (backward only)
+  const int32_t* entries = nullptr;  // [B * Hk, L * n] queries of each bucket
+
+  __device__ __forceinline__ bool query_valid(int64_t b, int64_t i) const { return valid(b, i); }
+  __device__ __forceinline__ bool key_valid(int64_t b, int64_t j) const { return valid(b, j); }
+
+  __device__ __forceinline__ int64_t fwd_slots(int64_t, int64_t, int64_t) const {
+    return (1 + m.n) * m.block_size;
+  }
+  __device__ __forceinline__ int64_t fwd_key(int64_t b, int64_t i, int64_t g, int64_t n) const {
+    // 32-bit division: slot counts and positions are far below 2^31, and 64-bit division
+    // costs several times more in this per-key path.
+    const int bs = static_cast<int>(m.block_size), nn = static_cast<int>(n);
+    const int slot = nn / bs;
+    const int64_t own = static_cast<int>(i) / bs;
+    int64_t c = own;
+    if (slot > 0) c = selected_block(m.at(b, i, g), slot - 1, own, i, C, bs, m.causal);
+    if (c < 0) return -1;
+    const int64_t j = c * bs + (nn - slot * bs);
+    if (j >= L || (m.causal && j > i) || !valid(b, j)) return -1;
+    return j;
+  }
+
+  __device__ __forceinline__ int64_t bwd_slots(int64_t b, int64_t j, int64_t g) const {
+    const int32_t* o = off + (b * Hk + g) * (C + 1) + static_cast<int>(j) / static_cast<int>(m.block_size);
+    return m.block_size + (o[1] - o[0]);
+  }
+  __device__ __forceinline__ int64_t bwd_query(int64_t b, int64_t j, int64_t g, int64_t n) const {
+    const int64_t bs = m.block_size, c = static_cast<int>(j) / static_cast<int>(bs);
+    int64_t i;
+    if (n < bs) {
+      i = c * bs + n;  // the own-block queries of block c
+      if (i >= L) return -1;
+    } else {
+      const int64_t bg = b * Hk + g;
+      i = entries[bg * L * m.n + off[bg * (C + 1) + c] + (n - bs)];
+    }
+    if ((m.causal && j > i) || !valid(b, i)) return -1;
+    return i;
+  }
+};
+
+// Exclusive scan of one int per thread over the CTA; returns the prefix and adds the CTA
+// total to *carry (same value in every thread).
+__device__ int block_exclusive_scan(int x, int* warp_tot, int* carry) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(detail::kFullMask, inc, o);
+    if (lane >= o) inc += y;
+  }
+  if (lane == 31) warp_tot[w] = inc;
+  __syncthreads();
+  int before = 0, total = 0;
+  for (int k = 0; k < kIndexWarps; ++k) {
+    if (k < w) before += warp_tot[k];
+    total += warp_tot[k];
+  }
+  const int result = *carry + before + inc - x;
+  __syncthreads();
+  if (threadIdx.x == 0) *carry += total;
+  __syncthreads();
+  return result;
+}
+
+// One CTA per (b, g). Warp w owns queries [w * per, (w + 1) * per). Pass 1 counts per (warp,
+// block) with integer atomics (order-free); a scan turns counts into per-(warp, block)
+// cursors; pass 2 places each warp's queries in order of (query group of 32, slot, lane),
+// ranking lanes that hit the same block with __match_any_sync. The result depends only on
+// block_idx, never on scheduling.
+__global__ void __launch_bounds__(kIndexWarps * 32)
+    block_index_kernel(const BlockSparseMask m, const Validity valid, int64_t L, int64_t Hk,
+                       int64_t C, int32_t* __restrict__ off, int32_t* __restrict__ cursor,
+                       int32_t* __restrict__ entries) {
+  __shared__ int warp_tot[kIndexWarps];
+  __shared__ int carry;
+  const int64_t bg = blockIdx.x, b = bg / Hk, g = bg % Hk;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int32_t* cur = cursor + bg * kIndexWarps * C;
+  int32_t* o = off + bg * (C + 1);
+  int32_t* ent = entries + bg * L * m.n;
+  const int64_t bs = m.block_size;
+  const int64_t per = (L + kIndexWarps - 1) / kIndexWarps;
+  const int64_t i_begin = w * per, i_end = (w + 1) * per < L ? (w + 1) * per : L;
+
+  for (int64_t x = threadIdx.x; x < kIndexWarps * C; x += blockDim.x) cur[x] = 0;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+
+  for (int64_t i = i_begin + lane; i < i_end; i += 32) {
+    if (!valid(b, i)) continue;
+    const int32_t* row = m.at(b, i, g);
+    for (int64_t s = 0; s < m.n; ++s) {
+      const int64_t c = selected_block(row, s, i / bs, i, C, bs, m.causal);
+      if (c >= 0) atomicAdd(&cur[w * C + c], 1);
+    }
+  }
+  __syncthreads();
+
+  for (int64_t c0 = 0; c0 < C; c0 += blockDim.x) {
+    const int64_t c = c0 + threadIdx.x;
+    int tot = 0;
+    if (c < C)
+      for (int k = 0; k < kIndexWarps; ++k) tot += cur[k * C + c];
+    const int start = block_exclusive_scan(tot, warp_tot, &carry);
+    if (c < C) {
+      o[c] = start;
+      int run = start;
+      for (int k = 0; k < kIndexWarps; ++k) {
+        const int cnt = cur[k * C + c];
+        cur[k * C + c] = run;
+        run += cnt;
+      }
+    }
+  }
+  if (threadIdx.x == 0) o[C] = carry;
+  __syncthreads();
+
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += 32) {  // warp-uniform trip count
+    const int64_t i = i0 + lane;
+    const bool live = i < i_end && valid(b, i);
+    const int32_t* row = live ? m.at(b, i, g) : nullptr;
+    for (int64_t s = 0; s < m.n; ++s) {
+      const int c = live ? static_cast<int>(selected_block(row, s, i / bs, i, C, bs, m.causal))
+                         : -1;
+      const unsigned peers = __match_any_sync(detail::kFullMask, c);
+      const int rank = __popc(peers & ((1u << lane) - 1u));
+      int base = 0;
+      if (c >= 0) {
+        base = cur[w * C + c];
+        ent[base + rank] = static_cast<int32_t>(i);
+      }
+      __syncwarp();
+      if (c >= 0 && rank == 0) cur[w * C + c] = base + __popc(peers);
+      __syncwarp();
+    }
+  }
+}
+
+struct IndexLayout {
+  size_t delta = 0, off = 0, cursor = 0, entries = 0, total = 0;
+};
+
+IndexLayout index_layout(const AttnShape& s, const BlockSparseMask& m) {
+  const size_t BG = static_cast<size_t>(s.batch * s.kv_heads);
+  const size_t C = static_cast<size_t>(detail::ceil_div(s.q_len, m.block_size));
+  IndexLayout lay;
+  lay.delta = 0;
+  lay.off = lay.delta + detail::attn_delta_bytes(s);
+  lay.cursor = lay.off + detail::align_up(BG * (C + 1) * sizeof(int32_t));
+  lay.entries = lay.cursor + detail::align_up(BG * kIndexWarps * C * sizeof(int32_t));
+  lay.total = lay.entries +
+              detail::align_up(BG * static_cast<size_t>(s.q_len * m.n) * sizeof(int32_t));
+  return lay;
+}
+
+BlockSparsePolicy make_policy(const AttnShape& s, const BlockSparseMask& m, const Validity& v) {
+  TORCH_CHECK(m.block_size >= 1, "block_sparse_attention: block_size must be >= 1");
+  BlockSparsePolicy pol;
+  pol.L = s.q_len;
+  pol.C = detail::ceil_div(s.q_len, m.block_size);
+  pol.Hk = s.kv_heads;
+  pol.m = m;
+  pol.valid = v;
+  return pol;
+}
+
+}  // namespace
+
+template <typename T>
+void block_sparse_attention_fwd(const AttnFwdParams<T, float>& p, const BlockSparseMask& m,
+                                cudaStream_t stream) {
+  detail::launch_attn_fwd(p, make_policy(p.shape, m, p.valid), stream,
+                          "block_sparse_attention_fwd");
+}
+
+size_t block_sparse_attention_bwd_workspace_bytes(const AttnShape& shape,
+                                                  const BlockSparseMask& m) {
+  return index_layout(shape, m).total;
+}
+
+template <typename T>
+void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const AttnShape& s = p.shape;
+  const IndexLayout lay = index_layout(s, m);
+  TORCH_CHECK(workspace_bytes >= lay.total, "block_sparse_attention_bwd: workspace too small (",
+              workspace_bytes, " < ", lay.total, " bytes)");
+  if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
+  char* ws = static_cast<char*>(workspace);
+  BlockSparsePolicy pol = make_policy(s, m, p.valid);
+  pol.off = reinterpret_cast<int32_t*>(ws + lay.off);
+  pol.entries = reinterpret_cast<int32_t*>(ws + lay.entries);
+  block_index_kernel<<<static_cast<unsigned>(s.batch * s.kv_heads), kIndexWarps * 32, 0,
+                       stream>>>(m, p.valid, s.q_len, s.kv_heads, pol.C,
+                                 reinterpret_cast<int32_t*>(ws + lay.off),
+                                 reinterpret_cast<int32_t*>(ws + lay.cursor),
+                                 reinterpret_cast<int32_t*>(ws + lay.entries));
+  detail::check_launch("block_sparse_attention_bwd (index)");
+  detail::launch_attn_bwd(p, pol, reinterpret_cast<float*>(ws + lay.delta), stream,
+                          "block_sparse_attention_bwd");
+}
+
+#define BLOSSOM_INSTANTIATE(T)                                                             \
+  template void block_sparse_attention_fwd<T>(const AttnFwdParams<T, float>&,              \
+                                              const BlockSparseMask&, cudaStream_t);       \
+  template void block_sparse_attention_bwd<T>(const AttnBwdParams<T, float>&,              \
+                                              const BlockSparseMask&, void*, size_t,       \
+                                              cudaStream_t);
+BLOSSOM_INSTANTIATE(float)
+BLOSSOM_INSTANTIATE(c10::Half)
+BLOSSOM_INSTANTIATE(c10::BFloat16)
+#undef BLOSSOM_INSTANTIATE
+
+}  // namespace gpu
+}  // namespace blossom

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build, check, sanitize and benchmark blossom_ops on a CUDA machine, in one go.
+#
+#   OUT=/some/dir scripts/gpu_check.sh            # all steps
+#   STEPS="build check" scripts/gpu_check.sh      # a subset (build must run once per machine)
+#
+# Steps: build  pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST, default 9.0)
+#        check  scripts/sanitize_ops.py --check: every op fwd+bwd vs the float64 reference,
+#               bit-identical backward, CUDA-graph capture
+#        tests  pytest -x -q tests -k cuda (the device-parametrised suite), if tests/ exists
+#        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
+#        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments)
+# Logs (at most 8 files, the device tool's limit) go to $OUT: summary.txt, build.log,
+# check.log, pytest.log, sanitizer.log, bench.log, bench_gpu.json, bench_gpu.csv.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.gpu_out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"build check tests sanitize bench"}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+SUMMARY="$OUT/summary.txt"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+  nvcc --version | tail -1 || true
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+} > "$SUMMARY" 2>&1
+
+run_step() {  # name, logfile, command...
+  local name=$1 log=$2; shift 2
+  local t0=$(date +%s)
+  "$@" > >(tee -a "$log") 2>&1
+  local rc=$?
+  echo "step $name: rc=$rc ($(( $(date +%s) - t0 )) s), log $(basename "$log")" | tee -a "$SUMMARY"
+  return $rc
+}
+
+for step in $STEPS; do
+  case $step in
+    build)
+      run_step build "$OUT/build.log" env MAX_JOBS=${MAX_JOBS:-16} \
+        TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" BLOSSOM_OPS_CUDA=1 \
+        python3 -m pip install --no-build-isolation --no-deps -v -e . || { echo "build failed"; exit 1; }
+      ;;
+    check)
+      run_step check "$OUT/check.log" python3 scripts/sanitize_ops.py --check
+      ;;
+    tests)
+      if [ -d tests ]; then
+        run_step tests "$OUT/pytest.log" python3 -m pytest -x -q tests -k cuda -p no:cacheprovider
+      else
+        echo "step tests: skipped (no tests/ directory)" | tee -a "$SUMMARY"
+      fi
+      ;;
+    sanitize)
+      # No caching allocator: every tensor is its own allocation, so memcheck sees
+      # out-of-bounds accesses that would otherwise land inside a pooled block.
+      run_step memcheck "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+        python3 scripts/sanitize_ops.py
+      run_step racecheck "$OUT/sanitizer.log" compute-sanitizer --tool racecheck \
+        --racecheck-report analysis --error-exitcode 3 --print-limit 20 \
+        python3 scripts/sanitize_ops.py
+      ;;
+    bench)
+      run_step bench "$OUT/bench.log" python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-}
+      ;;
+    *) echo "unknown step $step" | tee -a "$SUMMARY" ;;
+  esac
+done
+cat "$SUMMARY"
