@@ -150,5 +150,11 @@ AttnBwdParams<T, Acc> bwd_params(const BwdInputs& in, const at::Tensor& q, const
   return p;
 }
 
+// Device scratch a CUDA backward asks for (bytes; uninitialised). Taken from the caching
+// allocator, so it is graph-safe and costs no cudaMalloc in steady state.
+inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
 }  // namespace attn
 }  // namespace blossom

@@ -79,9 +79,10 @@ Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptT
     const c10::cuda::CUDAGuard guard(q.device());
     attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
       using T = typename decltype(types)::T;
-      gpu::sliding_window_attention_bwd<T>(
-          attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale), m,
-          at::cuda::getCurrentCUDAStream());
+      const auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
+      const at::Tensor ws = attn::workspace(gpu::sliding_window_attention_bwd_workspace_bytes(p.shape, m), q);
+      gpu::sliding_window_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
+                       at::cuda::getCurrentCUDAStream());
     });
     return {gq, gk, gv};
   }
