@@ -179,6 +179,9 @@ __global__ void __launch_bounds__(kSelWarps * 32)
         }
       }
       if (bc < 0) break;
+      // Every lane has read imp[] for this round (shuffles give no memory ordering, so the
+      // barrier is what makes the clearing write below race-free).
+      __syncwarp();
       if (lane == 0) {
         chosen[found] = static_cast<int>(bc);
         imp[bc] = -INFINITY;

@@ -29,8 +29,12 @@ void check_block_idx_layout(const at::Tensor& idx, const at::Tensor& q, const at
                   idx.size(2) == k.size(2),
               kOp, ": block_idx must have shape (batch, seq, kv_heads, n) = (", q.size(0), ", ",
               q.size(1), ", ", k.size(2), ", n), got ", idx.sizes());
-  TORCH_CHECK(idx.stride(3) == 1 || idx.size(3) <= 1, kOp,
-              ": block_idx must have a contiguous last dimension");
+}
+
+// The kernels read index rows with unit stride; a strided index tensor (small: int32
+// [B, L, Hk, n]) is copied rather than rejected.
+at::Tensor unit_stride_rows(const at::Tensor& idx) {
+  return (idx.stride(3) == 1 || idx.size(3) <= 1) ? idx : idx.contiguous();
 }
 
 // Ranges: block_size >= 1 and, on CPU, every entry in [-1, ceil(L / block_size)). On CUDA
@@ -65,7 +69,8 @@ Tensor2 block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const a
   check_attention_inputs(kOp, q, k, v);
   check_block_idx_layout(block_idx, q, k);
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
-  const BlockSparseMask m = make_mask(block_idx, q.size(1), block_size, causal);
+  const at::Tensor idx = unit_stride_rows(block_idx);
+  const BlockSparseMask m = make_mask(idx, q.size(1), block_size, causal);
   at::Tensor out, lse;
   std::tie(out, lse) = attn::alloc_outputs(q);
   if (q.numel() == 0) return {out, lse};
@@ -99,7 +104,8 @@ Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTen
   const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
   check_block_idx_layout(block_idx, q, k);
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
-  const BlockSparseMask m = make_mask(block_idx, q.size(1), block_size, causal);
+  const at::Tensor idx = unit_stride_rows(block_idx);
+  const BlockSparseMask m = make_mask(idx, q.size(1), block_size, causal);
   at::Tensor gq, gk, gv;
   std::tie(gq, gk, gv) = attn::alloc_grads(q, k, v);
   if (q.numel() == 0) return {gq, gk.zero_(), gv.zero_()};
