@@ -83,10 +83,10 @@ def test_nan_padding_is_never_read(device, case, block_size, n):
     valid = case.validity().to(device)
     kw = dict(block_size=block_size, causal=case.causal, **case.padding_kwargs(device))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = _op(*leaves, idx, **kw)
+    out, lse = _op(*leaves, block_idx=idx, **kw)
     (out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
     dirty = [nan_where_invalid(nan_embedded(t), valid).requires_grad_() for t in (q, k, v)]
-    out_n, lse_n = _op(*dirty, idx, **kw)
+    out_n, lse_n = _op(*dirty, block_idx=idx, **kw)
     (out_n.sum() + torch.where(torch.isfinite(lse_n), lse_n, 0).sum()).backward()
     assert not torch.isnan(out_n).any(), "NaN leaked into the output"
     assert torch.equal(out_n[valid], out[valid]) and torch.equal(lse_n[valid], lse[valid])
