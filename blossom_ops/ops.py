@@ -31,7 +31,8 @@ __all__ = [
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # max(.., 1): a head_dim of 0 must reach the C++ check (a clear message), not divide by 0
+    return 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else float(scale)
 
 
 def _lse_dtype(x: Tensor) -> torch.dtype:

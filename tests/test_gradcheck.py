@@ -9,7 +9,8 @@ from torch.autograd import gradcheck
 import blossom_ops as bo
 
 f64 = torch.float64
-B, L, Hk, G, D = 2, 10, 1, 2, 8
+# small: gradcheck perturbs every input element
+B, L, Hk, G, D = 2, 8, 1, 2, 4
 Hq = Hk * G
 
 
@@ -24,13 +25,14 @@ def _fin(t):
 
 PADDINGS = {"none": {}, "lengths": {"lengths": torch.tensor([L, 4])},
             "left": {"valid": torch.arange(L)[None].expand(B, L) >= torch.tensor([[0], [3]])}}
+# every padding with both causal and bidirectional, dilation alternating
+SWA_CASES = [("none", True, True), ("none", False, False), ("lengths", True, False),
+             ("lengths", False, True), ("left", True, True), ("left", False, False)]
 paddings = pytest.mark.parametrize("pad", list(PADDINGS))
 causals = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 
 
-@paddings
-@causals
-@pytest.mark.parametrize("dilated", [True, False])
+@pytest.mark.parametrize("pad,causal,dilated", SWA_CASES)
 def test_sliding_window_attention(pad, causal, dilated):
     q, k, v = _leaves(0, (B, L, Hq, D), (B, L, Hk, D), (B, L, Hk, D))
 
@@ -45,7 +47,7 @@ def test_sliding_window_attention(pad, causal, dilated):
 @causals
 def test_block_sparse_attention(pad, causal):
     q, k, v = _leaves(1, (B, L, Hq, D), (B, L, Hk, D), (B, L, Hk, D))
-    idx = torch.randint(-1, 4, (B, L, Hk, 3), generator=torch.Generator().manual_seed(2),
+    idx = torch.randint(-1, 3, (B, L, Hk, 3), generator=torch.Generator().manual_seed(2),
                         dtype=torch.int32)
 
     def fn(q, k, v):
