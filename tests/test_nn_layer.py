@@ -62,7 +62,7 @@ def test_parameters_and_gate_init():
 ])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        make_layer("reference", **kw)
+        make_layer(**dict(dict(backend="reference"), **kw))
 
 
 def test_bad_inputs():
