@@ -248,12 +248,12 @@ def test_class_patching():
 
 # --------------------------------------------------------------------------- convergence
 class SeqModel(nn.Module):
-    """Causal encoder predicting the token two positions back (inside the window)."""
+    """Causal encoder predicting the previous token (inside the sliding window)."""
 
     def __init__(self, vocab=12):
         super().__init__()
         self.emb = nn.Embedding(vocab, E)
-        self.pos = nn.Parameter(torch.randn(32, E) * 0.1)
+        self.pos = nn.Parameter(torch.randn(32, E))
         layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0,
                                            batch_first=True)
         self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
@@ -268,12 +268,12 @@ class SeqModel(nn.Module):
 
 def train(model, steps=40):
     g = torch.Generator().manual_seed(7)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(steps):
-        tok = torch.randint(0, 12, (16, 24), generator=g)
-        logits = model(tok)[:, 2:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, 12), tok[:, :-2].reshape(-1))
+        tok = torch.randint(0, 12, (8, 16), generator=g)
+        logits = model(tok)[:, 1:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 12), tok[:, :-1].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -286,5 +286,7 @@ def test_convergence_patched_vs_unpatched():
     host = SeqModel()
     patched = patch_torch_mha(copy.deepcopy(host), **SMALL)
     a, b = train(host), train(patched)
-    assert a[-1] < 0.8 * a[0] and b[-1] < 0.8 * b[0], (a[0], a[-1], b[0], b[-1])
-    assert abs(b[-1] - a[-1]) < 0.25 * a[0], (a[-1], b[-1])
+    # mean of the last 5 steps: single minibatch losses are noisy
+    a_end, b_end = sum(a[-5:]) / 5, sum(b[-5:]) / 5
+    assert a_end < 0.5 * a[0] and b_end < 0.5 * b[0], (a[0], a_end, b[0], b_end)
+    assert abs(b_end - a_end) < 0.25 * a[0], (a_end, b_end)
