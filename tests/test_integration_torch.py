@@ -289,4 +289,6 @@ def test_convergence_patched_vs_unpatched():
     # mean of the last 5 steps: single minibatch losses are noisy
     a_end, b_end = sum(a[-5:]) / 5, sum(b[-5:]) / 5
     assert a_end < 0.5 * a[0] and b_end < 0.5 * b[0], (a[0], a_end, b[0], b_end)
-    assert abs(b_end - a_end) < 0.25 * a[0], (a_end, b_end)
+    # close: the patched model trains no worse than the host (better is allowed: a local
+    # window suits this task)
+    assert b_end < a_end + 0.1 * a[0], (a_end, b_end)
