@@ -40,7 +40,7 @@ from . import reference as _reference
 from .rope import apply_rope
 
 __all__ = ["BlossomAttention", "MLPCompressor", "dense_attention", "sparse_attention",
-           "resolve_valid", "ops_available", "DEFAULT_BACKEND"]
+           "resolve_valid", "ops_available", "fused_available", "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "ops"
 _PATTERNS = ("blossom", "dense")
@@ -48,12 +48,29 @@ _COMPRESSORS = ("mean", "mlp")
 _BACKENDS = ("ops", "reference")
 
 
-def ops_available() -> bool:
-    """True when the compiled library has a kernel for this machine's CPU build (the tests
-    use it to run the same checks on the compiled ops and on the reference)."""
+def _has_cpu_kernel(op: str) -> bool:
     from . import ops  # noqa: F401  (loads the library)
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "blossom_ops::blossom_attention", "CPU")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"blossom_ops::{op}", "CPU")
+
+
+_SINGLE_OPS = ("block_compress", "select_blocks", "block_sparse_attention",
+               "sliding_window_attention", "compressed_attention", "gate_fusion")
+
+
+def ops_available() -> bool:
+    """True when the compiled library has CPU kernels for every single op the layer composes
+    (the tests run the same checks on the compiled ops and on the reference)."""
+    return all(_has_cpu_kernel(op) for op in _SINGLE_OPS)
+
+
+def fused_available() -> bool:
+    """True when the fused ``blossom_attention`` op has a CPU kernel."""
+    return _has_cpu_kernel("blossom_attention")
+
+
+def _has_kernel_for(t: Tensor, op: str) -> bool:
+    key = "CUDA" if t.is_cuda else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"blossom_ops::{op}", key)
 
 
 def _backend(name: str):
@@ -112,8 +129,8 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
     mask = allowed
     if attn_bias is not None:
         mask = attn_bias.to(q.dtype)
-        if allowed is not None:
-            mask = mask.masked_fill(~allowed, float("-inf"))
+        if allowed is not None:  # torch.where: either side may be the broadcast one
+            mask = torch.where(allowed, mask, float("-inf"))
     if valid is not None and mask is not None:
         # A padded query row may have no allowed key; let it see everything (its output is
         # zeroed below) so neither the forward nor the backward meets an all -inf row.
@@ -121,7 +138,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
         if mask.dtype == torch.bool:
             mask = mask | ~rows
         else:
-            mask = mask.masked_fill(~rows, 0.0)
+            mask = torch.where(rows, mask, 0.0)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), kq.transpose(1, 2), vq.transpose(1, 2), attn_mask=mask,
         dropout_p=dropout_p, scale=scale).transpose(1, 2)
@@ -139,19 +156,26 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor, *, ca
     """Gated BlossomRec attention. q [B, L, Hq, D], k/v [B, L, Hk, D],
     gate_logits [B, L, Hq, R] (R = 2: selected, window; R = 3: + compressed) -> [B, L, Hq, D].
 
-    Without ``k_cmp`` the keys are mean-compressed inside the fused op. With ``k_cmp``
-    [B, T, Hk, D] (a learnable compressor's output; ``v_cmp`` too when R = 3) the branches
-    are composed from the single ops.
+    Without ``k_cmp`` the keys are mean-compressed inside the fused op (composed from the
+    single ops, block_compress first, where the fused op has no kernel for this device).
+    With ``k_cmp`` [B, T, Hk, D] (a learnable compressor's output; ``v_cmp`` too when R = 3)
+    the branches are composed from the single ops.
     """
     ops = _backend(backend)
     R = gate_logits.shape[-1]
     if R not in (2, 3):
         raise ValueError(f"gate_logits must have 2 or 3 branches, got {R}")
     pad = dict(lengths=lengths, valid=valid)
-    if k_cmp is None:
+    fused = backend == "reference" or _has_kernel_for(q, "blossom_attention")
+    if k_cmp is None and fused:
         return ops.blossom_attention(q, k, v, gate_logits, block_len=block_len, stride=stride,
                                      block_size=block_size, top_n=top_n, window=window,
                                      dilated=dilated, causal=causal, scale=scale, **pad)
+    if k_cmp is None:
+        # Same mechanism from the single ops (used while the fused op has no kernel here).
+        k_cmp = ops.block_compress(k, block_len, stride, **pad)
+        if R == 3:
+            v_cmp = ops.block_compress(v, block_len, stride, **pad)
     idx = ops.select_blocks(q, k_cmp, top_n, block_size=block_size, stride=stride,
                             block_len=block_len, causal=causal, scale=scale, **pad)
     branches = [
