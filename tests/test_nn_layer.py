@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blossom_ops import reference
-from blossom_ops.nn import BlossomAttention, dense_attention, ops_available
+from blossom_ops.nn import BlossomAttention, dense_attention, fused_available, ops_available
 from blossom_ops.rope import apply_rope
 
 BACKENDS = ["reference"] + (["ops"] if ops_available() else [])
@@ -263,3 +263,25 @@ def test_dense_attention_float_bias_and_padded_rows_finite():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
     assert torch.count_nonzero(out[1, :2]) == 0
+
+
+@pytest.mark.skipif(not (ops_available() and fused_available()),
+                    reason="the fused blossom_attention op has no CPU kernel in this build")
+@pytest.mark.parametrize("branch3", [False, True])
+def test_fused_op_equals_composition_of_single_ops(branch3):
+    """The layer's mean-compressor path (one fused op) equals the same mechanism composed
+    from the single compiled ops."""
+    from blossom_ops import ops
+    from blossom_ops.nn import sparse_attention
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 29, 4, 8, generator=g, dtype=DT)
+    k, v = (torch.randn(2, 29, 2, 8, generator=g, dtype=DT) for _ in range(2))
+    logits = torch.randn(2, 29, 4, 3 if branch3 else 2, generator=g, dtype=DT)
+    lengths = torch.tensor([29, 20])
+    kw = dict(causal=True, lengths=lengths, block_len=8, stride=4, block_size=8, top_n=2,
+              window=3)
+    fused = sparse_attention(q, k, v, logits, **kw)
+    k_cmp = ops.block_compress(k, 8, 4, lengths=lengths)
+    v_cmp = ops.block_compress(v, 8, 4, lengths=lengths)
+    composed = sparse_attention(q, k, v, logits, k_cmp=k_cmp, v_cmp=v_cmp, **kw)
+    close(fused, composed, 1e-12)
