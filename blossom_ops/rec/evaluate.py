@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .batches import pad
+from .errors import RecError
 from .metrics import MetricSum, target_rank
 from .prepare import Split
 
@@ -31,7 +32,8 @@ def sample_negatives(split: Split, n: int = SAMPLED_NEGATIVES,
     for u, seq in enumerate(split.full):
         seen = set(seq.tolist())
         if split.num_items - len(seen) < n:
-            raise ValueError(f"user {u} has seen too many items to draw {n} negatives")
+            raise RecError(f"the sampled protocol needs {n} unseen items per user; user {u} "
+                           f"has seen {len(seen)} of {split.num_items}")
         chosen: List[int] = []
         picked = set()
         while len(chosen) < n:

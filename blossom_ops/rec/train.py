@@ -72,6 +72,20 @@ def _log(msg: str, info: DistInfo) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def batch_loss(model, batch: Dict[str, torch.Tensor], info: DistInfo, amp_dtype=None):
+    """The loss to backpropagate for this process's share of a global batch.
+
+    DDP averages gradients over processes, so scaling by the world size makes every step the
+    gradient of (sum of all processes' losses / global target count): exactly the step of
+    one process on the combined batch. Returns (loss, summed loss, local target count).
+    """
+    device_type = batch["items"].device.type
+    with torch.autocast(device_type=device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss_sum, n = model(batch)
+    n_global = all_sum(n.detach().to(torch.float32), info)
+    return loss_sum * info.world / n_global.clamp(min=1), loss_sum, n
+
+
 def train_model(split: Split, mcfg: ModelConfig, tcfg: TrainConfig, *,
                 out_dir: Optional[str] = None, resume: bool = False,
                 info: Optional[DistInfo] = None,
@@ -117,7 +131,6 @@ def train_model(split: Split, mcfg: ModelConfig, tcfg: TrainConfig, *,
     eval_kw = dict(device=device, batch_size=tcfg.eval_batch_size, exclude_seen=tcfg.exclude_seen,
                    rank=info.rank, world=info.world, amp_dtype=amp_dtype)
     n_batches = num_batches(len(samples), tcfg.batch_size)
-    local_bs = max(1, tcfg.batch_size)
 
     try:
         from tqdm.auto import tqdm
@@ -135,20 +148,14 @@ def train_model(split: Split, mcfg: ModelConfig, tcfg: TrainConfig, *,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            bar = tqdm(train_batches(samples, mcfg.model, local_bs, gen, rank=info.rank,
+            bar = tqdm(train_batches(samples, mcfg.model, tcfg.batch_size, gen, rank=info.rank,
                                      world=info.world, mask_id=mask_id,
                                      mask_prob=mcfg.mask_prob),
                        total=n_batches, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (tcfg.progress and info.is_main), file=sys.stderr)
             for batch in bar:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with torch.autocast(device_type=device.type, dtype=amp_dtype,
-                                    enabled=amp_dtype is not None):
-                    loss_sum, n = ddp(batch)
-                n_global = all_sum(n.detach().to(torch.float32), info)
-                # DDP averages gradients over processes; scaling by world makes the step
-                # the gradient of (sum of losses / global target count)
-                loss = loss_sum * info.world / n_global.clamp(min=1)
+                loss, loss_sum, n = batch_loss(ddp, batch, info, amp_dtype)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
