@@ -52,7 +52,7 @@ def test_cloze_batch_masks_and_targets():
 def test_sasrec_learns_the_toy_pattern(attention):
     split = toy_split()
     res = train_model(split, tiny(attention, dropout=0.0),
-                      TrainConfig(epochs=12, batch_size=8, lr=1e-2, patience=100, progress=False))
+                      TrainConfig(epochs=12, batch_size=8, lr=1e-2, patience=100, progress=False, device="cpu"))
     hist = res["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"] * 0.8
     # a random ranking of 40 items gives HR@10 of about 0.25
@@ -65,7 +65,7 @@ def test_bert4rec_learns_the_toy_pattern(attention):
     split = toy_split(users=64)
     res = train_model(split, tiny(attention, "bert4rec", dropout=0.0, mask_prob=0.3),
                       TrainConfig(epochs=15, batch_size=16, lr=1e-2, patience=100,
-                                  progress=False))
+                                  progress=False, device="cpu"))
     losses = [h["train_loss"] for h in res["history"]]
     assert min(losses[-3:]) < losses[0] * 0.95, losses
     assert res["valid"]["HR@10"] > 0.3, res["valid"]
@@ -75,7 +75,7 @@ def test_bert4rec_learns_the_toy_pattern(attention):
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, attention):
     split = toy_split()
     mcfg = tiny(attention)
-    tcfg = TrainConfig(epochs=4, batch_size=8, patience=100, progress=False, sampled_eval=False)
+    tcfg = TrainConfig(epochs=4, batch_size=8, patience=100, progress=False, device="cpu", sampled_eval=False)
     full = train_model(split, mcfg, tcfg, out_dir=str(tmp_path / "full"))
 
     class Interrupt(Exception):
@@ -105,7 +105,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, attention):
 def test_resume_rejects_a_different_configuration(tmp_path):
     from blossom_ops.rec.errors import RecError
     split = toy_split()
-    tcfg = TrainConfig(epochs=1, batch_size=8, progress=False)
+    tcfg = TrainConfig(epochs=1, batch_size=8, progress=False, device="cpu")
     train_model(split, tiny("dense"), tcfg, out_dir=str(tmp_path))
     with pytest.raises(RecError, match="different model configuration"):
         train_model(split, tiny("dense", hidden=32), tcfg, out_dir=str(tmp_path), resume=True)
@@ -114,7 +114,7 @@ def test_resume_rejects_a_different_configuration(tmp_path):
 def test_early_stopping_keeps_the_best_weights(tmp_path):
     split = toy_split()
     res = train_model(split, tiny("dense"), TrainConfig(epochs=30, batch_size=8, lr=3e-2,
-                                                        patience=2, progress=False),
+                                                        patience=2, progress=False, device="cpu"),
                       out_dir=str(tmp_path))
     hist = res["history"]
     best = max(h["valid"]["NDCG@10"] for h in hist)
@@ -127,7 +127,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
 def test_sampled_softmax_and_rope_variants_train():
     split = toy_split(items=150)  # the sampled protocol needs 100 unseen items per user
     for cfg in (tiny("blossom", loss="sampled", num_negatives=8), tiny("dense", positions="rope")):
-        res = train_model(split, cfg, TrainConfig(epochs=2, batch_size=8, progress=False,
+        res = train_model(split, cfg, TrainConfig(epochs=2, batch_size=8, progress=False, device="cpu",
                                                   sampled_eval=True))
         assert np.isfinite(res["history"][-1]["train_loss"])
         # the sampled protocol ranks among 101 candidates: never worse than full ranking

@@ -46,6 +46,21 @@ def setup(device: torch.device) -> DistInfo:
     return info
 
 
+def wrap(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when running under torchrun, else ``model``.
+
+    find_unused_parameters: BlossomAttention keeps its gate weights in the dense pattern too
+    (so dense and blossom checkpoints share one layout) but the dense pattern never uses them.
+    Without the flag DDP would wait forever for their gradient bucket, and on the first step
+    it silently skips that bucket's all-reduce, leaving each process with its own gradient.
+    """
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=True)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

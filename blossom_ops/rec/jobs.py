@@ -6,7 +6,7 @@ would flatter whichever model runs second. A fresh process per job puts dense an
 on equal footing (and isolates thread pools and allocator state for timing too).
 
 The job is a JSON file; the child (``python -m blossom_ops.cli _job FILE``) writes its result
-to ``<FILE>.result.json``. The child's stderr (progress lines) goes straight to ours.
+to ``<FILE>.result.json``. The child's output (progress lines) is relayed to our stderr.
 """
 from __future__ import annotations
 
@@ -26,11 +26,17 @@ def run_in_child(job: Dict[str, Any], job_path: str) -> Dict[str, Any]:
     result_path = job_path + ".result.json"
     if os.path.exists(result_path):
         os.remove(result_path)
-    proc = subprocess.run([sys.executable, "-m", "blossom_ops.cli", "_job", job_path],
-                          stdout=sys.stderr, stderr=None, env=os.environ.copy())
-    if proc.returncode != 0 or not os.path.isfile(result_path):
-        raise RecError(f"job {job_path} failed (exit code {proc.returncode}); see the messages "
-                       "above")
+    # relay the child's output line by line (our stderr may be a Python object, e.g. under
+    # pytest, so it cannot be handed to the child as a file descriptor)
+    proc = subprocess.Popen([sys.executable, "-m", "blossom_ops.cli", "_job", job_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    code = proc.wait()
+    if code != 0 or not os.path.isfile(result_path):
+        raise RecError(f"job {job_path} failed (exit code {code}); see the messages above")
     with open(result_path) as f:
         return json.load(f)
 

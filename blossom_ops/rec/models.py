@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
-try:
-    from blossom_ops.nn import BlossomAttention
-except ImportError:  # TEMPORARY until branch `nn` is merged
-    from ._standin_attention import BlossomAttention
+from ..nn import BlossomAttention
+from .fused_fallback import install as _install_fused_fallback
+
+_install_fused_fallback()  # until the fused op has a kernel on every device (see the module)
 
 
 class Block(nn.Module):

@@ -19,12 +19,12 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .batches import bert4rec_samples, num_batches, sasrec_samples, train_batches
 from .config import ModelConfig, TrainConfig, to_dict
 from .distributed import DistInfo, all_sum, barrier
+from .distributed import wrap as wrap_ddp
 from .errors import RecError
 from .evaluate import evaluate, sample_negatives
 from .memory import PeakMemory
@@ -119,8 +119,7 @@ def train_model(split: Split, mcfg: ModelConfig, tcfg: TrainConfig, *,
             ckpt.set_rng_state(saved["rng"])
             state = saved["state"]
             _log(f"resumed from {last_path} after epoch {state['epoch']}", info)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else model
+    ddp = wrap_ddp(model, device, info)
 
     samples = (bert4rec_samples if mcfg.model == "bert4rec" else sasrec_samples)(
         split.train, mcfg.max_len)
