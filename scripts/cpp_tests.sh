@@ -3,6 +3,7 @@
 # them with ctest. Exits non-zero when configuring, building or any test fails.
 #   BLOSSOM_CMAKE_JOBS   parallel compile jobs (default 2: the CI machine has 2 cores)
 #   BLOSSOM_CMAKE_ARGS   extra cmake arguments, e.g. "-DBLOSSOM_OPS_WITH_CUDA=OFF"
+#   PYTHON               the Python whose torch is linked (default: python3 on PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,9 @@ fi
 
 echo "== cmake configure ($build_dir)"
 # shellcheck disable=SC2086  # BLOSSOM_CMAKE_ARGS is a list of arguments
-cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release ${BLOSSOM_CMAKE_ARGS:-}
+python="$(command -v "${PYTHON:-python3}")"
+cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DPython3_EXECUTABLE="$python" ${BLOSSOM_CMAKE_ARGS:-}
 echo "== cmake build (-j$jobs)"
 cmake --build "$build_dir" -j "$jobs"
 echo "== ctest"
