@@ -12,6 +12,7 @@
 #include "cpu/block_compress.h"
 #include "cpu/gate_fusion.h"
 #include "cpu/select_blocks.h"
+#include "cpu/sliding_window_attention.h"
 
 namespace blossom_test {
 
@@ -104,10 +105,69 @@ inline void direct_gate_fusion() {
   for (float o : out) direct_expect(std::abs(o - 4.0f) < 1e-5f, "gate_fusion out != 4");
 }
 
+// sliding_window_attention_fwd with q = 0: every allowed key gets the same weight, so
+// out_i = mean of v_j over the allowed j and lse_i = log(count). window 2, dilated, causal:
+// allowed j = i - d for d in {0, 1, 2, 4, 8, ...}, d <= i. The second sequence has 6 valid
+// positions; its padded rows must be 0 with lse = -inf.
+inline void direct_sliding_window() {
+  const int64_t B = 2, L = 11, Hq = 2, Hk = 1, D = 4;
+  std::vector<float> q(B * L * Hq * D, 0.0f), k(B * L * Hk * D), v(B * L * Hk * D);
+  for (int64_t i = 0; i < B * L * D; ++i) k[i] = 0.5f * static_cast<float>(i % 7);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t d = 0; d < D; ++d) v[(b * L + j) * D + d] = static_cast<float>(j + 10 * d);
+  bool valid[B * L];
+  for (int64_t j = 0; j < L; ++j) valid[j] = true, valid[L + j] = j < 6;
+  std::vector<float> out(B * L * Hq * D, -7.0f), lse(B * L * Hq, -7.0f);
+
+  blossom::AttnFwdParams<float, float> p;
+  p.shape.batch = B, p.shape.q_len = L, p.shape.kv_len = L;
+  p.shape.q_heads = Hq, p.shape.kv_heads = Hk, p.shape.head_dim = D, p.shape.scale = 0.5;
+  p.q = {q.data(), L * Hq * D, Hq * D, D};
+  p.k = {k.data(), L * Hk * D, Hk * D, D};
+  p.v = {v.data(), L * Hk * D, Hk * D, D};
+  p.out = {out.data(), L * Hq * D, Hq * D, D};
+  p.lse = lse.data();
+  p.valid.ptr = valid;
+  p.valid.stride_b = L;
+  blossom::SlidingWindowMask m;
+  m.window = 2, m.dilated = true, m.causal = true;
+  blossom::cpu::sliding_window_attention_fwd(p, m);
+
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t n_valid = b == 0 ? L : 6;
+      double sum = 0;
+      int count = 0;
+      for (int64_t d : {0, 1, 2, 4, 8})
+        if (d <= i && i < n_valid) sum += static_cast<double>(i - d), ++count;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float got_lse = lse[(b * L + i) * Hq + h];
+        if (count == 0) {
+          direct_expect(std::isinf(got_lse) && got_lse < 0, "swa: padded row lse must be -inf");
+        } else {
+          direct_expect(std::abs(got_lse - std::log(static_cast<float>(count))) < 1e-5f,
+                        "swa: lse must be log(number of allowed keys) at row " +
+                            std::to_string(i));
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const float want = count ? static_cast<float>(sum / count + 10.0 * d) : 0.0f;
+          const float got = out[((b * L + i) * Hq + h) * D + d];
+          if (std::abs(got - want) > 1e-4f)
+            throw std::runtime_error("cpu_kernel_direct: swa out[" + std::to_string(b) + ", " +
+                                     std::to_string(i) + ", " + std::to_string(h) + ", " +
+                                     std::to_string(d) + "] = " + std::to_string(got) +
+                                     ", expected " + std::to_string(want));
+        }
+      }
+    }
+}
+
 inline void cpu_kernel_direct() {
   direct_block_compress();
   direct_select_blocks();
   direct_gate_fusion();
+  direct_sliding_window();
 }
 
 }  // namespace blossom_test
