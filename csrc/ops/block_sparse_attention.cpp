@@ -1,0 +1,139 @@
+// Binding of block_sparse_attention (LTIS selected attention, DESIGN.md op 4): checks
+// (including block_idx), dispatch to the CPU kernel or the CUDA launcher.
+#include <torch/library.h>
+
+#include "cpu/block_sparse_attention.h"
+#include "ops/attention_binding.h"
+#include "ops/ops.h"
+
+#ifdef BLOSSOM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launch.h"
+#endif
+
+namespace blossom {
+namespace {
+
+constexpr const char* kOp = "block_sparse_attention";
+
+// block_idx: int32 [B, L, Hk, n] on q's device, last dim contiguous (device, dtype,
+// contiguity, shape: checked before the validity tensors, like q/k/v).
+void check_block_idx_layout(const at::Tensor& idx, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(idx.device() == q.device(), kOp, ": block_idx must be on ", q.device(), ", got ",
+              idx.device());
+  TORCH_CHECK(idx.scalar_type() == at::kInt, kOp, ": block_idx must be int32, got ",
+              idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 4 && idx.size(0) == q.size(0) && idx.size(1) == q.size(1) &&
+                  idx.size(2) == k.size(2),
+              kOp, ": block_idx must have shape (batch, seq, kv_heads, n) = (", q.size(0), ", ",
+              q.size(1), ", ", k.size(2), ", n), got ", idx.sizes());
+  TORCH_CHECK(idx.stride(3) == 1 || idx.size(3) <= 1, kOp,
+              ": block_idx must have a contiguous last dimension");
+}
+
+// Ranges: block_size >= 1 and, on CPU, every entry in [-1, ceil(L / block_size)). On CUDA
+// the value check would read back to the host, so it is skipped there.
+BlockSparseMask make_mask(const at::Tensor& idx, int64_t seq_len, int64_t block_size,
+                          bool causal) {
+  check_positive(kOp, "block_size", block_size);
+  const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
+  if (idx.is_cpu() && idx.numel() > 0) {
+    const auto lo = idx.min().item<int32_t>(), hi = idx.max().item<int32_t>();
+    TORCH_CHECK(lo >= -1 && hi < num_blocks, kOp, ": block_idx entries must lie in [-1, ",
+                num_blocks, ") (ceil(seq / block_size) blocks), got values in [", lo, ", ", hi,
+                "]");
+  }
+  BlockSparseMask m;
+  m.idx = idx.data_ptr<int32_t>();
+  m.stride_b = idx.stride(0);
+  m.stride_l = idx.stride(1);
+  m.stride_h = idx.stride(2);
+  m.n = idx.size(3);
+  m.block_size = block_size;
+  m.causal = causal;
+  return m;
+}
+
+}  // namespace
+
+Tensor2 block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& block_idx, const OptTensor& lengths,
+                               const OptTensor& valid, int64_t block_size, bool causal,
+                               double scale) {
+  check_attention_inputs(kOp, q, k, v);
+  check_block_idx_layout(block_idx, q, k);
+  const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
+  const BlockSparseMask m = make_mask(block_idx, q.size(1), block_size, causal);
+  at::Tensor out, lse;
+  std::tie(out, lse) = attn::alloc_outputs(q);
+  if (q.numel() == 0) return {out, lse};
+#ifdef BLOSSOM_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
+      using T = typename decltype(types)::T;
+      gpu::block_sparse_attention_fwd<T>(attn::fwd_params<T, float>(q, k, v, out, lse, ok, scale),
+                                         m, at::cuda::getCurrentCUDAStream());
+    });
+    return {out, lse};
+  }
+#endif
+  attn::dispatch_cpu(kOp, q.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::T;
+    using Acc = typename decltype(types)::Acc;
+    cpu::block_sparse_attention_fwd<T, Acc>(
+        attn::fwd_params<T, Acc>(q, k, v, out, lse, ok, scale), m);
+  });
+  return {out, lse};
+}
+
+Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                        const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out,
+                                        const at::Tensor& lse, const at::Tensor& block_idx,
+                                        const OptTensor& lengths, const OptTensor& valid,
+                                        int64_t block_size, bool causal, double scale) {
+  check_attention_inputs(kOp, q, k, v);
+  const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
+  check_block_idx_layout(block_idx, q, k);
+  const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
+  const BlockSparseMask m = make_mask(block_idx, q.size(1), block_size, causal);
+  at::Tensor gq, gk, gv;
+  std::tie(gq, gk, gv) = attn::alloc_grads(q, k, v);
+  if (q.numel() == 0) return {gq, gk.zero_(), gv.zero_()};
+#ifdef BLOSSOM_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
+      using T = typename decltype(types)::T;
+      gpu::block_sparse_attention_bwd<T>(
+          attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale), m,
+          at::cuda::getCurrentCUDAStream());
+    });
+    return {gq, gk, gv};
+  }
+#endif
+  attn::dispatch_cpu(kOp, q.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::T;
+    using Acc = typename decltype(types)::Acc;
+    cpu::block_sparse_attention_bwd<T, Acc>(
+        attn::bwd_params<T, Acc>(in, q, k, v, gq, gk, gv, ok, scale), m);
+  });
+  return {gq, gk, gv};
+}
+
+}  // namespace blossom
+
+TORCH_LIBRARY_IMPL(blossom_ops, CPU, m) {
+  m.impl("block_sparse_attention", &blossom::block_sparse_attention);
+  m.impl("block_sparse_attention_backward", &blossom::block_sparse_attention_backward);
+}
+
+#ifdef BLOSSOM_WITH_CUDA
+TORCH_LIBRARY_IMPL(blossom_ops, CUDA, m) {
+  m.impl("block_sparse_attention", &blossom::block_sparse_attention);
+  m.impl("block_sparse_attention_backward", &blossom::block_sparse_attention_backward);
+}
+#endif

@@ -1,0 +1,110 @@
+// Binding of sliding_window_attention (STIS, DESIGN.md op 1): checks, normalisation,
+// dispatch to the CPU kernel or the CUDA launcher.
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu/sliding_window_attention.h"
+#include "ops/attention_binding.h"
+#include "ops/ops.h"
+
+#ifdef BLOSSOM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launch.h"
+#endif
+
+namespace blossom {
+namespace {
+
+constexpr const char* kOp = "sliding_window_attention";
+
+SlidingWindowMask make_mask(int64_t seq_len, int64_t window, bool dilated, bool causal) {
+  check_positive(kOp, "window", window);
+  SlidingWindowMask m;
+  // A window longer than the sequence means full attention: |i - j| < L always.
+  m.window = std::max<int64_t>(1, std::min(window, seq_len));
+  m.dilated = dilated;
+  m.causal = causal;
+  return m;
+}
+
+}  // namespace
+
+Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const OptTensor& lengths, const OptTensor& valid,
+                                 int64_t window, bool dilated, bool causal, double scale) {
+  check_attention_inputs(kOp, q, k, v);
+  const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
+  const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
+  at::Tensor out, lse;
+  std::tie(out, lse) = attn::alloc_outputs(q);
+  if (q.numel() == 0) return {out, lse};
+#ifdef BLOSSOM_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
+      using T = typename decltype(types)::T;
+      gpu::sliding_window_attention_fwd<T>(attn::fwd_params<T, float>(q, k, v, out, lse, ok, scale),
+                                           m, at::cuda::getCurrentCUDAStream());
+    });
+    return {out, lse};
+  }
+#endif
+  attn::dispatch_cpu(kOp, q.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::T;
+    using Acc = typename decltype(types)::Acc;
+    cpu::sliding_window_attention_fwd<T, Acc>(
+        attn::fwd_params<T, Acc>(q, k, v, out, lse, ok, scale), m);
+  });
+  return {out, lse};
+}
+
+Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                          const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& out,
+                                          const at::Tensor& lse, const OptTensor& lengths,
+                                          const OptTensor& valid, int64_t window, bool dilated,
+                                          bool causal, double scale) {
+  check_attention_inputs(kOp, q, k, v);
+  const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
+  const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
+  const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
+  at::Tensor gq, gk, gv;
+  std::tie(gq, gk, gv) = attn::alloc_grads(q, k, v);
+  if (q.numel() == 0) return {gq, gk.zero_(), gv.zero_()};
+#ifdef BLOSSOM_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
+      using T = typename decltype(types)::T;
+      gpu::sliding_window_attention_bwd<T>(
+          attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale), m,
+          at::cuda::getCurrentCUDAStream());
+    });
+    return {gq, gk, gv};
+  }
+#endif
+  attn::dispatch_cpu(kOp, q.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::T;
+    using Acc = typename decltype(types)::Acc;
+    cpu::sliding_window_attention_bwd<T, Acc>(
+        attn::bwd_params<T, Acc>(in, q, k, v, gq, gk, gv, ok, scale), m);
+  });
+  return {gq, gk, gv};
+}
+
+}  // namespace blossom
+
+TORCH_LIBRARY_IMPL(blossom_ops, CPU, m) {
+  m.impl("sliding_window_attention", &blossom::sliding_window_attention);
+  m.impl("sliding_window_attention_backward", &blossom::sliding_window_attention_backward);
+}
+
+#ifdef BLOSSOM_WITH_CUDA
+TORCH_LIBRARY_IMPL(blossom_ops, CUDA, m) {
+  m.impl("sliding_window_attention", &blossom::sliding_window_attention);
+  m.impl("sliding_window_attention_backward", &blossom::sliding_window_attention_backward);
+}
+#endif
