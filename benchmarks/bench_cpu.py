@@ -4,6 +4,10 @@ Peers, measured side by side in one run at B=32, Hq=8, Hk=2, D=16, float32, caus
   * blossom   blossom_ops.blossom_attention (mean compressor, R=2 gates: selected + window),
               DESIGN defaults block_len=32, stride=16, block_size=16, top_n=4, window=8
               dilated. Inputs q [B, L, Hq, D], k/v [B, L, Hk, D], gate_logits [B, L, Hq, 2].
+  * blossom_parts  the same mechanism composed from the separate ops (block_compress,
+              select_blocks, block_sparse_attention, sliding_window_attention, gate_fusion),
+              each with its own autograd: the fused op's baseline, and what is measured when
+              the fused op is not built yet.
   * sdpa      torch.nn.functional.scaled_dot_product_attention(is_causal=True). Its q/k/v
               are leaf tensors already laid out [B, Hq, L, D], with k/v expanded to Hq heads
               beforehand, so only the attention kernel itself is timed (the layout change and
@@ -63,7 +67,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 B, HQ, HK, D = 32, 8, 2, 16
 CFG = dict(block_len=32, stride=16, block_size=16, top_n=4, window=8, dilated=True, causal=True)
-PEERS = ("blossom", "sdpa", "sdpa_math", "reference")
+PEERS = ("blossom", "blossom_parts", "sdpa", "sdpa_math", "reference")
 
 
 # ============================================================================ FLOPs
@@ -149,6 +153,8 @@ def _make_step(peer: str, L: int):
     if peer == "blossom":
         import blossom_ops
         fn = blossom_ops.blossom_attention
+    elif peer == "blossom_parts":
+        fn = _blossom_from_parts
     else:
         from blossom_ops import reference
         fn = reference.blossom_attention
@@ -159,6 +165,18 @@ def _make_step(peer: str, L: int):
         for t in (q, k, v, gate):
             t.grad = None
     return (q, k, v, gate, grad), step
+
+
+def _blossom_from_parts(q, k, v, gate, *, block_len, stride, block_size, top_n, window,
+                        dilated, causal):
+    import blossom_ops as bo
+
+    k_cmp = bo.block_compress(k.detach(), block_len, stride)  # scores get no gradient
+    idx = bo.select_blocks(q.detach(), k_cmp, top_n, block_size=block_size, stride=stride,
+                           block_len=block_len, causal=causal)
+    o_sel = bo.block_sparse_attention(q, k, v, idx, block_size=block_size, causal=causal)
+    o_win = bo.sliding_window_attention(q, k, v, window, dilated=dilated, causal=causal)
+    return bo.gate_fusion([o_sel, o_win], gate)
 
 
 def worker(peer: str, L: int, repeats: int, warmup: int) -> dict:
@@ -281,7 +299,7 @@ def main(argv=None) -> int:
             else:
                 res[peer] = run_one(peer, L, repeats, args.warmup, args.timeout)
             r = res[peer]
-            print(f"  L={L:5d} {peer:10s} "
+            print(f"  L={L:5d} {peer:13s} "
                   + (r["skipped"] if "skipped" in r else
                      f"{fmt_time(r['median_s'])} (min {fmt_time(r['min_s'])}), "
                      f"peak +{r['peak_mib']:.1f} MiB"), flush=True)
@@ -306,7 +324,7 @@ def main(argv=None) -> int:
 
 def print_table(rows: list) -> None:
     print()
-    hdr = (f"{'L':>5} {'peer':10} {'fwd+bwd':>10} {'x SDPA':>7} {'peak MiB':>9} "
+    hdr = (f"{'L':>5} {'peer':13} {'fwd+bwd':>10} {'x SDPA':>7} {'peak MiB':>9} "
            f"{'SDPA mem/this':>13} {'GFLOP':>8} {'GFLOP/s':>8}  note")
     print(hdr)
     print("-" * len(hdr))
@@ -316,7 +334,7 @@ def print_table(rows: list) -> None:
         mem = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
         memr = f"{r['sdpa_mem_over_this']:.2f}" if r["sdpa_mem_over_this"] is not None else "-"
         gps = f"{r['gflops_per_s']:.1f}" if r["gflops_per_s"] is not None else "-"
-        print(f"{r['L']:>5} {r['peer']:10} {fmt_time(r['median_s']):>10} {ratio:>7} {mem:>9} "
+        print(f"{r['L']:>5} {r['peer']:13} {fmt_time(r['median_s']):>10} {ratio:>7} {mem:>9} "
               f"{memr:>13} {g:>8.2f} {gps:>8}  {r['note']}")
     print("\nx SDPA: median time / SDPA's (lower is faster). SDPA mem/this: SDPA's peak extra "
           "memory / this peer's (higher = this peer needs less).")
