@@ -204,7 +204,7 @@ void attention_bwd_impl(const AttnBwdParams<T, Acc>& p, const Validity& key_vali
     RangeList ranges;
     std::vector<int64_t> keys;
     std::vector<Acc> qa(G * D), doa(G * D), dq(G * D), kbuf(D), vbuf(D), obuf(D), delta(G),
-        lse(G), dk(Lk * D), dv(Lk * D);
+        lse(G), dk(Lk * D), dv(Lk * D), probs, dsc;
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t g = u % Hk, b = u / Hk;
       std::fill(dk.begin(), dk.end(), Acc(0));
@@ -236,21 +236,40 @@ void attention_bwd_impl(const AttnBwdParams<T, Acc>& p, const Validity& key_vali
                      (p.grad_lse ? p.grad_lse[row + h] : Acc(0));
           lse[h] = p.lse[row + h];
         }
+        // Pass 1: scores and dP = dO . v for every key (each k/v row loaded once for G
+        // heads). Pass 2: P and dS over contiguous arrays, so the exp vectorises. Pass 3:
+        // the three rank-1 updates.
+        probs.resize(G * n);
+        dsc.resize(G * n);
+        for (int64_t t = 0; t < n; ++t) {
+          const Acc* kr = as_acc<kD>(p.k.at(b, keys[t], g), kbuf.data(), D);
+          const Acc* vr = as_acc<kD>(p.v.at(b, keys[t], g), vbuf.data(), D);
+          for (int64_t h = 0; h < G; ++h) {
+            probs[h * n + t] = dot<kD>(qa.data() + h * D, kr, D);
+            dsc[h * n + t] = dot<kD>(doa.data() + h * D, vr, D);
+          }
+        }
+        for (int64_t h = 0; h < G; ++h) {
+          Acc* ph = probs.data() + h * n;
+          Acc* dh = dsc.data() + h * n;
+          const Acc lse_h = lse[h], delta_h = delta[h];
+#pragma omp simd
+          for (int64_t t = 0; t < n; ++t) {
+            ph[t] = exp_nonpos(scale * ph[t] - lse_h);
+            dh[t] = ph[t] * (dh[t] - delta_h);
+          }
+        }
         std::fill(dq.begin(), dq.end(), Acc(0));
         for (int64_t t = 0; t < n; ++t) {
           const int64_t j = keys[t];
           const Acc* kr = as_acc<kD>(p.k.at(b, j, g), kbuf.data(), D);
-          const Acc* vr = as_acc<kD>(p.v.at(b, j, g), vbuf.data(), D);
           Acc* dkj = dk.data() + j * D;
           Acc* dvj = dv.data() + j * D;
           for (int64_t h = 0; h < G; ++h) {
-            const Acc* qh = qa.data() + h * D;
-            const Acc* doh = doa.data() + h * D;
-            const Acc prob = exp_nonpos(scale * dot<kD>(qh, kr, D) - lse[h]);
-            const Acc ds = prob * (dot<kD>(doh, vr, D) - delta[h]);
+            const Acc ds = dsc[h * n + t];
             axpy<kD>(ds, kr, dq.data() + h * D, D);
-            axpy<kD>(scale * ds, qh, dkj, D);
-            axpy<kD>(prob, doh, dvj, D);
+            axpy<kD>(scale * ds, qa.data() + h * D, dkj, D);
+            axpy<kD>(probs[h * n + t], doa.data() + h * D, dvj, D);
           }
         }
         for (int64_t h = 0; h < G; ++h)

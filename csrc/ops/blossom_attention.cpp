@@ -1,0 +1,163 @@
+// Binding of blossom_attention, the whole mechanism (DESIGN.md op 6), and its backward.
+// It composes the other bindings (csrc/ops/ops.h) rather than kernels, so it is device
+// agnostic: it runs wherever the component operators have kernels. Every argument is
+// validated up front, in this order: q/k/v (device, dtype, rank, contiguity, shapes,
+// heads), gate_logits (device, dtype, shape (batch, seq, q_heads, R), R in {2, 3}),
+// k_pos / v_pos (heads, block_len, head_dim), the integer parameters, then lengths /
+// valid, which are resolved once into a bool [B, L] mask handed to every part.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "ops/ops.h"
+
+namespace blossom {
+namespace {
+
+constexpr const char* kOp = "blossom_attention";
+
+inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// Returns R (2: selected + window, 3: plus the compressed branch).
+int64_t check_config(const char* op, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& gate_logits,
+                     const OptTensor& k_pos, const OptTensor& v_pos, int64_t block_len,
+                     int64_t stride, int64_t block_size, int64_t top_n, int64_t window) {
+  check_attention_inputs(op, q, k, v);
+  const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(2);
+  TORCH_CHECK(gate_logits.dim() == 4, op,
+              ": gate_logits must have shape (batch, seq, q_heads, R), got ", gate_logits.sizes());
+  const int64_t R = gate_logits.size(3);
+  check_like(op, "gate_logits", gate_logits, q, {B, L, Hq, R}, "(batch, seq, q_heads, R)");
+  TORCH_CHECK(R == 2 || R == 3, op,
+              ": gate_logits must have 2 (selected, window) or 3 (+ compressed) branches in its "
+              "last dimension, got ",
+              R);
+  TORCH_CHECK(gate_logits.stride(-1) == 1, op, ": gate_logits must have a contiguous last dimension");
+  check_positive(op, "stride", stride);
+  TORCH_CHECK(block_len >= stride, op, ": block_len (", block_len, ") must be >= stride (",
+              stride, ")");
+  TORCH_CHECK(block_size >= stride && block_size % stride == 0, op, ": block_size (",
+              block_size, ") must be a positive multiple of stride (", stride, ")");
+  check_positive(op, "top_n", top_n);
+  check_positive(op, "window", window);
+  if (present(k_pos))
+    check_like(op, "k_pos", *k_pos, q, {Hk, block_len, D}, "(kv_heads, block_len, head_dim)");
+  if (present(v_pos))
+    check_like(op, "v_pos", *v_pos, q, {Hk, block_len, D}, "(kv_heads, block_len, head_dim)");
+  return R;
+}
+
+// The resolved validity as the `valid` argument of the parts (None when all valid).
+OptTensor as_valid(const at::Tensor& ok) { return ok.defined() ? OptTensor(ok) : c10::nullopt; }
+
+}  // namespace
+
+BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& gate_logits, const OptTensor& k_pos,
+                                 const OptTensor& v_pos, const OptTensor& lengths,
+                                 const OptTensor& valid, int64_t block_len, int64_t stride,
+                                 int64_t block_size, int64_t top_n, int64_t window, bool dilated,
+                                 bool causal, double scale) {
+  const int64_t R = check_config(kOp, q, k, v, gate_logits, k_pos, v_pos, block_len, stride,
+                                 block_size, top_n, window);
+  const OptTensor ok =
+      as_valid(resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q));
+  const OptTensor none;
+
+  const at::Tensor k_cmp = std::get<0>(block_compress(k, k_pos, none, ok, block_len, stride));
+  const at::Tensor idx = select_blocks(q, k_cmp, none, ok, top_n, block_size, stride, block_len,
+                                       causal, scale);
+  at::Tensor o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp;
+  std::tie(o_sel, lse_sel) =
+      block_sparse_attention(q, k, v, idx, none, ok, block_size, causal, scale);
+  std::tie(o_win, lse_win) =
+      sliding_window_attention(q, k, v, none, ok, window, dilated, causal, scale);
+  std::vector<at::Tensor> branches{o_sel, o_win};
+  if (R == 3) {
+    const at::Tensor v_cmp = std::get<0>(block_compress(v, v_pos, none, ok, block_len, stride));
+    std::tie(o_cmp, lse_cmp) =
+        compressed_attention(q, k_cmp, v_cmp, none, ok, block_len, stride, causal, scale);
+    branches.push_back(o_cmp);
+  } else {
+    // Same placeholders as the fake kernel in blossom_ops/ops.py.
+    o_cmp = at::empty({0}, q.options());
+    lse_cmp = at::empty({0}, q.options().dtype(acc_dtype(q.scalar_type())));
+  }
+  const at::Tensor out = gate_fusion(at::stack(branches), gate_logits);
+  return {out, o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp, idx};
+}
+
+BlossomGrads blossom_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& gate_logits, const OptTensor& k_pos, const OptTensor& v_pos,
+    const OptTensor& lengths, const OptTensor& valid, const at::Tensor& o_sel,
+    const at::Tensor& lse_sel, const at::Tensor& o_win, const at::Tensor& lse_win,
+    const at::Tensor& o_cmp, const at::Tensor& lse_cmp, const at::Tensor& block_idx,
+    int64_t block_len, int64_t stride, int64_t block_size, int64_t top_n, int64_t window,
+    bool dilated, bool causal, double scale) {
+  constexpr const char* op = "blossom_attention_backward";
+  const int64_t R = check_config(op, q, k, v, gate_logits, k_pos, v_pos, block_len, stride,
+                                 block_size, top_n, window);
+  check_like(op, "grad_out", grad_out, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
+  // The saved branch outputs are checked (like q) by gate_fusion_backward and by each
+  // attention backward below; only the R = 3 outputs need a presence check here.
+  TORCH_CHECK(R == 2 || o_cmp.sizes() == q.sizes(), op,
+              ": o_cmp must have the shape of q when gate_logits has 3 branches, got ",
+              o_cmp.sizes());
+  const OptTensor ok =
+      as_valid(resolve_validity(op, lengths, valid, q.size(0), q.size(1), q));
+  const OptTensor none;
+
+  std::vector<at::Tensor> outs{o_sel, o_win};
+  if (R == 3) outs.push_back(o_cmp);
+  at::Tensor g_branches, grad_gate;
+  std::tie(g_branches, grad_gate) = gate_fusion_backward(grad_out, at::stack(outs), gate_logits);
+
+  // The attention backwards write full gradients; the first of each is the accumulator.
+  at::Tensor grad_q, grad_k, grad_v, gq, gk, gv;
+  std::tie(grad_q, grad_k, grad_v) =
+      block_sparse_attention_backward(g_branches[0], none, q, k, v, o_sel, lse_sel, block_idx,
+                                      none, ok, block_size, causal, scale);
+  std::tie(gq, gk, gv) = sliding_window_attention_backward(
+      g_branches[1], none, q, k, v, o_win, lse_win, none, ok, window, dilated, causal, scale);
+  grad_q.add_(gq);
+  grad_k.add_(gk);
+  grad_v.add_(gv);
+
+  // k_pos reaches the output only through the compressed branch (selection is discrete).
+  at::Tensor grad_k_pos = present(k_pos) ? at::zeros_like(*k_pos) : at::empty({0}, q.options());
+  at::Tensor grad_v_pos = present(v_pos) ? at::zeros_like(*v_pos) : at::empty({0}, q.options());
+  if (R == 3) {
+    const at::Tensor k_cmp = std::get<0>(block_compress(k, k_pos, none, ok, block_len, stride));
+    const at::Tensor v_cmp = std::get<0>(block_compress(v, v_pos, none, ok, block_len, stride));
+    at::Tensor g_kcmp, g_vcmp, gx;
+    std::tie(gq, g_kcmp, g_vcmp) =
+        compressed_attention_backward(g_branches[2], none, q, k_cmp, v_cmp, o_cmp, lse_cmp, none,
+                                      ok, block_len, stride, causal, scale);
+    grad_q.add_(gq);
+    std::tie(gx, grad_k_pos) =
+        block_compress_backward(g_kcmp, k, k_pos, none, ok, block_len, stride);
+    grad_k.add_(gx);
+    std::tie(gx, grad_v_pos) =
+        block_compress_backward(g_vcmp, v, v_pos, none, ok, block_len, stride);
+    grad_v.add_(gx);
+  }
+  return {grad_q, grad_k, grad_v, grad_gate, grad_k_pos, grad_v_pos};
+}
+
+}  // namespace blossom
+
+TORCH_LIBRARY_IMPL(blossom_ops, CPU, m) {
+  m.impl("blossom_attention", &blossom::blossom_attention);
+  m.impl("blossom_attention_backward", &blossom::blossom_attention_backward);
+}
+
+#ifdef BLOSSOM_WITH_CUDA
+TORCH_LIBRARY_IMPL(blossom_ops, CUDA, m) {
+  m.impl("blossom_attention", &blossom::blossom_attention);
+  m.impl("blossom_attention_backward", &blossom::blossom_attention_backward);
+}
+#endif
