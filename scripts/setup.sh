@@ -39,7 +39,7 @@ if [ "${FORCE_REBUILD:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$
   echo "[setup] blossom_ops is up to date"
 else
   echo "[setup] building and installing blossom_ops (MAX_JOBS=$MAX_JOBS)"
-  "$PY" -m pip install --no-build-isolation -e ".[test,plots]"
+  "$PY" -m pip install --no-build-isolation -e ".[test,plots,hf]"
   echo "$hash" > "$stamp"
 fi
 "$PY" -c "import torch, blossom_ops; print('[setup] torch', torch.__version__, '| blossom_ops', blossom_ops.__version__, '| cuda', torch.cuda.is_available())"
