@@ -20,9 +20,6 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 from ..nn import BlossomAttention
-from .fused_fallback import install as _install_fused_fallback
-
-_install_fused_fallback()  # until the fused op has a kernel on every device (see the module)
 
 
 class Block(nn.Module):
