@@ -235,6 +235,98 @@ inline void ger(const Acc* const* w, const Acc* const* x, Acc* dst, int64_t ld, 
   if (c < nd) ger_chunk<NR, 1, N>(w, x, dst, ld, n, c);
 }
 
+// exp_nonpos on 8 float lanes, bit-identical to the scalar one (the reduction rounds to
+// nearest even through the 1.5 * 2^23 trick, as nearbyint does): the scalar loops with a
+// reduction did not vectorise, and the exp was a quarter of the forward.
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+inline F8 exp_nonpos(F8 x) {
+  const F8 lo = F8{} - 86.0f;
+  x = x < lo ? lo : x;
+  const F8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  F8 r = n * -0.693359375f + x;
+  r = n * 2.12194440e-4f + r;
+  F8 p = F8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3333337670e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r) * r + r + 1.0f;
+  I8 bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += __builtin_convertvector(n, I8) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+// s[t] = exp(s[t] - m) for t < n; returns the sum.
+template <typename Acc>
+inline Acc exp_shift_sum(Acc* s, int64_t n, Acc m) {
+  int64_t t = 0;
+  Acc sum = 0;
+  if constexpr (std::is_same<Acc, float>::value) {
+    F8 acc = F8{};
+    for (; t + 8 <= n; t += 8) {
+      const F8 e = exp_nonpos(vload<F8>(s + t) - m);
+      vstore(s + t, e);
+      acc += e;
+    }
+    sum = hsum<8, float>(acc);
+  }
+  for (; t < n; ++t) {
+    s[t] = exp_nonpos(s[t] - m);
+    sum += s[t];
+  }
+  return sum;
+}
+
+// p[t] = exp(p[t] - lse); ds[t] = p[t] * (ds[t] - delta) for t < n.
+template <typename Acc>
+inline void probs_and_dscores(Acc* p, Acc* ds, int64_t n, Acc lse, Acc delta) {
+  int64_t t = 0;
+  if constexpr (std::is_same<Acc, float>::value) {
+    for (; t + 8 <= n; t += 8) {
+      const F8 e = exp_nonpos(vload<F8>(p + t) - lse);
+      vstore(p + t, e);
+      vstore(ds + t, e * (vload<F8>(ds + t) - delta));
+    }
+  }
+  for (; t < n; ++t) {
+    p[t] = exp_nonpos(p[t] - lse);
+    ds[t] = p[t] * (ds[t] - delta);
+  }
+}
+
+template <typename Acc>
+inline Acc row_maximum(const Acc* s, int64_t n) {
+  Acc m = s[0];
+  int64_t t = 1;
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (n >= 8) {
+      F8 mv = vload<F8>(s);
+      for (t = 8; t + 8 <= n; t += 8) {
+        const F8 x = vload<F8>(s + t);
+        mv = mv > x ? mv : x;
+      }
+      m = mv[0];
+      for (int l = 1; l < 8; ++l) m = std::max(m, mv[l]);
+    }
+  }
+  for (; t < n; ++t) m = std::max(m, s[t]);
+  return m;
+}
+
+// Pulls the rows of a later query towards L1 while this one computes: the per-query q /
+// dO / O rows were the largest stall once the arithmetic got cheap.
+template <typename T>
+inline void prefetch_rows(const Bshd<const T>& x, int64_t b, int64_t i, int64_t h_first,
+                          int64_t G, int64_t D) {
+  const char* lo = reinterpret_cast<const char*>(x.at(b, i, h_first));
+  const char* hi = reinterpret_cast<const char*>(x.at(b, i, h_first + G - 1) + D);
+  for (const char* c = lo; c < hi; c += 64) __builtin_prefetch(c);
+}
+
 // Calls f.template operator()<NR>(h0) for blocks of at most 4 of the G heads: 4 rows keep
 // the score and accumulator tiles inside the 16 vector registers of AVX2.
 template <typename F>
@@ -427,22 +519,16 @@ void attention_fwd_impl(const AttnFwdParams<T, Acc>& p, const Validity& key_vali
           }
           continue;
         }
+        if (i + 2 < i_hi) prefetch_rows(p.q, b, i + 2, g * G, G, D);
         load_rows(p.q, b, i, g * G, G, D, scale, qa.data());
         for_head_blocks(G, [&]<int NR>(int64_t h0) {
           row_scores<NR, kD, N>(qa.data(), h0, keys, runs, scores.data(), cap, D);
         });
         for (int64_t h = 0; h < G; ++h) {
           Acc* sh = scores.data() + h * cap;
-          Acc m = sh[0];
-          for (int64_t t = 1; t < n; ++t) m = std::max(m, sh[t]);
-          Acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < n; ++t) {
-            sh[t] = exp_nonpos(sh[t] - m);
-            sum += sh[t];
-          }
+          const Acc m = row_maximum(sh, n);
           row_max[h] = m;
-          row_sum[h] = sum;
+          row_sum[h] = exp_shift_sum(sh, n, m);
         }
         std::fill(acc.begin(), acc.end(), Acc(0));
         for_head_blocks(G, [&]<int NR>(int64_t h0) {
@@ -492,6 +578,11 @@ void attention_bwd_impl(const AttnBwdParams<T, Acc>& p, const Validity& key_vali
           continue;
         }
         const int64_t row = (b * L + i) * Hq + g * G;
+        if (i + 2 < L) {
+          prefetch_rows(p.q, b, i + 2, g * G, G, D);
+          prefetch_rows(p.grad_out, b, i + 2, g * G, G, D);
+          prefetch_rows(p.out, b, i + 2, g * G, G, D);
+        }
         load_rows(p.q, b, i, g * G, G, D, scale, qa.data());  // scaled q
         load_rows(p.grad_out, b, i, g * G, G, D, Acc(1), doa.data());
         load_rows(p.out, b, i, g * G, G, D, Acc(1), oa.data());
@@ -509,14 +600,8 @@ void attention_bwd_impl(const AttnBwdParams<T, Acc>& p, const Validity& key_vali
           row_scores<NR, kD, N>(doa.data(), h0, vals, runs, dsc.data(), cap, D);
         });
         for (int64_t h = 0; h < G; ++h) {
-          Acc* ph = probs.data() + h * cap;
-          Acc* dh = dsc.data() + h * cap;
-          const Acc lse_h = lse[h], delta_h = delta[h];
-#pragma omp simd
-          for (int64_t t = 0; t < n; ++t) {
-            ph[t] = exp_nonpos(ph[t] - lse_h);
-            dh[t] = ph[t] * (dh[t] - delta_h);
-          }
+          probs_and_dscores(probs.data() + h * cap, dsc.data() + h * cap, n, lse[h],
+                            delta[h]);
         }
         std::fill(dq.begin(), dq.end(), Acc(0));
         for_head_blocks(G, [&]<int NR>(int64_t h0) {
