@@ -15,6 +15,9 @@ struct BlockRanges {
   int64_t seq_len;
   BlockSparseMask m;
 
+  // Every key of the queries <= i lies below this.
+  int64_t key_bound(int64_t i) const { return m.causal ? std::min(seq_len, i + 1) : seq_len; }
+
   void operator()(int64_t b, int64_t i, int64_t g, RangeList& out) const {
     const int64_t bs = m.block_size;
     const int64_t end_cap = m.causal ? std::min(seq_len, i + 1) : seq_len;

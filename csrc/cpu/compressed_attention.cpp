@@ -15,6 +15,11 @@ struct CompressedRanges {
   int64_t num_tokens;  // T
   CompressedMask m;
 
+  // Every token seen by the queries <= i lies below this.
+  int64_t key_bound(int64_t i) const {
+    return m.causal ? std::min(num_tokens, (i + 1) / m.stride) : num_tokens;
+  }
+
   void operator()(int64_t /*b*/, int64_t i, int64_t /*g*/, RangeList& out) const {
     const int64_t hi = m.causal ? std::min(num_tokens, (i + 1) / m.stride) : num_tokens;
     if (hi > 0) out.push_back({0, hi});

@@ -14,6 +14,9 @@ struct SlidingRanges {
   int64_t seq_len;
   SlidingWindowMask m;
 
+  // Every key of the queries <= i lies below this.
+  int64_t key_bound(int64_t i) const { return m.causal ? i + 1 : seq_len; }
+
   void operator()(int64_t /*b*/, int64_t i, int64_t /*g*/, RangeList& out) const {
     const int64_t w = std::min(m.window, seq_len);  // |i - j| < L always holds
     const int64_t lo = std::max<int64_t>(0, i - w + 1);
