@@ -175,16 +175,28 @@ void top_n_blocks(const Acc* imp, const std::vector<int32_t>& cands, int64_t top
     // higher index, so it never displaces an earlier one (ties to the lower block).
     // thr: key of the worst kept block once top_n are kept. Most candidates fail the one
     // compare against it (a NaN importance fails it too, as its key is -inf).
+    // Candidates go in runs of 8 with one branch per run ("does any beat thr?"), which is
+    // mostly false once top_n are kept: a per-candidate branch mispredicts on random data.
     Acc thr = ninf;
-    for (const int32_t c : cands) {
+    auto offer = [&](int32_t c) {
       const int64_t k = static_cast<int64_t>(work.size());
-      if (k == top_n && !(imp[c] > thr)) continue;
+      if (k == top_n && !(imp[c] > thr)) return;
       int64_t j = std::min<int64_t>(k, top_n - 1);
       if (k < top_n) work.push_back(c);
       for (; j > 0 && better(c, work[j - 1]); --j) work[j] = work[j - 1];
       work[j] = c;
-      thr = key(work.back());
+      thr = static_cast<int64_t>(work.size()) == top_n ? key(work.back()) : ninf;
+    };
+    int64_t k = 0;
+    for (; k < std::min(top_n, n_cand); ++k) offer(cands[k]);
+    for (; k + 8 <= n_cand; k += 8) {
+      const int32_t* cs = cands.data() + k;
+      bool any = false;
+      for (int l = 0; l < 8; ++l) any |= imp[cs[l]] > thr;
+      if (any)
+        for (int l = 0; l < 8; ++l) offer(cs[l]);
     }
+    for (; k < n_cand; ++k) offer(cands[k]);
   } else {
     work.assign(cands.begin(), cands.end());
     std::nth_element(work.begin(), work.begin() + (top_n - 1), work.end(), better);
