@@ -94,6 +94,36 @@ inline Acc max_of(const Acc* x, int64_t n) {
   return m;
 }
 
+// x[t] += bias[t] (0, or -inf for a token that is not scored) for t < n; returns the max.
+// One pass, and a plain add that vectorises (a per-token select on a byte mask did not).
+template <typename Acc>
+inline Acc add_bias_max(Acc* x, const Acc* bias, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) x[t] += bias[t];
+  return max_of(x, n);
+}
+
+#ifdef BLOSSOM_SELECT_AVX2
+template <>
+inline float add_bias_max<float>(float* x, const float* bias, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + t), _mm256_loadu_ps(bias + t));
+    _mm256_storeu_ps(x + t, v);
+    m = _mm256_max_ps(v, m);  // a NaN v keeps m, as max_of does
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  float mx = lanes[0];
+  for (int l = 1; l < 8; ++l) mx = mx < lanes[l] ? lanes[l] : mx;
+  for (; t < n; ++t) {
+    x[t] += bias[t];
+    mx = mx < x[t] ? x[t] : mx;
+  }
+  return mx;
+}
+#endif
+
 // Logits of a panel of mr (<= 4) query rows against the tokens [0, n) of one kv head:
 // out[r * ldo + t] = sum_d qs[r * D + d] * kt[d * ldk + t]. kt is k_cmp transposed and
 // zero-padded to a multiple of 16 tokens, so the panel may run past n (up to ldk).
@@ -235,11 +265,12 @@ void select_blocks_fwd(const SelectParams<T>& p) {
 
   // Per batch row, shared by all its queries:
   //   has_valid[b, c]  block c holds a valid key (a candidate condition);
-  //   scorable[b, t]   token t is valid and its chunk's block has a valid key;
+  //   bias[b, t]       0 when token t is valid and its chunk's block has a valid key
+  //                    (it is scored), else -inf;
   //   kt[b, g, d, t]   k_cmp transposed (0 past NT), so logits over a run of tokens are
   //                    vertical multiply-adds (no horizontal reductions).
   std::vector<uint8_t> has_valid(B * C, 0);
-  std::vector<uint8_t> scorable(B * NT, 0);
+  std::vector<Acc> bias(B * NT, Acc(0));
   std::vector<Acc> kt(B * Hk * D * ldk, Acc(0));
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Hk * D * NT)),
                    [&](int64_t b0, int64_t b1) {
@@ -247,9 +278,12 @@ void select_blocks_fwd(const SelectParams<T>& p) {
       for (int64_t j = 0; j < L; ++j)
         if (p.valid(b, j)) has_valid[b * C + j / bs] = 1;
       for (int64_t t = 0; t < NT; ++t)
-        scorable[b * NT + t] = p.valid_cmp(b, t) && has_valid[b * C + t / cpb];
+        bias[b * NT + t] = p.valid_cmp(b, t) && has_valid[b * C + t / cpb] ? Acc(0) : ninf;
       for (int64_t g = 0; g < Hk; ++g)
         for (int64_t t = 0; t < NT; ++t) {
+          // an unscored token's column stays 0 (its k_cmp may hold anything, NaN included),
+          // so its logit is exactly 0 + bias = -inf
+          if (bias[b * NT + t] != Acc(0)) continue;
           const T* k = p.k_cmp.at(b, t, g);
           Acc* dst = kt.data() + ((b * Hk + g) * D) * ldk + t;
           for (int64_t d = 0; d < D; ++d) dst[d * ldk] = static_cast<Acc>(k[d]);
@@ -289,17 +323,19 @@ void select_blocks_fwd(const SelectParams<T>& p) {
       // Score the token run [0, n_tok): causal candidates are all before the own block.
       // Tokens that are not scorable (or in the own block) get logit -inf, i.e. p = 0.
       const int64_t n_tok = p.causal ? std::min(NT, own * cpb) : NT;
-      const uint8_t* sc = scorable.data() + b * NT;
+      const Acc* bt = bias.data() + b * NT;
       const int64_t own_t0 = std::min(NT, own * cpb), own_t1 = std::min(NT, (own + 1) * cpb);
       const int64_t nq = static_cast<int64_t>(s.queries.size()), rows = nq * G;
 
       for (int64_t g = 0; g < Hk; ++g) {
         const Acc* ktg = kt.data() + ((b * Hk + g) * D) * ldk;
         // row r = query r / G, head g * G + r % G: a query's heads are consecutive rows
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* qh = p.q.at(b, s.queries[r / G], g * G + r % G);
-          for (int64_t d = 0; d < D; ++d) s.qs[r * D + d] = static_cast<Acc>(qh[d]) * scale;
-        }
+        for (int64_t qi = 0; qi < nq; ++qi)
+          for (int64_t hh = 0; hh < G; ++hh) {
+            const T* qh = p.q.at(b, s.queries[qi], g * G + hh);
+            Acc* dst = s.qs.data() + (qi * G + hh) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Acc>(qh[d]) * scale;
+          }
         for (int64_t qi = 0; qi < nq; ++qi)
           std::fill(s.mass.begin() + qi * ldk, s.mass.begin() + qi * ldk + n_tok, Acc(0));
         for (int64_t r0 = 0; r0 < rows; r0 += MR) {
@@ -307,10 +343,9 @@ void select_blocks_fwd(const SelectParams<T>& p) {
           panel_logits<Acc>(s.qs.data() + r0 * D, mr, ktg, ldk, D, n_tok, s.logits.data(), ldk);
           for (int64_t r = 0; r < mr; ++r) {
             Acc* lg = s.logits.data() + r * ldk;
-            for (int64_t t = 0; t < n_tok; ++t) lg[t] = sc[t] ? lg[t] : ninf;
             if (!p.causal)
               for (int64_t t = own_t0; t < own_t1; ++t) lg[t] = ninf;
-            const Acc mx = max_of(lg, n_tok);
+            const Acc mx = add_bias_max(lg, bt, n_tok);
             if (!(mx > ninf)) continue;  // nothing scorable for this head
             const Acc sum = exp_shift_sum(lg, n_tok, mx);
             const Acc inv = Acc(1) / sum;
