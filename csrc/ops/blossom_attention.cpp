@@ -5,11 +5,13 @@
 // heads), gate_logits (device, dtype, shape (batch, seq, q_heads, R), R in {2, 3}),
 // k_pos / v_pos (heads, block_len, head_dim), the integer parameters, then lengths /
 // valid, which are resolved once into a bool [B, L] mask handed to every part.
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/gate_fusion.h"
 #include "ops/ops.h"
 
 namespace blossom {
@@ -53,6 +55,71 @@ int64_t check_config(const char* op, const at::Tensor& q, const at::Tensor& k,
 // The resolved validity as the `valid` argument of the parts (None when all valid).
 OptTensor as_valid(const at::Tensor& ok) { return ok.defined() ? OptTensor(ok) : c10::nullopt; }
 
+// On CPU the gate reads (and its backward writes) the branch tensors in place: the
+// gate_fusion op takes them stacked, and stacking copies R full-size tensors. Elsewhere
+// the ops are used as they are. Branches have q's shape and dtype (checked by the caller).
+at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& gate_logits) {
+  if (!gate_logits.is_cpu()) return gate_fusion(at::stack(branches), gate_logits);
+  const at::Tensor gate = gate_logits.contiguous();
+  std::vector<at::Tensor> br;
+  for (const at::Tensor& b : branches) br.push_back(b.contiguous());
+  at::Tensor out = at::empty_like(br[0], at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "blossom_attention", [&] {
+    GateParams<scalar_t> p;
+    p.branches = static_cast<int64_t>(br.size());
+    p.rows = out.numel() / out.size(-1);
+    p.head_dim = out.size(-1);
+    p.gate = gate.const_data_ptr<scalar_t>();
+    p.out = out.mutable_data_ptr<scalar_t>();
+    std::vector<const scalar_t*> ptrs;
+    for (const at::Tensor& b : br) ptrs.push_back(b.const_data_ptr<scalar_t>());
+    cpu::gate_fusion_fwd_list<scalar_t>(p, ptrs.data());
+  });
+  return out;
+}
+
+// (grad_branches, grad_gate) of fuse_gate; grad_out has q's shape and dtype.
+std::pair<std::vector<at::Tensor>, at::Tensor> fuse_gate_backward(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& branches,
+    const at::Tensor& gate_logits) {
+  std::vector<at::Tensor> grads;
+  if (!gate_logits.is_cpu()) {
+    at::Tensor g, grad_gate;
+    std::tie(g, grad_gate) = gate_fusion_backward(grad_out, at::stack(branches), gate_logits);
+    for (int64_t r = 0; r < g.size(0); ++r) grads.push_back(g[r]);
+    return {grads, grad_gate};
+  }
+  const at::Tensor gate = gate_logits.contiguous(), go = grad_out.contiguous();
+  std::vector<at::Tensor> br;
+  for (const at::Tensor& b : branches) {
+    br.push_back(b.contiguous());
+    grads.push_back(at::empty_like(br.back(), at::MemoryFormat::Contiguous));
+  }
+  at::Tensor grad_gate = at::empty(gate.sizes(), gate.options());
+  if (go.numel() == 0) {  // D == 0 still leaves gate rows to zero
+    grad_gate.zero_();
+    return {grads, grad_gate};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, go.scalar_type(), "blossom_attention_backward",
+                                 [&] {
+    GateParams<scalar_t> p;
+    p.branches = static_cast<int64_t>(br.size());
+    p.rows = go.numel() / go.size(-1);
+    p.head_dim = go.size(-1);
+    p.gate = gate.const_data_ptr<scalar_t>();
+    std::vector<const scalar_t*> in;
+    std::vector<scalar_t*> out;
+    for (size_t r = 0; r < br.size(); ++r) {
+      in.push_back(br[r].const_data_ptr<scalar_t>());
+      out.push_back(grads[r].mutable_data_ptr<scalar_t>());
+    }
+    cpu::gate_fusion_bwd_list<scalar_t>(p, in.data(), go.const_data_ptr<scalar_t>(), out.data(),
+                                        grad_gate.mutable_data_ptr<scalar_t>());
+  });
+  return {grads, grad_gate};
+}
+
 }  // namespace
 
 BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -86,7 +153,7 @@ BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const
     o_cmp = at::empty({0}, q.options());
     lse_cmp = at::empty({0}, q.options().dtype(acc_dtype(q.scalar_type())));
   }
-  const at::Tensor out = gate_fusion(at::stack(branches), gate_logits);
+  const at::Tensor out = fuse_gate(branches, gate_logits);
   return {out, o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp, idx};
 }
 
@@ -102,19 +169,23 @@ BlossomGrads blossom_attention_backward(
   const int64_t R = check_config(op, q, k, v, gate_logits, k_pos, v_pos, block_len, stride,
                                  block_size, top_n, window);
   check_like(op, "grad_out", grad_out, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
-  // The saved branch outputs are checked (like q) by gate_fusion_backward and by each
-  // attention backward below; only the R = 3 outputs need a presence check here.
+  // The gate backward reads the saved branch outputs before the attention backwards
+  // check them, so they are checked (like q) here.
+  check_like(op, "o_sel", o_sel, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
+  check_like(op, "o_win", o_win, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   TORCH_CHECK(R == 2 || o_cmp.sizes() == q.sizes(), op,
               ": o_cmp must have the shape of q when gate_logits has 3 branches, got ",
               o_cmp.sizes());
+  if (R == 3) check_like(op, "o_cmp", o_cmp, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   const OptTensor ok =
       as_valid(resolve_validity(op, lengths, valid, q.size(0), q.size(1), q));
   const OptTensor none;
 
   std::vector<at::Tensor> outs{o_sel, o_win};
   if (R == 3) outs.push_back(o_cmp);
-  at::Tensor g_branches, grad_gate;
-  std::tie(g_branches, grad_gate) = gate_fusion_backward(grad_out, at::stack(outs), gate_logits);
+  std::vector<at::Tensor> g_branches;
+  at::Tensor grad_gate;
+  std::tie(g_branches, grad_gate) = fuse_gate_backward(grad_out, outs, gate_logits);
 
   // The attention backwards write full gradients; the first of each is the accumulator.
   at::Tensor grad_q, grad_k, grad_v, gq, gk, gv;
