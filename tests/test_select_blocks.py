@@ -27,7 +27,7 @@ def _inputs(case, dtype, device, stride, ties):
     k_cmp = randn(g, (case.B, T, case.Hk, case.D), dtype, device)
     if ties:
         # exact ties: many identical compressed keys (and some all-zero queries)
-        k_cmp[:, ::2] = k_cmp[:, :1]
+        k_cmp[:, ::2] = k_cmp[:, :1].clone()  # clone: source and target overlap
         q[:, ::3] = 0
     return q, k_cmp
 

@@ -1,16 +1,19 @@
 #include "checks.h"
 
-#include <sstream>
+#include <string>
 
 namespace blossom {
 namespace {
 
+// Plain string building: an std::ostringstream here crashed (SIGSEGV inside operator<<)
+// in the CUDA build on the H200 machine (torch 2.11, gcc 13), so no iostreams.
 std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ")";
-  return os.str();
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(s[i]);
+  }
+  return out + ")";
 }
 
 bool dtype_supported(const at::Tensor& t) {
