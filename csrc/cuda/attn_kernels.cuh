@@ -398,34 +398,50 @@ inline size_t attn_delta_bytes(const AttnShape& s) {
   return align_up(static_cast<size_t>(s.batch * s.q_len * s.q_heads) * sizeof(float));
 }
 
+template <typename T>
+inline bool attn_bwd_vec_ok(const AttnBwdParams<T, float>& p) {
+  return attn_vec_ok<T>(p.shape, {p.q, p.k, p.v, p.out, p.grad_out}) &&
+         attn_vec_ok_out<T>(p.shape, {p.grad_q, p.grad_k, p.grad_v});
+}
+
+// dQ pass; also writes delta, which the dK/dV pass reads (same stream, so ordered).
+template <typename T, class Policy>
+void launch_attn_dq(const AttnBwdParams<T, float>& p, const Policy& pol, float* delta,
+                    cudaStream_t stream, const char* name) {
+  const AttnShape& s = p.shape;
+  if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
+  dispatch_row_config(s.head_dim, s.group(), attn_bwd_vec_ok(p), [&](auto tpk, auto hpw, auto v) {
+    constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
+    constexpr bool VEC = decltype(v)::value;
+    const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+    attn_dq_kernel<T, TPK, HPW, VEC, Policy>
+        <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol, delta);
+  });
+  check_launch(name);
+}
+
+// dK/dV pass, one warp per key: reads delta written by launch_attn_dq.
+template <typename T, class Policy>
+void launch_attn_dkdv(const AttnBwdParams<T, float>& p, const Policy& pol, const float* delta,
+                      cudaStream_t stream, const char* name) {
+  const AttnShape& s = p.shape;
+  if (s.batch == 0 || s.q_heads == 0 || s.kv_len == 0) return;
+  // dK/dV has no head loop: only the lanes-per-key choice matters (HPW ignored).
+  dispatch_row_config(s.head_dim, 1, attn_bwd_vec_ok(p), [&](auto tpk, auto, auto v) {
+    constexpr int TPK = decltype(tpk)::value;
+    constexpr bool VEC = decltype(v)::value;
+    const int64_t warps = s.batch * s.kv_heads * s.kv_len;
+    attn_dkdv_kernel<T, TPK, VEC, Policy>
+        <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol, delta);
+  });
+  check_launch(name);
+}
+
 template <typename T, class Policy>
 void launch_attn_bwd(const AttnBwdParams<T, float>& p, const Policy& pol, float* delta,
                      cudaStream_t stream, const char* name) {
-  const AttnShape& s = p.shape;
-  if (s.batch == 0 || s.q_heads == 0) return;
-  const bool vec = attn_vec_ok<T>(s, {p.q, p.k, p.v, p.out, p.grad_out}) &&
-                   attn_vec_ok_out<T>(s, {p.grad_q, p.grad_k, p.grad_v});
-  if (s.q_len > 0) {
-    dispatch_row_config(s.head_dim, s.group(), vec, [&](auto tpk, auto hpw, auto v) {
-      constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
-      constexpr bool VEC = decltype(v)::value;
-      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
-      attn_dq_kernel<T, TPK, HPW, VEC, Policy>
-          <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol, delta);
-    });
-    check_launch(name);
-  }
-  if (s.kv_len > 0) {
-    // dK/dV has no head loop: only the lanes-per-key choice matters (HPW ignored).
-    dispatch_row_config(s.head_dim, 1, vec, [&](auto tpk, auto, auto v) {
-      constexpr int TPK = decltype(tpk)::value;
-      constexpr bool VEC = decltype(v)::value;
-      const int64_t warps = s.batch * s.kv_heads * s.kv_len;
-      attn_dkdv_kernel<T, TPK, VEC, Policy>
-          <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol, delta);
-    });
-    check_launch(name);
-  }
+  launch_attn_dq(p, pol, delta, stream, name);
+  launch_attn_dkdv(p, pol, delta, stream, name);
 }
 
 }  // namespace detail
