@@ -158,8 +158,14 @@ _flex = None
 def bench_flex(q, k, v, block_idx):
     global _flex
     from torch.nn.attention.flex_attention import flex_attention
-    if _flex is None:
-        _flex = torch.compile(flex_attention, dynamic=False)
+    # A fresh compile per shape: each (shape, grad mode) is a recompile, and past dynamo's
+    # recompile limit flex_attention silently falls back to an eager path that builds the
+    # whole L x L score matrix (which is what ran out of memory in the first GPU run).
+    torch._dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    _flex = torch.compile(flex_attention, dynamic=False)
     B, L, Hq, _ = q.shape
     Hk = k.shape[2]
     bm = flex_block_mask(block_idx, B, L, Hq, Hk)
