@@ -22,8 +22,14 @@
 //   int64_t bwd_slots(b, j, g)           number of query slots of key j
 //   int64_t bwd_query(b, j, g, n)        query of slot n, or -1 when masked (validity included)
 // The two enumerations must describe the same mask, each allowed pair exactly once.
+//
+// Forward and dQ have a staged fast path (attn_staged.cuh: whole chunks of K/V rows copied
+// to shared memory with cp.async, one softmax step per chunk) for 16-bit types, D in
+// {16, 32, 64, 128} and 16-byte aligned rows; the kernels below (*_simple) take every other
+// case, and every case when BLOSSOM_OPS_CUDA_SIMPLE=1.
 #pragma once
 #include "common/params.h"
+#include "cuda/attn_staged.cuh"
 #include "cuda/common.cuh"
 
 namespace blossom {
@@ -35,7 +41,7 @@ constexpr int kAttnWarps = 4;  // warps per CTA
 // ------------------------------------------------------------------------------ forward
 template <typename T, int TPK, int HPW, bool VEC, class Policy>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-    attn_fwd_kernel(const AttnFwdParams<T, float> p, const Policy pol) {
+    attn_fwd_kernel_simple(const AttnFwdParams<T, float> p, const Policy pol) {
   constexpr int KPW = 32 / TPK;
   const int lane = threadIdx.x & 31;
   const int sub = lane / TPK;
@@ -138,7 +144,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass.
 template <typename T, int TPK, int HPW, bool VEC, class Policy>
 __global__ void __launch_bounds__(kAttnWarps * 32)
-    attn_dq_kernel(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta) {
+    attn_dq_kernel_simple(const AttnBwdParams<T, float> p, const Policy pol,
+                          float* __restrict__ delta) {
   constexpr int KPW = 32 / TPK;
   const int lane = threadIdx.x & 31;
   const int sub = lane / TPK;
@@ -383,11 +390,15 @@ void launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaSt
   const AttnShape& s = p.shape;
   if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return;
   const bool vec = attn_vec_ok<T>(s, {p.q, p.k, p.v}) && attn_vec_ok_out<T>(s, {p.out});
+  if (launch_attn_fwd_staged(p, pol, vec, stream)) {  // fast path (attn_staged.cuh)
+    check_launch(name);
+    return;
+  }
   dispatch_row_config(s.head_dim, s.group(), vec, [&](auto tpk, auto hpw, auto v) {
     constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
     constexpr bool VEC = decltype(v)::value;
     const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
-    attn_fwd_kernel<T, TPK, HPW, VEC, Policy>
+    attn_fwd_kernel_simple<T, TPK, HPW, VEC, Policy>
         <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol);
   });
   check_launch(name);
@@ -410,11 +421,16 @@ void launch_attn_dq(const AttnBwdParams<T, float>& p, const Policy& pol, float* 
                     cudaStream_t stream, const char* name) {
   const AttnShape& s = p.shape;
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
-  dispatch_row_config(s.head_dim, s.group(), attn_bwd_vec_ok(p), [&](auto tpk, auto hpw, auto v) {
+  const bool vec = attn_bwd_vec_ok(p);
+  if (launch_attn_dq_staged(p, pol, delta, vec, stream)) {  // fast path (attn_staged.cuh)
+    check_launch(name);
+    return;
+  }
+  dispatch_row_config(s.head_dim, s.group(), vec, [&](auto tpk, auto hpw, auto v) {
     constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
     constexpr bool VEC = decltype(v)::value;
     const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
-    attn_dq_kernel<T, TPK, HPW, VEC, Policy>
+    attn_dq_kernel_simple<T, TPK, HPW, VEC, Policy>
         <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol, delta);
   });
   check_launch(name);
