@@ -131,11 +131,16 @@ def markdown_report(rep: Dict[str, Any]) -> str:
     if rep["verdict"]:
         v = rep["verdict"]
         n = s["dense"]["NDCG@10"]["n"]
-        lines += ["", f"NDCG@10: blossom {v['blossom_NDCG@10']:.4f} vs dense "
-                  f"{v['dense_NDCG@10']:.4f} (difference {v['difference']:+.4f}; dense spread "
-                  f"± {v['dense_std']:.4f} over {n} seed(s)): "
-                  + ("within the dense run-to-run spread or better."
-                     if v["within_dense_spread_or_better"] else "below the dense spread.")]
+        head = (f"NDCG@10: blossom {v['blossom_NDCG@10']:.4f} vs dense "
+                f"{v['dense_NDCG@10']:.4f} (difference {v['difference']:+.4f}")
+        if n > 1:
+            head += (f"; dense spread ± {v['dense_std']:.4f} over {n} seeds): "
+                     + ("within the dense run-to-run spread or better."
+                        if v["within_dense_spread_or_better"] else "below the dense spread."))
+        else:  # one seed has no spread: say so instead of printing ± 0
+            head += ("; one seed, so no run-to-run spread to compare against: "
+                     "run with --seeds 3 for one).")
+        lines += ["", head]
     lines += ["", "Per run: " + "; ".join(
         f"{x['name']}: best epoch {x['best_epoch']}/{x['epochs_run']}, test NDCG@10 "
         f"{x['test']['NDCG@10']:.4f}" for x in rep["runs"])]
