@@ -8,6 +8,9 @@ build (CppExtension) is first-class. Environment switches:
                                 build machine has AVX2 and FMA, nothing otherwise
                                 (set it to "" when building for older CPUs)
   BLOSSOM_OPS_DEBUG=1           -O0 -g instead of -O3
+  BLOSSOM_OPS_ASAN=1            host code built with AddressSanitizer (run python with
+                                LD_PRELOAD=$(g++ -print-file-name=libasan.so) and, with
+                                CUDA, ASAN_OPTIONS=protect_shadow_gap=0)
   MAX_JOBS                      parallel compile jobs (ninja)
 Install with `pip install --no-build-isolation -e .` so the torch already installed is
 used to build (build isolation would download a CUDA build of torch).
@@ -45,23 +48,25 @@ def default_cpu_flags() -> list:
 def extension():
     debug = os.environ.get("BLOSSOM_OPS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] \
+        if os.environ.get("BLOSSOM_OPS_ASAN") == "1" else []
     sources = sorted(
         glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/ops/*.cpp")
         + glob.glob("csrc/cpu/*.cpp"))
     # torch.utils.cpp_extension picks the C++ standard torch itself needs (C++20 for 2.13).
-    cxx = opt + ["-fopenmp", "-DPy_LIMITED_API=0x03090000"] + default_cpu_flags()
+    cxx = opt + asan + ["-fopenmp", "-DPy_LIMITED_API=0x03090000"] + default_cpu_flags()
     kwargs = dict(
         name="blossom_ops._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + asan[:1],
         py_limited_api=True,
     )
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo",
-                      "-DBLOSSOM_WITH_CUDA"]
+                      "-DBLOSSOM_WITH_CUDA"] + [f"-Xcompiler={f}" for f in asan]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DBLOSSOM_WITH_CUDA"], "nvcc": nvcc}
         return CUDAExtension(**kwargs)
     kwargs["extra_compile_args"] = {"cxx": cxx}
