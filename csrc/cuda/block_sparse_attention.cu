@@ -7,6 +7,7 @@
 // which an inverse index lists: for each (b, g, c), the queries i that selected c, in a
 // deterministic order (counting sort, built by block_index_kernel below in the workspace).
 #include "cuda/attn_kernels.cuh"
+#include "cuda/block_sparse_dkdv.h"
 #include "cuda/launch.h"
 
 namespace blossom {
@@ -232,8 +233,13 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
                                  reinterpret_cast<int32_t*>(ws + lay.cursor),
                                  reinterpret_cast<int32_t*>(ws + lay.entries));
   detail::check_launch("block_sparse_attention_bwd (index)");
-  detail::launch_attn_bwd(p, pol, reinterpret_cast<float*>(ws + lay.delta), stream,
-                          "block_sparse_attention_bwd");
+  float* delta = reinterpret_cast<float*>(ws + lay.delta);
+  detail::launch_attn_dq(p, pol, delta, stream, "block_sparse_attention_bwd (dQ)");
+  // dK/dV: one CTA per 16-key tile on tensor cores (block_sparse_dkdv.cu); the generic
+  // per-key kernel covers the rest (fp32, other block sizes / head dims, unaligned rows,
+  // BLOSSOM_OPS_CUDA_SIMPLE=1).
+  if (!detail::launch_block_sparse_dkdv(p, m, pol.C, pol.off, pol.entries, delta, stream))
+    detail::launch_attn_dkdv(p, pol, delta, stream, "block_sparse_attention_bwd (dK/dV)");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                             \
