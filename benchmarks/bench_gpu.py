@@ -209,6 +209,8 @@ def main() -> int:
     ap.add_argument("--dims", default="16,64")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex-min-len", type=int, default=0,
+                    help="run FlexAttention only from this L on (each shape costs a compile)")
     ap.add_argument("--breakdown", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -236,7 +238,8 @@ def main() -> int:
                 continue
             for name, fn in [("ours", lambda: bench_ours(q, k, v, gl)),
                              ("sdpa", lambda: bench_sdpa(q, k, v)),
-                             ("flex", None if args.no_flex else lambda: bench_flex(
+                             ("flex", None if args.no_flex or L < args.flex_min_len
+                              else lambda: bench_flex(
                                  q, k, v, blossom_ops.blossom_attention(
                                      q.detach(), k.detach(), v.detach(), gl.detach(),
                                      return_parts=True, **CFG)[1]["block_idx"]))]:
