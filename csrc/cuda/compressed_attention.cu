@@ -2,6 +2,7 @@
 // k_cmp / v_cmp [B, T, Hk, D]; causal queries see t once its window has ended,
 // (t + 1) * stride - 1 <= i. For key t the attending queries are i >= (t + 1) * stride - 1
 // (causal) or all valid i, so the dK/dV pass enumerates them directly.
+#include "cuda/attn_dkdv_staged.cuh"
 #include "cuda/attn_kernels.cuh"
 #include "cuda/launch.h"
 
@@ -69,8 +70,11 @@ void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const Compressed
                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   TORCH_CHECK(workspace_bytes >= compressed_attention_bwd_workspace_bytes(p.shape, m),
               "compressed_attention_bwd: workspace too small");
-  detail::launch_attn_bwd(p, make_policy(p.shape, m, p.valid), static_cast<float*>(workspace),
-                          stream, "compressed_attention_bwd");
+  const auto pol = make_policy(p.shape, m, p.valid);
+  float* delta = static_cast<float*>(workspace);
+  // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.
+  detail::launch_attn_dq(p, pol, delta, stream, "compressed_attention_bwd");
+  detail::launch_attn_dkdv_staged(p, pol, delta, stream, "compressed_attention_bwd");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                                \

@@ -3,6 +3,7 @@
 // plus the ~log2(L) distances 2^p >= window when dilated. The mask depends only on |i - j|
 // (and j <= i when causal), so the queries attending to key j are the mirrored set
 // i = j + d: the dK/dV pass enumerates them directly, with no index structure.
+#include "cuda/attn_dkdv_staged.cuh"
 #include "cuda/attn_kernels.cuh"
 #include "cuda/launch.h"
 
@@ -85,8 +86,10 @@ void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const Slidin
   TORCH_CHECK(workspace_bytes >= sliding_window_attention_bwd_workspace_bytes(p.shape, m),
               "sliding_window_attention_bwd: workspace too small");
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
-  detail::launch_attn_bwd(p, pol, static_cast<float*>(workspace), stream,
-                          "sliding_window_attention_bwd");
+  float* delta = static_cast<float*>(workspace);
+  // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.
+  detail::launch_attn_dq(p, pol, delta, stream, "sliding_window_attention_bwd");
+  detail::launch_attn_dkdv_staged(p, pol, delta, stream, "sliding_window_attention_bwd");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                               \
