@@ -49,26 +49,13 @@
 
 #include "common/params.h"
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 
 namespace blossom {
 namespace gpu {
 namespace detail {
 
 constexpr int kStageWarps = 2;  // warps per CTA of the staged kernels
-
-// 16-byte global -> shared copy that bypasses registers; .ca keeps the line in L1, where the
-// neighbouring queries of the same SM find the rows they share (own block, window).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll

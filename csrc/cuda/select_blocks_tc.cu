@@ -51,6 +51,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/select_blocks_tc.h"
 
 namespace blossom {
@@ -95,14 +96,6 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> 0; ~2 ulp
   return y;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 
 // (key desc, block asc); block < 0 is an empty slot and loses to everything.
 __device__ __forceinline__ bool better(float ka, int ca, float kb, int cb) {
@@ -185,11 +178,11 @@ __global__ void __launch_bounds__(kThreads)
       const int j = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
       const int64_t t = n0 + j;
       const bool ok = j < nb && t < t_end && p.valid_cmp(b, t) && blockvalid[t / tpb];
-      if (ok && d8 < D) cp_async16(kb + j * LDK + d8, p.k_cmp.at(b, t, g) + d8);
+      if (ok && d8 < D) detail::cp_async16<false>(kb + j * LDK + d8, p.k_cmp.at(b, t, g) + d8);
       else *reinterpret_cast<uint4*>(kb + j * LDK + d8) = make_uint4(0, 0, 0, 0);
       if (d8 == 0) tokok[buf * kCols + j] = ok;
     }
-    cp_async_commit();
+    detail::cp_async_commit();
   };
 
   // This thread's query and columns.
@@ -221,7 +214,7 @@ __global__ void __launch_bounds__(kThreads)
     if (nch > 0) load_chunk(0, 0);
     for (int ch = 0; ch < nch; ++ch) {
       const int buf = ch & 1;
-      cp_async_wait_all();
+      detail::cp_async_wait<0>();
       __syncthreads();  // chunk ch visible; every thread is done with chunk ch - 1
       if (ch + 1 < nch) load_chunk(ch + 1, buf ^ 1);
 
