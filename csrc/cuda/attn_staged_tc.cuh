@@ -185,14 +185,15 @@ __device__ __forceinline__ void tc_zero(void* p, int lane) {
   for (int x = lane; x < BYTES / 16; x += 32) q[x] = make_uint4(0, 0, 0, 0);
 }
 
-// Resident CTAs per SM the register budget must allow: 8 (16 warps, <= 128 registers) up to
-// D = 64, where shared memory allows 8-9; D = 128 is limited by shared memory anyway.
-template <int D>
-constexpr int tc_min_ctas() { return D <= 64 ? 8 : 1; }
+// Resident CTAs per SM the register budget must allow up to D = 64: forward 8 (16 warps,
+// <= 128 registers; shared memory allows 9), dQ 7 (<= 144 registers: at 128 the compressed
+// op's dQ spilled 16 bytes). D = 128 is limited by shared memory anyway.
+template <int D, bool DQ>
+constexpr int tc_min_ctas() { return D <= 64 ? (DQ ? 7 : 8) : 1; }
 
 // ------------------------------------------------------------------------------ forward
 template <typename T, int D, int HPW, class Policy>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D>())
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol) {
   using C = TcCfg<D, HPW, false>;
   using E = typename TcElem<T>::type;
@@ -390,7 +391,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D>())
 // ------------------------------------------------------------------------------ dQ
 // Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass.
 template <typename T, int D, int HPW, class Policy>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D>())
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta) {
   using C = TcCfg<D, HPW, true>;
   using E = typename TcElem<T>::type;
