@@ -482,14 +482,42 @@ __global__ void __launch_bounds__(kStageWarps * 32)
   }
 }
 
+}  // namespace detail
+}  // namespace gpu
+}  // namespace blossom
+
+// The tensor-core variants of the two kernels above (same pipeline, wmma products).
+#include "cuda/attn_staged_tc.cuh"
+
+namespace blossom {
+namespace gpu {
+namespace detail {
+
 // ------------------------------------------------------------------------------ dispatch
-// BLOSSOM_OPS_CUDA_SIMPLE=1 (read once) routes every launch to the simple kernels (A/B runs).
+// BLOSSOM_OPS_CUDA_SIMPLE=1 (read once) routes every launch to the simple kernels (A/B runs);
+// BLOSSOM_OPS_CUDA_SIMPLE=2 keeps the staged path but on its fp32 SIMT kernels instead of
+// the tensor-core ones (A/B of attn_staged_tc.cuh alone).
 inline bool attn_simple_only() {
   static const bool v = [] {
     const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
     return e != nullptr && e[0] == '1' && e[1] == '\0';
   }();
   return v;
+}
+inline bool attn_stage_simt() {
+  static const bool v = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
+    return e != nullptr && e[0] == '2' && e[1] == '\0';
+  }();
+  return v;
+}
+
+// Dynamic shared memory above 48 KB must be opted into per kernel (D = 128 tensor-core path).
+template <class K>
+inline void stage_smem_attr(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(bytes));
 }
 
 template <typename T>
@@ -534,10 +562,17 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
     const AttnShape& s = p.shape;
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
+      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+      if (!attn_stage_simt()) {
+        const size_t bytes = kStageWarps * TcCfg<D, HPW, false>::warp_bytes;
+        auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy>;
+        stage_smem_attr(kernel, bytes);
+        kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol);
+        return;
+      }
       using C = StageCfg<D, HPW, false>;
       const size_t bytes = kStageWarps * C::warp_bytes;
       static_assert(kStageWarps * C::warp_bytes <= 48 * 1024, "needs cudaFuncSetAttribute");
-      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
       attn_fwd_kernel_staged<T, D, HPW, Policy>
           <<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol);
     });
@@ -553,10 +588,17 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
     const AttnShape& s = p.shape;
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
+      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+      if (!attn_stage_simt()) {
+        const size_t bytes = kStageWarps * TcCfg<D, HPW, true>::warp_bytes;
+        auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy>;
+        stage_smem_attr(kernel, bytes);
+        kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta);
+        return;
+      }
       using C = StageCfg<D, HPW, true>;
       const size_t bytes = kStageWarps * C::warp_bytes;
       static_assert(kStageWarps * C::warp_bytes <= 48 * 1024, "needs cudaFuncSetAttribute");
-      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
       attn_dq_kernel_staged<T, D, HPW, Policy>
           <<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta);
     });
