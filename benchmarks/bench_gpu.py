@@ -270,12 +270,12 @@ def main() -> int:
                             row[f"speedup_vs_{peer}_{mode}"] = tp / t
             rows.append(row)
             print_row(row)
+            save_json(args.out, meta, rows)  # after every shape: a cut-off run keeps its rows
             del q, k, v, gl
             torch.cuda.empty_cache()
 
     print_table(rows)
-    with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    save_json(args.out, meta, rows)
     keys = sorted({k_ for r in rows for k_ in r}, key=lambda s: (s not in ("D", "L"), s))
     with open(os.path.join(args.out, "bench_gpu.csv"), "w", newline="") as f:
         f.write("# " + json.dumps(meta) + "\n")
@@ -283,6 +283,11 @@ def main() -> int:
         w.writeheader()
         w.writerows(rows)
     return 0
+
+
+def save_json(out, meta, rows):
+    with open(os.path.join(out, "bench_gpu.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 
 def fmt(x, spec=".3f"):
