@@ -21,4 +21,4 @@ echo "libasan: $LIBASAN"
 LD_PRELOAD=$LIBASAN ASAN_OPTIONS=protect_shadow_gap=0:detect_leaks=0:halt_on_error=1 \
   PYTHONPATH=$DST CI=true python3 -c "import blossom_ops; print('asan tree:', blossom_ops.__file__)"
 LD_PRELOAD=$LIBASAN ASAN_OPTIONS=protect_shadow_gap=0:detect_leaks=0:halt_on_error=1 \
-  PYTHONPATH=$DST CI=true python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -60
+  PYTHONPATH=$DST CI=true python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -${ASAN_TAIL_LINES:-400}
