@@ -16,7 +16,9 @@ if ! BLOSSOM_OPS_ASAN=1 BLOSSOM_OPS_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARC
     MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace > "$OUT/asan_build.log" 2>&1; then
   echo "asan build failed"; tail -20 "$OUT/asan_build.log"; exit 1
 fi
-LIBASAN=$("$GXX" -print-file-name=libasan.so)
+# libstdc++ preloaded too: python is not C++, so without it ASan cannot find the real
+# __cxa_throw at start-up and aborts at the first C++ exception.
+LIBASAN="$("$GXX" -print-file-name=libasan.so) $("$GXX" -print-file-name=libstdc++.so)"
 echo "libasan: $LIBASAN"
 LD_PRELOAD=$LIBASAN ASAN_OPTIONS=protect_shadow_gap=0:detect_leaks=0:halt_on_error=1 \
   PYTHONPATH=$DST CI=true python3 -c "import blossom_ops; print('asan tree:', blossom_ops.__file__)"
