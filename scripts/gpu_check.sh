@@ -7,7 +7,7 @@
 # Steps: build  pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST, default 9.0)
 #        check  scripts/sanitize_ops.py --check: every op fwd+bwd vs the float64 reference,
 #               bit-identical backward, CUDA-graph capture
-#        tests  pytest -x -q tests -k cuda (the device-parametrised suite), if tests/ exists
+#        tests  pytest -q -k cuda on each tests/test_*.py in its own process
 #        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
 #        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments)
 # Logs (at most 8 files, the device tool's limit) go to $OUT: summary.txt, build.log,
@@ -47,7 +47,18 @@ for step in $STEPS; do
       ;;
     tests)
       if [ -d tests ]; then
-        run_step tests "$OUT/pytest.log" python3 -m pytest -x -q tests -k cuda -p no:cacheprovider
+        # One process per file: a crash in one file (see the open CUDA issue in
+        # docs/operators.md) must not hide the results of the others.
+        run_step tests "$OUT/pytest.log" bash -c '
+          rc=0
+          for f in tests/test_*.py; do
+            out=$(CI=true timeout 900 python3 -m pytest -q -k cuda -p no:cacheprovider "$f" 2>&1)
+            r=$?
+            [ $r -eq 5 ] && r=0  # no CUDA case in this file
+            echo "$f: rc=$r $(echo "$out" | tail -1)"
+            [ $r -ne 0 ] && { echo "$out" | tail -30; rc=1; }
+          done
+          exit $rc'
       else
         echo "step tests: skipped (no tests/ directory)" | tee -a "$SUMMARY"
       fi
