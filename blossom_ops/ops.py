@@ -244,6 +244,7 @@ def _(grad_out, q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_s
 # Padding arguments (lengths, valid), integers and flags get no gradient (None).
 
 def _swa_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
     q, k, v, lengths, valid, window, dilated, causal, scale = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], lengths, valid)
     ctx.args = (window, dilated, causal, scale)
@@ -251,6 +252,8 @@ def _swa_setup(ctx, inputs, output):
 
 def _swa_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, lengths, valid = ctx.saved_tensors
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
     gq, gk, gv = ops.sliding_window_attention_backward(
         grad_out, grad_lse, q, k, v, out, lse, lengths, valid, *ctx.args)
     return gq, gk, gv, None, None, None, None, None, None
@@ -261,6 +264,7 @@ torch.library.register_autograd("blossom_ops::sliding_window_attention", _swa_ba
 
 
 def _bsa_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
     q, k, v, block_idx, lengths, valid, block_size, causal, scale = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], block_idx, lengths, valid)
     ctx.args = (block_size, causal, scale)
@@ -268,6 +272,8 @@ def _bsa_setup(ctx, inputs, output):
 
 def _bsa_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, block_idx, lengths, valid = ctx.saved_tensors
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
     gq, gk, gv = ops.block_sparse_attention_backward(
         grad_out, grad_lse, q, k, v, out, lse, block_idx, lengths, valid, *ctx.args)
     return gq, gk, gv, None, None, None, None, None, None
@@ -278,6 +284,7 @@ torch.library.register_autograd("blossom_ops::block_sparse_attention", _bsa_back
 
 
 def _cmp_attn_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
     q, k_cmp, v_cmp, lengths, valid, block_len, stride, causal, scale = inputs
     ctx.save_for_backward(q, k_cmp, v_cmp, output[0], output[1], lengths, valid)
     ctx.args = (block_len, stride, causal, scale)
@@ -285,6 +292,8 @@ def _cmp_attn_setup(ctx, inputs, output):
 
 def _cmp_attn_backward(ctx, grad_out, grad_lse):
     q, k_cmp, v_cmp, out, lse, lengths, valid = ctx.saved_tensors
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
     gq, gk, gv = ops.compressed_attention_backward(
         grad_out, grad_lse, q, k_cmp, v_cmp, out, lse, lengths, valid, *ctx.args)
     return gq, gk, gv, None, None, None, None, None, None
@@ -325,6 +334,7 @@ torch.library.register_autograd("blossom_ops::gate_fusion", _gate_backward,
 
 
 def _blossom_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
     (q, k, v, gate_logits, k_pos, v_pos, lengths, valid, block_len, stride, block_size, top_n,
      window, dilated, causal, scale) = inputs
     _, o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp, idx = output
@@ -339,6 +349,8 @@ def _blossom_setup(ctx, inputs, output):
 def _blossom_backward(ctx, grad_out, *_unused):
     (q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_sel, o_win, lse_win, o_cmp,
      lse_cmp, idx) = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
     gq, gk, gv, gg, gkp, gvp = ops.blossom_attention_backward(
         grad_out, q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_sel, o_win,
         lse_win, o_cmp, lse_cmp, idx, *ctx.args)
