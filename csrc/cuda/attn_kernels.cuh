@@ -23,13 +23,13 @@
 //   int64_t bwd_query(b, j, g, n)        query of slot n, or -1 when masked (validity included)
 // The two enumerations must describe the same mask, each allowed pair exactly once.
 //
-// Forward and dQ have a staged fast path (attn_staged.cuh: whole chunks of K/V rows copied
-// to shared memory with cp.async, one softmax step per chunk) for 16-bit types, D in
+// Forward and dQ have a staged fast path (attn_staged_tc.cuh: whole chunks of K/V rows copied
+// to shared memory with cp.async, products on tensor cores) for 16-bit types, D in
 // {16, 32, 64, 128} and 16-byte aligned rows; the kernels below (*_simple) take every other
 // case, and every case when BLOSSOM_OPS_CUDA_SIMPLE=1.
 #pragma once
 #include "common/params.h"
-#include "cuda/attn_staged.cuh"
+#include "cuda/attn_staged_tc.cuh"
 #include "cuda/common.cuh"
 
 namespace blossom {
@@ -390,7 +390,7 @@ void launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaSt
   const AttnShape& s = p.shape;
   if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return;
   const bool vec = attn_vec_ok<T>(s, {p.q, p.k, p.v}) && attn_vec_ok_out<T>(s, {p.out});
-  if (launch_attn_fwd_staged(p, pol, vec, stream)) {  // fast path (attn_staged.cuh)
+  if (launch_attn_fwd_staged(p, pol, vec, stream)) {  // fast path (attn_staged_tc.cuh)
     check_launch(name);
     return;
   }
@@ -422,7 +422,7 @@ void launch_attn_dq(const AttnBwdParams<T, float>& p, const Policy& pol, float* 
   const AttnShape& s = p.shape;
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
   const bool vec = attn_bwd_vec_ok(p);
-  if (launch_attn_dq_staged(p, pol, delta, vec, stream)) {  // fast path (attn_staged.cuh)
+  if (launch_attn_dq_staged(p, pol, delta, vec, stream)) {  // fast path (attn_staged_tc.cuh)
     check_launch(name);
     return;
   }

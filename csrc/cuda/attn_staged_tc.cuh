@@ -1,22 +1,30 @@
-// Tensor-core variant of the staged forward and dQ kernels (attn_staged.cuh): same unit of
-// work, same Policy interface, same chunk pipeline and numeric conventions; the products
-// run on wmma 16x16x16 (bf16/fp16 in, fp32 accumulate) instead of fp32 SIMT.
+// Staged forward and dQ attention kernels on tensor cores: the fast path of attn_kernels.cuh
+// for 16-bit inputs, D in {16, 32, 64, 128} and 16-byte aligned rows, plus their launchers.
+// Same Policy interface and numeric conventions as the simple kernels (fp32 accumulation,
+// base-2 softmax with scale * log2(e) folded in, lse in natural log); the key rows of a chunk
+// are gathered into shared memory with cp.async (double-buffered) and the products run on
+// wmma 16x16x16 (bf16/fp16 in, fp32 accumulate).
 //
-// Why: the SIMT staged kernels spend ~2,500 warp-instructions per query (per key ~13 for the
-// scores and ~18 for P.V at HPW=4, D=64) and hold ~20 KB of shared memory per warp (10 warps
-// per SM), so their cp.async latency is poorly hidden.
+// Why: the simple kernels walk the key list with 4 keys in flight per warp and a dependent
+// chain per key (index -> K/V row -> math), so they are latency bound (~6 TFLOP/s). A first
+// staged version with fp32 SIMT products (removed; 1.7-2x slower than this one on an H200)
+// spent ~2,500 warp-instructions per query (per key ~13 for the scores and ~18 for P.V at
+// HPW=4, D=64) and held ~20 KB of shared memory per warp (10 warps per SM), so its cp.async
+// latency was poorly hidden.
 //
 // Work decomposition: one warp per (b, query i, HPW heads of KV group g), kStageWarps warps
 // per CTA, no CTA barrier. Per chunk of KC keys (16, or 32 for D <= 32):
-//   1. enumerate + stage exactly as before (ballot-compacted keys, K/V rows by 16-byte
-//      cp.async, double-buffered); the copy loop gives each lane a fixed (K|V, 16-byte piece)
-//      and walks the rows, ~4 instructions per copy instead of ~12.
+//   1. enumerate: lane n computes pol.fwd_key(b, i, g, n0 + n) for the KC slots at once; the
+//      valid keys are compacted (ballot + popc) into kidx[buf][0, cnt); stage: their K and V
+//      rows are copied into shared memory with 16-byte cp.async, double-buffered (chunk c+1
+//      is enumerated and issued before chunk c is computed), rows padded by 16 bytes; the
+//      copy loop gives each lane a fixed (K|V, 16-byte piece) and walks the rows, ~4
+//      instructions per copy.
 //   2. S = Q K^T on tensor cores: Q is a 16 x D tile whose rows >= HPW are zero (A operand,
 //      held in registers for D <= 64), K rows are the col-major B operand read straight from
 //      the staging buffer. One 16 x 16 tile per 16 keys (tiles past cnt skipped), stored fp32.
 //   3. softmax step (forward) or dS (dQ): lanes are split into HPW groups of LPH = 32 / HPW,
-//      group h owns head h and each lane KPL = KC / LPH keys (all heads at once, where the
-//      SIMT kernel looped heads with full-warp reductions). s = S * scale * log2(e) in fp32;
+//      group h owns head h and each lane KPL = KC / LPH keys (all heads at once). s = S * scale * log2(e) in fp32;
 //      forward: base-2 online softmax (chunk max by a group butterfly, l from the unrounded
 //      p); P (or dS = exp2(s - lse2) * (dp - delta)) rounded to the input type into a
 //      16 x KC tile whose rows >= HPW stay zero, as FlashAttention-2 does.
@@ -41,21 +49,22 @@
 //     (B load + 2 HMMA) + store ~20, softmax (2 keys per lane) ~35, rescale (when a max
 //     moved) ~45, P.V 4 * (B load + 2 HMMA) + A load ~15, syncs/waits ~10 -> ~200;
 //     5 chunks + prologue (Q tile, fragments, zero fill ~60) + epilogue (~50) = ~1,100
-//     (SIMT staged: ~2,500). 524,288 * 1,100 = 0.58 G warp-instr / 1.05 T/s = 0.55 ms of
+//     (the removed SIMT version: ~2,500). 524,288 * 1,100 = 0.58 G warp-instr / 1.05 T/s = 0.55 ms of
 //     issue; tensor work 38.7 GFLOP useful, 155 GFLOP issued (rows >= HPW are padding) is
 //     far below the wmma ceiling. Latency bound in practice: predicted 1.5-2.5 ms (5.2 now).
 //   dQ, per chunk ~230 (two score products, no rescale, dS.K like P.V) -> ~1,300 per
 //     query; predicted 1.8-3 ms (5.9 now). Window (1-2 chunks): fwd ~0.8 ms, dQ ~1 ms
 //     (1.8 / 2.1 now).
 //
-// Included by attn_staged.cuh after its helpers (cp_async16/commit/wait, pick, kStageWarps).
 #pragma once
 #include <mma.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/params.h"
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 
 namespace blossom {
 namespace gpu {
@@ -63,20 +72,16 @@ namespace detail {
 
 namespace tcw = nvcuda::wmma;
 
-template <typename T>
-struct TcElem;
-template <>
-struct TcElem<c10::Half> {
-  using type = __half;
-  static __device__ __forceinline__ type from(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ float to(type x) { return __half2float(x); }
-};
-template <>
-struct TcElem<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ float to(type x) { return __bfloat162float(x); }
-};
+constexpr int kStageWarps = 2;  // warps per CTA of the staged kernels
+
+template <int HPW>
+__device__ __forceinline__ float pick(const float (&a)[HPW], int hh) {
+  float x = a[0];
+#pragma unroll
+  for (int h = 1; h < HPW; ++h)
+    if (hh == h) x = a[h];
+  return x;
+}
 
 constexpr size_t tc_align128(size_t x) { return (x + 127) & ~size_t(127); }
 
@@ -440,7 +445,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     tc_load_tile<T, C, HPW>(qs, p.q, b, i, h0, lane);
     tc_load_tile<T, C, HPW>(dos, p.grad_out, b, i, h0, lane);
     __syncwarp();
-    // delta in the SIMT kernels' order (lane-strided partial sums, then a butterfly).
+    // delta: lane-strided partial sums, then a butterfly (fixed order).
     float lse2[HPW], dlt[HPW];
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) {
@@ -567,6 +572,93 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     const float o[kFrag] = {a0.x * sc, a0.y * sc, a0.z * sc, a0.w * sc,
                             a1.x * sc, a1.y * sc, a1.z * sc, a1.w * sc};
     store8_aligned(p.grad_q.at(b, i, h0 + hh) + c * kFrag, o);
+  }
+}
+
+// ------------------------------------------------------------------------------ dispatch
+// BLOSSOM_OPS_CUDA_SIMPLE=1 (read once) routes every launch to the simple kernels (A/B runs).
+inline bool attn_simple_only() {
+  static const bool v = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
+    return e != nullptr && e[0] == '1' && e[1] == '\0';
+  }();
+  return v;
+}
+
+// Dynamic shared memory above 48 KB must be opted into per kernel (D = 128).
+template <class K>
+inline void stage_smem_attr(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(bytes));
+}
+
+template <typename T>
+constexpr bool stage_type_ok() {
+  return std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+}
+
+// Calls f(integral_constant<int, D>, integral_constant<int, HPW>) when the staged kernels
+// cover this shape; returns false (and calls nothing) otherwise.
+template <class F>
+inline bool dispatch_stage_config(int64_t D, int64_t G, bool vec, F&& f) {
+  using std::integral_constant;
+  if (!vec || attn_simple_only() || G < 1) return false;
+  const int hpw = G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1);
+  auto with_hpw = [&](auto d_c) {
+    if (hpw == 4) f(d_c, integral_constant<int, 4>{});
+    else if (hpw == 2) f(d_c, integral_constant<int, 2>{});
+    else f(d_c, integral_constant<int, 1>{});
+  };
+  switch (D) {
+    case 16: with_hpw(integral_constant<int, 16>{}); return true;
+    case 32: with_hpw(integral_constant<int, 32>{}); return true;
+    case 64: with_hpw(integral_constant<int, 64>{}); return true;
+    case 128: with_hpw(integral_constant<int, 128>{}); return true;
+    default: return false;
+  }
+}
+
+inline unsigned stage_grid(int64_t warps) {
+  const int64_t blocks = ceil_div(warps, kStageWarps);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+// Launches the staged forward if it covers this case; false means "use the simple kernel".
+template <typename T, class Policy>
+bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol, bool vec,
+                            cudaStream_t stream) {
+  if constexpr (!stage_type_ok<T>()) {
+    return false;
+  } else {
+    const AttnShape& s = p.shape;
+    return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
+      constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
+      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+      const size_t bytes = kStageWarps * TcCfg<D, HPW, false>::warp_bytes;
+      auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy>;
+      stage_smem_attr(kernel, bytes);
+      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol);
+    });
+  }
+}
+
+template <typename T, class Policy>
+bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, float* delta,
+                           bool vec, cudaStream_t stream) {
+  if constexpr (!stage_type_ok<T>()) {
+    return false;
+  } else {
+    const AttnShape& s = p.shape;
+    return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
+      constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
+      const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+      const size_t bytes = kStageWarps * TcCfg<D, HPW, true>::warp_bytes;
+      auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy>;
+      stage_smem_attr(kernel, bytes);
+      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta);
+    });
   }
 }
 

@@ -56,19 +56,6 @@ using namespace nvcuda;
 constexpr int kTile = 16;        // keys per CTA and rows per chunk (the wmma edge)
 constexpr int kDkdvWarps = 4;    // warps per CTA
 
-template <typename T>
-struct MmaElem;
-template <>
-struct MmaElem<c10::Half> {
-  using type = __half;
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct MmaElem<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
 constexpr int align128(int x) { return (x + 127) & ~127; }
 
 // Shared-memory layout (bytes). 16-bit tiles have rows of D + 8 elements: the padding spreads
@@ -104,7 +91,7 @@ __global__ void __launch_bounds__(kDkdvWarps * 32, dkdv_min_ctas<D>())
     bs_dkdv_kernel(const AttnBwdParams<T, float> p, const BlockSparseMask m, const int64_t C,
                    const int32_t* __restrict__ off, const int32_t* __restrict__ entries,
                    const float* __restrict__ delta) {
-  using E = typename MmaElem<T>::type;
+  using E = typename TcElem<T>::type;
   using Lay = DkdvLayout<D>;
   constexpr int LD = Lay::LD, LDR = Lay::LDR, NF = D / 16, PIECES = D / kFrag;
   constexpr int PER_LANE = kTile * PIECES / 32;  // 16-byte pieces per lane per tile (>= 1)
@@ -263,8 +250,8 @@ __global__ void __launch_bounds__(kDkdvWarps * 32, dkdv_min_ctas<D>())
         const bool ok = ri >= 0 && kvalid[kk] != 0 && (!m.causal || j0 + kk <= ri);
         const float pr = ok ? exp2f(fmaf(Sb[r * kTile + kk], sl2, -l2)) : 0.f;
         const float dsv = ok ? pr * (dPb[r * kTile + kk] - dl) : 0.f;
-        Pb[r * kTile + kk] = MmaElem<T>::from(pr);
-        dSb[r * kTile + kk] = MmaElem<T>::from(dsv);
+        Pb[r * kTile + kk] = TcElem<T>::from(pr);
+        dSb[r * kTile + kk] = TcElem<T>::from(dsv);
       }
     }
     __syncwarp();

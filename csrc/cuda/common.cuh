@@ -49,6 +49,23 @@ __device__ __forceinline__ c10::BFloat16 from_float<c10::BFloat16>(float x) {
   return c10::BFloat16(__bfloat16_as_ushort(__float2bfloat16_rn(x)), c10::BFloat16::from_bits());
 }
 
+// The CUDA 16-bit type a tensor-core (wmma) operand of storage type T is made of, with its
+// conversions (round to nearest) from and to float.
+template <typename T>
+struct TcElem;
+template <>
+struct TcElem<c10::Half> {
+  using type = __half;
+  static __device__ __forceinline__ type from(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to(type x) { return __half2float(x); }
+};
+template <>
+struct TcElem<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ __forceinline__ type from(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float to(type x) { return __bfloat162float(x); }
+};
+
 // ---- 8-element fragments ----------------------------------------------------------------
 // 16-byte aligned load of 8 elements (one uint4 for 16-bit types, two float4 for float).
 __device__ __forceinline__ void load8_aligned(const float* p, float (&f)[kFrag]) {

@@ -67,13 +67,6 @@ constexpr int kCols = 64;      // token columns per chunk
 constexpr int kLdS = kCols + 4;  // floats per score row (+4: fewer bank conflicts on store)
 constexpr int kMaxTop = 8;     // top_n capacity of the per-thread lists
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<c10::Half> { using type = __half; };
-template <>
-struct Elem<c10::BFloat16> { using type = __nv_bfloat16; };
-
 // Shared memory layout (byte offsets); the Q tile is staged in the score buffer, which is
 // free until the first chunk's scores are stored.
 template <int DP, int G>
@@ -105,7 +98,7 @@ __device__ __forceinline__ bool better(float ka, int ca, float kb, int cb) {
 template <typename T, int DP, int G>
 __global__ void __launch_bounds__(kThreads)
     select_tc_kernel(const SelectParams<T> p, const int64_t C, const int nb) {
-  using E = typename Elem<T>::type;
+  using E = typename TcElem<T>::type;
   using Lay = TcLayout<DP, G>;
   constexpr int QT = Lay::kQt;
   constexpr int LDK = Lay::kLdK;
