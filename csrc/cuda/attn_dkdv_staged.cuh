@@ -219,15 +219,6 @@ __global__ void __launch_bounds__(kStagedWarps * 32)
   }
 }
 
-// BLOSSOM_OPS_CUDA_SIMPLE=1 keeps the old kernels (A/B on the GPU); read once per process.
-inline bool dkdv_staged_disabled() {
-  static const bool off = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return off;
-}
-
 template <typename T, int D, class Policy>
 void launch_attn_dkdv_staged_d(const AttnBwdParams<T, float>& p, const Policy& pol,
                                const float* delta, cudaStream_t stream) {
@@ -252,7 +243,7 @@ void launch_attn_dkdv_staged(const AttnBwdParams<T, float>& p, const Policy& pol
   const bool shape_ok = (D == 16 || D == 32 || D == 64 || D == 128) && s.kv_heads >= 1 &&
                         s.q_heads % s.kv_heads == 0 &&
                         (2 * s.q_len + 128) * s.group() < (int64_t(1) << 31);
-  if (!k16 || !shape_ok || dkdv_staged_disabled() || !attn_bwd_vec_ok(p)) {
+  if (!k16 || !shape_ok || simple_kernels_requested() || !attn_bwd_vec_ok(p)) {
     launch_attn_dkdv(p, pol, delta, stream, name);
     return;
   }

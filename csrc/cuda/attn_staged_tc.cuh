@@ -576,15 +576,6 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 }
 
 // ------------------------------------------------------------------------------ dispatch
-// BLOSSOM_OPS_CUDA_SIMPLE=1 (read once) routes every launch to the simple kernels (A/B runs).
-inline bool attn_simple_only() {
-  static const bool v = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
-    return e != nullptr && e[0] == '1' && e[1] == '\0';
-  }();
-  return v;
-}
-
 // Dynamic shared memory above 48 KB must be opted into per kernel (D = 128).
 template <class K>
 inline void stage_smem_attr(K kernel, size_t bytes) {
@@ -603,7 +594,7 @@ constexpr bool stage_type_ok() {
 template <class F>
 inline bool dispatch_stage_config(int64_t D, int64_t G, bool vec, F&& f) {
   using std::integral_constant;
-  if (!vec || attn_simple_only() || G < 1) return false;
+  if (!vec || simple_kernels_requested() || G < 1) return false;
   const int hpw = G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1);
   auto with_hpw = [&](auto d_c) {
     if (hpw == 4) f(d_c, integral_constant<int, 4>{});

@@ -315,14 +315,6 @@ __global__ void __launch_bounds__(kDkdvWarps * 32, dkdv_min_ctas<D>())
   }
 }
 
-bool simple_kernels_requested() {
-  static const bool simple = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return simple;
-}
-
 template <typename T, int D>
 void launch_d(const AttnBwdParams<T, float>& p, const BlockSparseMask& m, int64_t C,
               const int32_t* off, const int32_t* entries, const float* delta,

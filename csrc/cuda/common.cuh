@@ -15,6 +15,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace blossom {
 namespace gpu {
@@ -65,6 +67,17 @@ struct TcElem<c10::BFloat16> {
   static __device__ __forceinline__ type from(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ float to(type x) { return __bfloat162float(x); }
 };
+
+// True when BLOSSOM_OPS_CUDA_SIMPLE=1: every launcher then takes the first-generation SIMT
+// kernels instead of its fast path (A/B runs, and a way out if a fast path misbehaves).
+// Read once per process, on the host.
+inline bool simple_kernels_requested() {
+  static const bool simple = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  return simple;
+}
 
 // ---- 8-element fragments ----------------------------------------------------------------
 // 16-byte aligned load of 8 elements (one uint4 for 16-bit types, two float4 for float).

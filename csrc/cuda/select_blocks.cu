@@ -210,15 +210,6 @@ __global__ void __launch_bounds__(kSelWarps * 32)
   }
 }
 
-// BLOSSOM_OPS_CUDA_SIMPLE=1 keeps every call on the SIMT kernel below (A/B runs); read once.
-bool use_simple_kernel() {
-  static const bool simple = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return simple;
-}
-
 }  // namespace
 
 template <typename T>
@@ -228,7 +219,7 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
               "select_blocks: block_size must be a positive multiple of stride");
   if (s.batch == 0 || s.q_len == 0 || s.kv_heads == 0 || p.top_n == 0) return;
   // Tensor-core path when it covers the call (select_blocks_tc.cu); this kernel otherwise.
-  if (!use_simple_kernel() && select_blocks_tc_fwd(p, stream)) return;
+  if (!detail::simple_kernels_requested() && select_blocks_tc_fwd(p, stream)) return;
   const int64_t C = ceil_div(s.q_len, p.block_size);
   const SelectSmem lay = select_smem(C, p.top_n);
   int dev = 0, max_smem = 0;
