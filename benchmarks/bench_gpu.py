@@ -14,7 +14,7 @@ Ours includes everything: compression, selection, both branches and the gate.
 time, and "%bw" compares it to a measured device-to-device copy bandwidth.
 
 Usage: python3 benchmarks/bench_gpu.py [--out DIR] [--lengths 50,200] [--dims 16,64]
-       [--no-flex] [--breakdown]
+       [--no-flex] [--flex-min-len 1024] [--breakdown]
 """
 from __future__ import annotations
 

@@ -1,3 +1,9 @@
+"""Standalone attempt at the CUDA input-check crash (docs/operators.md, "Known bug").
+
+Raises the wrong-rank and wrong-shape errors of sliding_window_attention on the given device
+(default cuda) outside pytest. It does NOT crash (H200, 2026-11-26): the crash needs the
+sequence of tests/test_input_checks.py in one process. Usage: python3 scripts/crash_repro.py [cpu|cuda]
+"""
 import faulthandler, sys, torch
 faulthandler.enable()
 import blossom_ops
