@@ -9,7 +9,8 @@
 #               bit-identical backward, CUDA-graph capture
 #        tests  pytest -q -k cuda on each tests/test_*.py in its own process
 #        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
-#        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments)
+#        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments), then the
+#               per-kernel profile (benchmarks/profile_gpu.py) appended to bench.log
 # Logs (at most 8 files, the device tool's limit) go to $OUT: summary.txt, build.log,
 # check.log, pytest.log, sanitizer.log, bench.log, bench_gpu.json, bench_gpu.csv.
 set -u -o pipefail
@@ -75,6 +76,8 @@ for step in $STEPS; do
       ;;
     bench)
       run_step bench "$OUT/bench.log" python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-}
+      # per-kernel times into the same log (the device tool returns at most 8 files)
+      run_step profile "$OUT/bench.log" python3 benchmarks/profile_gpu.py
       ;;
     *) echo "unknown step $step" | tee -a "$SUMMARY" ;;
   esac
