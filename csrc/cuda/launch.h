@@ -64,6 +64,13 @@ void gate_fusion_fwd(const GateParams<T>& p, cudaStream_t stream);
 template <typename T>
 void gate_fusion_bwd(const GateParams<T>& p, const T* grad_out, T* grad_branches, T* grad_gate,
                      cudaStream_t stream);
+// The same with the R <= 4 branches (and their gradients) as separate contiguous [rows, D]
+// buffers; p.branch is not read. Lets blossom_attention skip stacking its branch outputs.
+template <typename T>
+void gate_fusion_fwd_list(const GateParams<T>& p, const T* const* branch, cudaStream_t stream);
+template <typename T>
+void gate_fusion_bwd_list(const GateParams<T>& p, const T* const* branch, const T* grad_out,
+                          T* const* grad_branch, T* grad_gate, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace blossom

@@ -8,11 +8,19 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "cpu/gate_fusion.h"
 #include "ops/ops.h"
+
+#ifdef BLOSSOM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launch.h"
+#endif
 
 namespace blossom {
 namespace {
@@ -55,26 +63,51 @@ int64_t check_config(const char* op, const at::Tensor& q, const at::Tensor& k,
 // The resolved validity as the `valid` argument of the parts (None when all valid).
 OptTensor as_valid(const at::Tensor& ok) { return ok.defined() ? OptTensor(ok) : c10::nullopt; }
 
-// On CPU the gate reads (and its backward writes) the branch tensors in place: the
-// gate_fusion op takes them stacked, and stacking copies R full-size tensors. Elsewhere
-// the ops are used as they are. Branches have q's shape and dtype (checked by the caller).
+// The gate reads (and its backward writes) the branch tensors in place, through pointer
+// lists: the gate_fusion op takes them stacked, and stacking copies R full-size tensors.
+// Branches have q's shape and dtype (checked by the caller).
+template <typename F>
+void dispatch_gate(const at::Tensor& like, F&& f) {
+#ifdef BLOSSOM_WITH_CUDA
+  if (like.is_cuda()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), kOp,
+                                    [&] { f(scalar_t()); });
+    return;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, like.scalar_type(), kOp, [&] { f(scalar_t()); });
+}
+
+template <typename T>
+GateParams<T> gate_params(const at::Tensor& like, const at::Tensor& gate, int64_t R) {
+  GateParams<T> p;
+  p.branches = R;
+  p.rows = like.numel() / like.size(-1);
+  p.head_dim = like.size(-1);
+  p.gate = gate.const_data_ptr<T>();
+  return p;
+}
+
 at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& gate_logits) {
-  if (!gate_logits.is_cpu()) return gate_fusion(at::stack(branches), gate_logits);
   const at::Tensor gate = gate_logits.contiguous();
   std::vector<at::Tensor> br;
   for (const at::Tensor& b : branches) br.push_back(b.contiguous());
   at::Tensor out = at::empty_like(br[0], at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "blossom_attention", [&] {
-    GateParams<scalar_t> p;
-    p.branches = static_cast<int64_t>(br.size());
-    p.rows = out.numel() / out.size(-1);
-    p.head_dim = out.size(-1);
-    p.gate = gate.const_data_ptr<scalar_t>();
-    p.out = out.mutable_data_ptr<scalar_t>();
-    std::vector<const scalar_t*> ptrs;
-    for (const at::Tensor& b : br) ptrs.push_back(b.const_data_ptr<scalar_t>());
-    cpu::gate_fusion_fwd_list<scalar_t>(p, ptrs.data());
+  dispatch_gate(out, [&](auto tag) {
+    using T = decltype(tag);
+    GateParams<T> p = gate_params<T>(out, gate, static_cast<int64_t>(br.size()));
+    p.out = out.mutable_data_ptr<T>();
+    std::vector<const T*> ptrs;
+    for (const at::Tensor& b : br) ptrs.push_back(b.const_data_ptr<T>());
+#ifdef BLOSSOM_WITH_CUDA
+    if (out.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(out.device());
+      gpu::gate_fusion_fwd_list<T>(p, ptrs.data(), at::cuda::getCurrentCUDAStream());
+      return;
+    }
+#endif
+    if constexpr (!std::is_same<T, c10::Half>::value) cpu::gate_fusion_fwd_list<T>(p, ptrs.data());
   });
   return out;
 }
@@ -83,15 +116,8 @@ at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& 
 std::pair<std::vector<at::Tensor>, at::Tensor> fuse_gate_backward(
     const at::Tensor& grad_out, const std::vector<at::Tensor>& branches,
     const at::Tensor& gate_logits) {
-  std::vector<at::Tensor> grads;
-  if (!gate_logits.is_cpu()) {
-    at::Tensor g, grad_gate;
-    std::tie(g, grad_gate) = gate_fusion_backward(grad_out, at::stack(branches), gate_logits);
-    for (int64_t r = 0; r < g.size(0); ++r) grads.push_back(g[r]);
-    return {grads, grad_gate};
-  }
   const at::Tensor gate = gate_logits.contiguous(), go = grad_out.contiguous();
-  std::vector<at::Tensor> br;
+  std::vector<at::Tensor> br, grads;
   for (const at::Tensor& b : branches) {
     br.push_back(b.contiguous());
     grads.push_back(at::empty_like(br.back(), at::MemoryFormat::Contiguous));
@@ -101,21 +127,27 @@ std::pair<std::vector<at::Tensor>, at::Tensor> fuse_gate_backward(
     grad_gate.zero_();
     return {grads, grad_gate};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, go.scalar_type(), "blossom_attention_backward",
-                                 [&] {
-    GateParams<scalar_t> p;
-    p.branches = static_cast<int64_t>(br.size());
-    p.rows = go.numel() / go.size(-1);
-    p.head_dim = go.size(-1);
-    p.gate = gate.const_data_ptr<scalar_t>();
-    std::vector<const scalar_t*> in;
-    std::vector<scalar_t*> out;
+  dispatch_gate(go, [&](auto tag) {
+    using T = decltype(tag);
+    const GateParams<T> p = gate_params<T>(go, gate, static_cast<int64_t>(br.size()));
+    std::vector<const T*> in;
+    std::vector<T*> out;
     for (size_t r = 0; r < br.size(); ++r) {
-      in.push_back(br[r].const_data_ptr<scalar_t>());
-      out.push_back(grads[r].mutable_data_ptr<scalar_t>());
+      in.push_back(br[r].const_data_ptr<T>());
+      out.push_back(grads[r].mutable_data_ptr<T>());
     }
-    cpu::gate_fusion_bwd_list<scalar_t>(p, in.data(), go.const_data_ptr<scalar_t>(), out.data(),
-                                        grad_gate.mutable_data_ptr<scalar_t>());
+    const T* g = go.const_data_ptr<T>();
+    T* gg = grad_gate.mutable_data_ptr<T>();
+#ifdef BLOSSOM_WITH_CUDA
+    if (go.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(go.device());
+      gpu::gate_fusion_bwd_list<T>(p, in.data(), g, out.data(), gg,
+                                   at::cuda::getCurrentCUDAStream());
+      return;
+    }
+#endif
+    if constexpr (!std::is_same<T, c10::Half>::value)
+      cpu::gate_fusion_bwd_list<T>(p, in.data(), g, out.data(), gg);
   });
   return {grads, grad_gate};
 }
