@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Hardware counters (Nsight Compute) for each kernel of one blossom_attention forward+backward:
+# duration, achieved occupancy, and how close each kernel runs to the SM, L1, L2 and DRAM
+# ceilings. Says whether a kernel is bound by memory traffic or by latency. GPU machine only.
+#   OUT=dir D=64 L=4096 B=16 scripts/ncu_blossom.sh    -> $OUT/ncu.log
+# --clock-control none leaves the clocks alone (device README); B is kept small so the
+# replayed kernels stay quick (per-kernel behaviour does not depend on B at these sizes).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.gpu_out}
+mkdir -p "$OUT"
+cat > /tmp/ncu_step.py <<PY
+import torch, blossom_ops
+B, L, D = ${B:-16}, ${L:-4096}, ${D:-64}
+g = torch.Generator(device="cuda").manual_seed(0)
+mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+q, k, v, gl = mk(B, L, 8, D), mk(B, L, 2, D), mk(B, L, 2, D), mk(B, L, 8, 2)
+o = blossom_ops.blossom_attention(q, k, v, gl)
+torch.autograd.grad(o, (q, k, v, gl), torch.randn_like(o))
+torch.cuda.synchronize()
+PY
+METRICS=gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,\
+sm__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__throughput.avg.pct_of_peak_sustained_elapsed,\
+lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
+lts__t_bytes.sum,dram__bytes.sum,lts__t_sector_hit_rate.pct,\
+smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed
+timeout ${NCU_TIMEOUT:-300} ncu --clock-control none --metrics "$METRICS" \
+  --kernel-name-base demangled python3 /tmp/ncu_step.py > "$OUT/ncu_raw.log" 2>&1
+echo "rc=$? (D=${D:-64} L=${L:-4096} B=${B:-16})" | tee "$OUT/ncu.log"
+# Keep the per-kernel blocks short: kernel name line + metric lines.
+grep -E "^  [a-zA-Z_].*\(|gpu__time|sm__warps|sm__throughput|l1tex__|lts__|dram__|inst_executed|hmma" \
+  "$OUT/ncu_raw.log" | sed -E 's/\(int, int, int\)|<.*>//; s/ +/ /g' | cut -c1-160 >> "$OUT/ncu.log"
+rm -f "$OUT/ncu_raw.log"
