@@ -70,8 +70,11 @@ template <typename F>
 void dispatch_gate(const at::Tensor& like, F&& f) {
 #ifdef BLOSSOM_WITH_CUDA
   if (like.is_cuda()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), kOp,
-                                    [&] { f(scalar_t()); });
+    // The CUDA kernels exist for float, half and bfloat16 only (no double).
+    AT_DISPATCH_SWITCH(like.scalar_type(), kOp,
+                       AT_DISPATCH_CASE(at::kFloat, [&] { f(scalar_t()); })
+                       AT_DISPATCH_CASE(at::kHalf, [&] { f(scalar_t()); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { f(scalar_t()); }));
     return;
   }
 #endif
