@@ -104,7 +104,7 @@ at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& 
     std::vector<const T*> ptrs;
     for (const at::Tensor& b : br) ptrs.push_back(b.const_data_ptr<T>());
 #ifdef BLOSSOM_WITH_CUDA
-    if (out.is_cuda()) {
+    if constexpr (!std::is_same<T, double>::value) if (out.is_cuda()) {
       const c10::cuda::CUDAGuard guard(out.device());
       gpu::gate_fusion_fwd_list<T>(p, ptrs.data(), at::cuda::getCurrentCUDAStream());
       return;
@@ -142,7 +142,7 @@ std::pair<std::vector<at::Tensor>, at::Tensor> fuse_gate_backward(
     const T* g = go.const_data_ptr<T>();
     T* gg = grad_gate.mutable_data_ptr<T>();
 #ifdef BLOSSOM_WITH_CUDA
-    if (go.is_cuda()) {
+    if constexpr (!std::is_same<T, double>::value) if (go.is_cuda()) {
       const c10::cuda::CUDAGuard guard(go.device());
       gpu::gate_fusion_bwd_list<T>(p, in.data(), g, out.data(), gg,
                                    at::cuda::getCurrentCUDAStream());
