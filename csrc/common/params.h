@@ -69,6 +69,10 @@ struct AttnBwdParams {
   const Acc* grad_lse = nullptr;  // [B, L, Hq] contiguous, or null
   Bshd<T> grad_q, grad_k, grad_v;
   Validity valid;
+  // Add the gradients to what grad_q / grad_k / grad_v already hold instead of overwriting
+  // them (the second branch of blossom_attention's backward, so no separate add pass).
+  // Honoured by the CUDA kernels; the CPU kernels require false.
+  bool accumulate = false;
 };
 
 // STIS mask: |i - j| < window, or (dilated and |i - j| a power of two); j <= i if causal.

@@ -214,8 +214,8 @@ __global__ void __launch_bounds__(kStagedWarps * 32)
     const float sc = static_cast<float>(s.scale);
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) dk[e] *= sc;
-    store8_aligned(p.grad_k.at(b, j, g) + d0, dk);
-    store8_aligned(p.grad_v.at(b, j, g) + d0, dv);
+    store8_acc(p.grad_k.at(b, j, g) + d0, dk, p.accumulate);
+    store8_acc(p.grad_v.at(b, j, g) + d0, dv, p.accumulate);
   }
 }
 

@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int hh = 0; hh < HPW; ++hh) {
 #pragma unroll
       for (int e = 0; e < kFrag; ++e) dq[hh][e] *= sc;
-      store_frag<VEC>(p.grad_q.at(b, i, h0 + hh), d0, D, dq[hh]);
+      store_frag_acc<VEC>(p.grad_q.at(b, i, h0 + hh), d0, D, dq[hh], p.accumulate);
     }
   }
 }
@@ -318,8 +318,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     const float sc = static_cast<float>(s.scale);
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) dk[e] *= sc;
-    store_frag<VEC>(p.grad_k.at(b, j, g), d0, D, dk);
-    store_frag<VEC>(p.grad_v.at(b, j, g), d0, D, dv);
+    store_frag_acc<VEC>(p.grad_k.at(b, j, g), d0, D, dk, p.accumulate);
+    store_frag_acc<VEC>(p.grad_v.at(b, j, g), d0, D, dv, p.accumulate);
   }
 }
 

@@ -569,9 +569,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     const float* src = ost + hh * C::OLD + c * kFrag;
     const float4 a0 = reinterpret_cast<const float4*>(src)[0];
     const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    const float o[kFrag] = {a0.x * sc, a0.y * sc, a0.z * sc, a0.w * sc,
-                            a1.x * sc, a1.y * sc, a1.z * sc, a1.w * sc};
-    store8_aligned(p.grad_q.at(b, i, h0 + hh) + c * kFrag, o);
+    float o[kFrag] = {a0.x * sc, a0.y * sc, a0.z * sc, a0.w * sc,
+                      a1.x * sc, a1.y * sc, a1.z * sc, a1.w * sc};
+    store8_acc(p.grad_q.at(b, i, h0 + hh) + c * kFrag, o, p.accumulate);
   }
 }
 

@@ -310,8 +310,8 @@ __global__ void __launch_bounds__(kDkdvWarps * 32, dkdv_min_ctas<D>())
       fk[e] = ok ? rk[kk * LDR + pc * kFrag + e] * sc : 0.f;
       fv[e] = ok ? rv[kk * LDR + pc * kFrag + e] : 0.f;
     }
-    store8_aligned(p.grad_k.at(b, j, g) + pc * kFrag, fk);
-    store8_aligned(p.grad_v.at(b, j, g) + pc * kFrag, fv);
+    store8_acc(p.grad_k.at(b, j, g) + pc * kFrag, fk, p.accumulate);
+    store8_acc(p.grad_v.at(b, j, g) + pc * kFrag, fv, p.accumulate);
   }
 }
 

@@ -154,6 +154,30 @@ __device__ __forceinline__ void store_frag(T* row, int d0, int D, const float (&
   }
 }
 
+// Stores f, or f plus what the row already holds when `add` (AttnBwdParams::accumulate):
+// one rounding of the fp32 sum.
+template <bool VEC, typename T>
+__device__ __forceinline__ void store_frag_acc(T* row, int d0, int D, float (&f)[kFrag],
+                                               bool add) {
+  if (add) {
+    float old[kFrag];
+    load_frag<VEC>(row, d0, D, old);
+#pragma unroll
+    for (int e = 0; e < kFrag; ++e) f[e] += old[e];
+  }
+  store_frag<VEC>(row, d0, D, f);
+}
+template <typename T>
+__device__ __forceinline__ void store8_acc(T* p, float (&f)[kFrag], bool add) {
+  if (add) {
+    float old[kFrag];
+    load8_aligned(p, old);
+#pragma unroll
+    for (int e = 0; e < kFrag; ++e) f[e] += old[e];
+  }
+  store8_aligned(p, f);
+}
+
 __device__ __forceinline__ void zero_frag(float (&f)[kFrag]) {
 #pragma unroll
   for (int e = 0; e < kFrag; ++e) f[e] = 0.f;

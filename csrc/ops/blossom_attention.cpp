@@ -227,11 +227,16 @@ BlossomGrads blossom_attention_backward(
   std::tie(grad_q, grad_k, grad_v) =
       block_sparse_attention_backward(g_branches[0], none, q, k, v, o_sel, lse_sel, block_idx,
                                       none, ok, block_size, causal, scale);
-  std::tie(gq, gk, gv) = sliding_window_attention_backward(
-      g_branches[1], none, q, k, v, o_win, lse_win, none, ok, window, dilated, causal, scale);
-  grad_q.add_(gq);
-  grad_k.add_(gk);
-  grad_v.add_(gv);
+  if (q.is_cuda()) {  // the window kernels add their gradients in their own stores
+    sliding_window_attention_backward_add(g_branches[1], q, k, v, o_win, lse_win, ok, window,
+                                          dilated, causal, scale, grad_q, grad_k, grad_v);
+  } else {
+    std::tie(gq, gk, gv) = sliding_window_attention_backward(
+        g_branches[1], none, q, k, v, o_win, lse_win, none, ok, window, dilated, causal, scale);
+    grad_q.add_(gq);
+    grad_k.add_(gk);
+    grad_v.add_(gv);
+  }
 
   // k_pos reaches the output only through the compressed branch (selection is discrete).
   at::Tensor grad_k_pos = present(k_pos) ? at::zeros_like(*k_pos) : at::empty({0}, q.options());

@@ -61,39 +61,77 @@ Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const
   return {out, lse};
 }
 
+namespace {
+
+// The backward into given gradient tensors: overwritten, or added to when `add` (CUDA only).
+void backward_into(const char* op, const at::Tensor& grad_out, const OptTensor& grad_lse,
+                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const OptTensor& lengths,
+                   const OptTensor& valid, int64_t window, bool dilated, bool causal,
+                   double scale, const at::Tensor& gq, const at::Tensor& gk,
+                   const at::Tensor& gv, bool add) {
+  check_attention_inputs(op, q, k, v);
+  const attn::BwdInputs in = attn::check_backward_inputs(op, grad_out, grad_lse, q, out, lse);
+  const at::Tensor ok = resolve_validity(op, lengths, valid, q.size(0), q.size(1), q);
+  const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
+  if (q.numel() == 0) {
+    if (!add) {
+      gk.zero_();
+      gv.zero_();
+    }
+    return;
+  }
+#ifdef BLOSSOM_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    attn::dispatch_cuda(op, q.scalar_type(), [&](auto types) {
+      using T = typename decltype(types)::T;
+      auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
+      p.accumulate = add;
+      const at::Tensor ws = attn::workspace(gpu::sliding_window_attention_bwd_workspace_bytes(p.shape, m), q);
+      gpu::sliding_window_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
+                       at::cuda::getCurrentCUDAStream());
+    });
+    return;
+  }
+#endif
+  TORCH_CHECK(!add, op, ": accumulating into the gradients is implemented for CUDA only");
+  attn::dispatch_cpu(op, q.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::T;
+    using Acc = typename decltype(types)::Acc;
+    cpu::sliding_window_attention_bwd<T, Acc>(
+        attn::bwd_params<T, Acc>(in, q, k, v, gq, gk, gv, ok, scale), m);
+  });
+}
+
+}  // namespace
+
 Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
                                           const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& out,
                                           const at::Tensor& lse, const OptTensor& lengths,
                                           const OptTensor& valid, int64_t window, bool dilated,
                                           bool causal, double scale) {
-  check_attention_inputs(kOp, q, k, v);
-  const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
-  const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
-  const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
   at::Tensor gq, gk, gv;
   std::tie(gq, gk, gv) = attn::alloc_grads(q, k, v);
-  if (q.numel() == 0) return {gq, gk.zero_(), gv.zero_()};
-#ifdef BLOSSOM_WITH_CUDA
-  if (q.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
-      using T = typename decltype(types)::T;
-      const auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
-      const at::Tensor ws = attn::workspace(gpu::sliding_window_attention_bwd_workspace_bytes(p.shape, m), q);
-      gpu::sliding_window_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
-                       at::cuda::getCurrentCUDAStream());
-    });
-    return {gq, gk, gv};
-  }
-#endif
-  attn::dispatch_cpu(kOp, q.scalar_type(), [&](auto types) {
-    using T = typename decltype(types)::T;
-    using Acc = typename decltype(types)::Acc;
-    cpu::sliding_window_attention_bwd<T, Acc>(
-        attn::bwd_params<T, Acc>(in, q, k, v, gq, gk, gv, ok, scale), m);
-  });
+  backward_into(kOp, grad_out, grad_lse, q, k, v, out, lse, lengths, valid, window, dilated,
+                causal, scale, gq, gk, gv, /*add=*/false);
   return {gq, gk, gv};
+}
+
+void sliding_window_attention_backward_add(const at::Tensor& grad_out, const at::Tensor& q,
+                                           const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& out, const at::Tensor& lse,
+                                           const OptTensor& valid, int64_t window, bool dilated,
+                                           bool causal, double scale, const at::Tensor& grad_q,
+                                           const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  const char* op = "sliding_window_attention_backward";
+  TORCH_CHECK(q.is_cuda(), op, ": accumulating into the gradients is implemented for CUDA only");
+  check_like(op, "grad_q", grad_q, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
+  check_like(op, "grad_k", grad_k, k, k.sizes(), "(batch, seq, kv_heads, head_dim)");
+  check_like(op, "grad_v", grad_v, v, v.sizes(), "(batch, seq, kv_heads, head_dim)");
+  backward_into(op, grad_out, c10::nullopt, q, k, v, out, lse, c10::nullopt, valid, window,
+                dilated, causal, scale, grad_q, grad_k, grad_v, /*add=*/true);
 }
 
 }  // namespace blossom
