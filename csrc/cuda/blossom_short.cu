@@ -42,7 +42,11 @@
 //   fwd  4 GEMMs of 64x64x64 per pair (QK twice, P_sel V, P_win V) = 2.1 MFLOP
 //        -> 7.5 GFLOP of tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2
 //        per tile) + out, o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (12 us at 4.8
-//        TB/s). 1664 CTAs of 128 threads, ~80 KB smem each (2 per SM).
+//        TB/s). 1664 CTAs of 128 threads, 65 KB smem each (3 per SM by smem and by
+//        registers: 128 / thread, no spills).
+//   Shared memory at D = 16 / 32 / 64: fwd 47 / 53 / 65 KB, dQ 58 / 66 / 82 KB,
+//   dK/dV 67 / 75 / 91 KB. Registers (sm_90, bf16): fwd 128 / 86 / 128, dQ 56 / 72 / 106,
+//   dK/dV 72 / 80 / 128. D = 128 is left to the generic path (255 registers + spills).
 //   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query chunk) pair (~ as many)
 //        -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v, dk, dv 13 MB +
 //        workspace 3.3 MB x 2 ~ 85 MB.
@@ -81,8 +85,13 @@ struct Lay {
   static constexpr int kF = up128(kRows * (kLdS > kLdO ? kLdS : kLdO) * 4);
   static constexpr int kP = up128(kRows * kLdP * 2);
   static constexpr int kSmall = up128(2 * kRows * 8 + kWs * kRows * 4 + 16);
-  // 4 16-bit tiles, 2 float tiles, 2 probability tiles, masks + row data
-  static constexpr int kBytes = 4 * kTile + 2 * kF + 2 * kP + kSmall;
+  // Per kernel: 16-bit tiles, float tiles, probability tiles, then masks + row data.
+  // forward: Q, K, V | S | P_sel, P_win (the o_sel / o_win staging reuses K, V, S)
+  static constexpr int kFwdBytes = 3 * kTile + kF + 2 * kP + kSmall;
+  // dQ: Q, dO, K, V | S, dP | dS;  dK/dV: K, V, Q, dO | S, dP | dS, a P_sel + b P_win
+  static constexpr int kDqBytes = 4 * kTile + 2 * kF + kP + kSmall;
+  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF + 2 * kP + kSmall;
+  static_assert(2 * kRows * kLdO * 4 <= 2 * kTile + kF, "forward staging must fit in K, V, S");
 };
 
 // Mask parameters of one problem (both branches), as ints: L is short here.
@@ -296,14 +305,16 @@ __global__ void __launch_bounds__(kThreads)
   E* sQ = sm.at<E>(0);
   E* sK = sm.at<E>(Ly::kTile);
   E* sV = sm.at<E>(2 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);
-  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF + Ly::kP);
-  const int small = 4 * Ly::kTile + 2 * Ly::kF + 2 * Ly::kP;
+  float* sF0 = sm.at<float>(3 * Ly::kTile);
+  E* sP0 = sm.at<E>(3 * Ly::kTile + Ly::kF);
+  E* sP1 = sm.at<E>(3 * Ly::kTile + Ly::kF + Ly::kP);
+  const int small = 3 * Ly::kTile + Ly::kF + 2 * Ly::kP;
   uint64_t* sBits = sm.at<uint64_t>(small);                      // [2][64]
   float* sRow = sm.at<float>(small + 2 * kRows * 8);             // [kWs][64]
   unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+  // After the key loop: o_sel and o_win staged over K, V, S (static_assert in Lay).
+  float* sOs = sm.at<float>(Ly::kTile);
+  float* sOw = sOs + kRows * Ly::kLdO;
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int tile = blockIdx.x % n_tiles;
@@ -413,9 +424,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // Outputs: stage o_sel, o_win (sF0 / sF1 are free after the last sync), then write.
-  stage<D>(sF0, acc_s, warp);
-  stage<D>(sF1, acc_w, warp);
+  // Outputs: stage o_sel, o_win (K, V, S are free after the last sync), then write.
+  stage<D>(sOs, acc_s, warp);
+  stage<D>(sOw, acc_w, warp);
   __syncthreads();
   const int64_t Hq = p.shape.q_heads;
   constexpr int kPer = D / 8;
@@ -426,8 +437,8 @@ __global__ void __launch_bounds__(kThreads)
     const T* gl = p.gate.at(b, id.i, id.h);
     const float ga = sigmoidf(to_float(gl[0])), gb = sigmoidf(to_float(gl[1]));
     float os[kFrag], ow[kFrag], o[kFrag];
-    const float* fs = sF0 + r * Ly::kLdO + d0;
-    const float* fw = sF1 + r * Ly::kLdO + d0;
+    const float* fs = sOs + r * Ly::kLdO + d0;
+    const float* fw = sOw + r * Ly::kLdO + d0;
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) {
       os[e] = fs[e];
@@ -465,7 +476,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sF0 = sm.at<float>(4 * Ly::kTile);
   float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
   E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);
-  const int small = 4 * Ly::kTile + 2 * Ly::kF + 2 * Ly::kP;
+  const int small = 4 * Ly::kTile + 2 * Ly::kF + Ly::kP;
   uint64_t* sBits = sm.at<uint64_t>(small);
   float* sRow = sm.at<float>(small + 2 * kRows * 8);
   unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
@@ -770,9 +781,8 @@ ShortMask make_mask(const AttnShape& s, const BlockSparseMask& sel, const Slidin
   return m;
 }
 
-template <int D, typename F>
-void with_smem(F kernel) {
-  constexpr int bytes = Lay<D>::kBytes;
+template <typename F>
+void with_smem(F kernel, int bytes) {
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
@@ -786,8 +796,8 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   const int64_t ctas = p.shape.batch * p.shape.kv_heads * n_tiles;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
   auto kernel = short_fwd_kernel<T, D>;
-  with_smem<D>(kernel);
-  kernel<<<static_cast<unsigned>(ctas), kThreads, Lay<D>::kBytes, stream>>>(p, m, G, QT, n_tiles,
+  with_smem(kernel, Lay<D>::kFwdBytes);
+  kernel<<<static_cast<unsigned>(ctas), kThreads, Lay<D>::kFwdBytes, stream>>>(p, m, G, QT, n_tiles,
                                                                              sl2);
   check_launch("blossom_short_fwd");
 }
@@ -802,14 +812,14 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   const int64_t bg = p.shape.batch * p.shape.kv_heads;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
   auto dq = short_dq_kernel<T, D>;
-  with_smem<D>(dq);
-  dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kBytes, stream>>>(p, m, G, QT,
+  with_smem(dq, Lay<D>::kDqBytes);
+  dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(p, m, G, QT,
                                                                                  n_tiles, sl2, ws);
   check_launch("blossom_short_bwd (dq)");
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
   auto dkdv = short_dkdv_kernel<T, D>;
-  with_smem<D>(dkdv);
-  dkdv<<<static_cast<unsigned>(bg * n_ktiles), kThreads, Lay<D>::kBytes, stream>>>(
+  with_smem(dkdv, Lay<D>::kDkdvBytes);
+  dkdv<<<static_cast<unsigned>(bg * n_ktiles), kThreads, Lay<D>::kDkdvBytes, stream>>>(
       p, m, G, QT, n_ktiles, sl2, ws);
   check_launch("blossom_short_bwd (dkdv)");
 }
