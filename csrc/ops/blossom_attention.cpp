@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "cpu/gate_fusion.h"
+#include "ops/blossom_short.h"
 #include "ops/ops.h"
 
 #ifdef BLOSSOM_WITH_CUDA
@@ -172,6 +173,12 @@ BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const
   const at::Tensor k_cmp = std::get<0>(block_compress(k, k_pos, none, ok, block_len, stride));
   const at::Tensor idx = select_blocks(q, k_cmp, none, ok, top_n, block_size, stride, block_len,
                                        causal, scale);
+#ifdef BLOSSOM_WITH_CUDA
+  // Short sequences: one fused kernel for both branches and the gate.
+  if (short_path::usable(q, k, v, R))
+    return short_path::forward(q, k, v, gate_logits, ok.value_or(at::Tensor()), idx, block_size,
+                               window, dilated, causal, scale);
+#endif
   at::Tensor o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp;
   std::tie(o_sel, lse_sel) =
       block_sparse_attention(q, k, v, idx, none, ok, block_size, causal, scale);
@@ -215,6 +222,18 @@ BlossomGrads blossom_attention_backward(
   const OptTensor ok =
       as_valid(resolve_validity(op, lengths, valid, q.size(0), q.size(1), q));
   const OptTensor none;
+#ifdef BLOSSOM_WITH_CUDA
+  if (short_path::usable(q, k, v, R)) {
+    at::Tensor gq, gk, gv, gg;
+    std::tie(gq, gk, gv, gg) = short_path::backward(
+        grad_out, q, k, v, gate_logits, ok.value_or(at::Tensor()), o_sel, lse_sel, o_win,
+        lse_win, block_idx, block_size, window, dilated, causal, scale);
+    // R == 2: k_pos / v_pos do not reach the output.
+    return {gq, gk, gv, gg,
+            present(k_pos) ? at::zeros_like(*k_pos) : at::empty({0}, q.options()),
+            present(v_pos) ? at::zeros_like(*v_pos) : at::empty({0}, q.options())};
+  }
+#endif
 
   std::vector<at::Tensor> outs{o_sel, o_win};
   if (R == 3) outs.push_back(o_cmp);

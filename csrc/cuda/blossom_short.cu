@@ -1,0 +1,875 @@
+// Fused blossom_attention for short sequences (R == 2: selected + window branches + gate).
+//
+// Why: at L ~ 200 the composed op is ~15 small launches, each too small to fill the GPU.
+// A dense (b, kv head, query tile) x keys score tile is cheap at this length, and both
+// branches share everything but the mask, so one kernel computes S = scale Q K^T once and
+// applies both masks to it.
+//
+// Algebra (a = sigmoid(gate[..., 0]), b = sigmoid(gate[..., 1]) per (query, head) row):
+//   forward   P_sel = softmax over the selected mask, P_win = softmax over the window mask
+//             (own max / normaliser each); o_x = P_x V; out = a o_sel + b o_win.
+//   backward  dP = dO V^T once; delta_sel = a rowsum(dO o_sel), delta_win = b rowsum(dO o_win);
+//             dS = P_sel (a dP - delta_sel) + P_win (b dP - delta_win);
+//             dQ = scale dS K, dK = scale dS^T Q, dV = (a P_sel + b P_win)^T dO;
+//             grad_gate[.., 0] = rowsum(dO o_sel) a (1 - a), [.., 1] likewise with o_win, b.
+//
+// Masks (DESIGN.md ops 1 and 4), built per (row, 64-key chunk) as two 64-bit masks:
+//   selected: valid(j), j <= i if causal, block(j) = i / bs or block(j) in block_idx[b, i, g]
+//             (entries < 0 or >= ceil(L / bs) ignored; duplicates are harmless in a bit OR).
+//   window:   valid(j), j <= i if causal, |i - j| < window or (dilated, |i - j| a power of 2).
+// A row of an invalid query has empty masks: o = 0, lse = -inf, zero gradients. Keys and
+// queries that are padded or past L are zero-filled in shared memory (tests put NaN there).
+// Every use of P, dS or the gate is guarded by the mask bit, so NaN gate logits on padded
+// rows never reach valid rows.
+//
+// Decomposition. Rows = (query, head of kv group g) pairs, 64 per tile: QT = 64 / G queries
+// x G heads (row r -> query q0 + r / G, head g G + r % G; rows >= QT G are dead). 128
+// threads = 4 warps; warp w owns rows [16w, 16w + 16) of every 64 x 64 tile. Tensor cores
+// through nvcuda::wmma 16x16x16, 16-bit in, fp32 accumulate.
+//   fwd:   CTA per (b, g, query tile). Keys [0, last query] (causal) or [0, L) in chunks of
+//          64 through shared memory (cp.async). Pass 1: S, then row max / sum of both
+//          masks (online per chunk, two threads per row, combined once). Pass 2: S again,
+//          P_x = exp2(s - lse2_x) already normalised (no rescaling), o_x += P_x V.
+//   dQ:    CTA per (b, g, query tile): rowsum(dO o_x), grad_gate, per-row (a, b, delta_x,
+//          lse2_x) into a float workspace; per key chunk S, dP, dS, dQ += dS K.
+//   dK/dV: CTA per (b, g, 64-key tile): walks query chunks (from the tile's first key when
+//          causal) in a fixed order, recomputing S, dP, P_x, dS from the saved lse and the
+//          workspace; dV += (a P_sel + b P_win)^T dO, dK += dS^T Q in registers. Every
+//          output element has exactly one writer: deterministic, no atomics.
+//
+// Cost at B=64, Hq=8, Hk=2 (G=4), D=64, L=200, causal: 13 query tiles of 16 queries per
+// (b, g), 28 (query tile, 64-key chunk) pairs per (b, g), 128 (b, g):
+//   fwd  4 GEMMs of 64x64x64 per pair (QK twice, P_sel V, P_win V) = 2.1 MFLOP
+//        -> 7.5 GFLOP of tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2
+//        per tile) + out, o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (12 us at 4.8
+//        TB/s). 1664 CTAs of 128 threads, 65 KB smem each (3 per SM by smem and by
+//        registers: 128 / thread, no spills).
+//   Shared memory at D = 16 / 32 / 64: fwd 47 / 53 / 65 KB, dQ 58 / 66 / 82 KB,
+//   dK/dV 67 / 75 / 91 KB. Registers (sm_90, bf16): fwd 128 / 86 / 128, dQ 56 / 72 / 106,
+//   dK/dV 72 / 80 / 128. D = 128 is left to the generic path (255 registers + spills).
+//   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query chunk) pair (~ as many)
+//        -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v, dk, dv 13 MB +
+//        workspace 3.3 MB x 2 ~ 85 MB.
+//   The work is small and latency-bound (dependent load -> mma -> exp chains, no
+//   double-buffering): predicted ~0.08-0.12 ms forward kernel and ~0.15-0.2 ms for the
+//   two backward kernels on an H200, plus block_compress + select_blocks (unchanged).
+#include <mma.h>
+
+#include <cmath>
+
+#include "cuda/blossom_short.h"
+#include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
+
+namespace blossom {
+namespace gpu {
+namespace {
+
+using namespace detail;
+namespace wm = nvcuda::wmma;
+
+constexpr int kRows = 64;     // (query, head) rows per tile
+constexpr int kKeys = 64;     // keys per chunk (one 64-bit mask per row)
+constexpr int kThreads = 128; // 4 warps, 16 rows each
+constexpr int kLdS = kKeys + 4;  // float score tiles (wmma: ld % 4 == 0)
+constexpr int kLdP = kKeys + 8;  // 16-bit probability tiles (wmma: ld % 8 == 0)
+constexpr int kWs = 8;           // workspace floats per row: a, b, dsel, dwin, lse2s, lse2w
+
+constexpr int up128(int x) { return (x + 127) / 128 * 128; }
+
+template <int D>
+struct Lay {
+  static constexpr int kLdH = D + 8;  // 16-bit rows of Q, K, V, dO (padding against conflicts)
+  static constexpr int kLdO = D + 4;  // float staging of D-wide results
+  static constexpr int kTile = up128(kRows * kLdH * 2);
+  static constexpr int kF = up128(kRows * (kLdS > kLdO ? kLdS : kLdO) * 4);
+  static constexpr int kP = up128(kRows * kLdP * 2);
+  static constexpr int kSmall = up128(2 * kRows * 8 + kWs * kRows * 4 + 16);
+  // Per kernel: 16-bit tiles, float tiles, probability tiles, then masks + row data.
+  // forward: Q, K, V | S | P_sel, P_win (the o_sel / o_win staging reuses K, V, S)
+  static constexpr int kFwdBytes = 3 * kTile + kF + 2 * kP + kSmall;
+  // dQ: Q, dO, K, V | S, dP | dS;  dK/dV: K, V, Q, dO | S, dP | dS, a P_sel + b P_win
+  static constexpr int kDqBytes = 4 * kTile + 2 * kF + kP + kSmall;
+  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF + 2 * kP + kSmall;
+  static_assert(2 * kRows * kLdO * 4 <= 2 * kTile + kF, "forward staging must fit in K, V, S");
+};
+
+// Mask parameters of one problem (both branches), as ints: L is short here.
+struct ShortMask {
+  int L = 0, C = 0, n = 0;
+  int64_t bs = 16, window = 8;
+  bool dilated = true, causal = true;
+  const int32_t* idx = nullptr;
+  int64_t isb = 0, isl = 0, ish = 0;
+  Validity valid;
+};
+
+// Bits of the keys [lo, hi) inside the chunk [j0, j0 + 64).
+__device__ __forceinline__ uint64_t range_bits(int64_t lo, int64_t hi, int64_t j0) {
+  lo = lo > j0 ? lo : j0;
+  hi = hi < j0 + kKeys ? hi : j0 + kKeys;
+  if (lo >= hi) return 0ull;
+  const int w = static_cast<int>(hi - lo);
+  const uint64_t m = w >= 64 ? ~0ull : ((1ull << w) - 1ull);
+  return m << static_cast<int>(lo - j0);
+}
+
+// Selected and window masks of valid query i (head group g) over keys [j0, j0 + 64).
+// vb: bit t set when key j0 + t < L and is valid.
+__device__ __forceinline__ void row_bits(const ShortMask& m, int64_t b, int i, int g, int j0,
+                                         uint64_t vb, uint64_t& sel, uint64_t& win) {
+  uint64_t lim = vb;
+  if (m.causal) {
+    if (i < j0) {
+      sel = win = 0ull;
+      return;
+    }
+    if (i - j0 < 63) lim &= (2ull << (i - j0)) - 1ull;  // keys j0 .. i
+  }
+  const int64_t own = i / m.bs;
+  uint64_t s = range_bits(own * m.bs, own * m.bs + m.bs, j0);
+  const int32_t* row = m.idx + b * m.isb + int64_t(i) * m.isl + int64_t(g) * m.ish;
+  for (int t = 0; t < m.n; ++t) {
+    const int c = row[t];
+    if (c >= 0 && c < m.C) s |= range_bits(int64_t(c) * m.bs, int64_t(c + 1) * m.bs, j0);
+  }
+  uint64_t w = range_bits(int64_t(i) - m.window + 1, m.causal ? int64_t(i) + 1 : int64_t(i) + m.window, j0);
+  if (m.dilated) {
+    for (int p = 1; p < m.L; p <<= 1) {  // distances 1, 2, 4, ... <= L - 1
+      const int jl = i - p, jr = i + p;
+      if (jl >= j0 && jl < j0 + kKeys) w |= 1ull << (jl - j0);
+      if (!m.causal && jr >= j0 && jr < j0 + kKeys) w |= 1ull << (jr - j0);
+    }
+  }
+  sel = s & lim;
+  win = w & lim;
+}
+
+// Validity word of keys [j0, j0 + 64) -> vw[0..1]; warps 0 and 1 only. Visible after a sync.
+__device__ __forceinline__ void key_valid_words(const ShortMask& m, int64_t b, int j0,
+                                                unsigned* vw) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < 2) {
+    const int j = j0 + warp * 32 + lane;
+    const bool ok = j < m.L && m.valid(b, j);
+    const unsigned bal = __ballot_sync(kFullMask, ok);
+    if (lane == 0) vw[warp] = bal;
+  }
+}
+__device__ __forceinline__ uint64_t vbits(const unsigned* vw) {
+  return uint64_t(vw[0]) | (uint64_t(vw[1]) << 32);
+}
+
+// 64 rows of D 16-bit elements into shared memory (ld D + 8), 16-byte cp.async pieces;
+// rows whose source is null are zero-filled.
+template <int D, typename E, typename RowPtr>
+__device__ __forceinline__ void load_rows(E* dst, RowPtr rowptr) {
+  constexpr int kPer = D / 8;
+  for (int p = threadIdx.x; p < kRows * kPer; p += kThreads) {
+    const int r = p / kPer, c = p % kPer;
+    const void* src = rowptr(r);
+    E* d = dst + r * Lay<D>::kLdH + c * 8;
+    if (src != nullptr)
+      cp_async16(d, static_cast<const char*>(src) + c * 16);
+    else
+      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Row of key j (kv head g), or null when j is past L or padded (zero-filled instead).
+template <typename T>
+__device__ __forceinline__ const void* key_ptr(const Bshd<const T>& x, const ShortMask& m,
+                                               int64_t b, int j, int g) {
+  return (j < m.L && m.valid(b, j)) ? static_cast<const void*>(x.at(b, j, g)) : nullptr;
+}
+
+template <typename E>
+using FragA = wm::fragment<wm::matrix_a, 16, 16, 16, E, wm::row_major>;
+template <typename E>
+using FragAc = wm::fragment<wm::matrix_a, 16, 16, 16, E, wm::col_major>;
+template <typename E>
+using FragBr = wm::fragment<wm::matrix_b, 16, 16, 16, E, wm::row_major>;
+template <typename E>
+using FragBc = wm::fragment<wm::matrix_b, 16, 16, 16, E, wm::col_major>;
+using FragC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
+
+// C[16w .. 16w + 16, 0 .. 64) = A[rows, :D] B[keys, :D]^T (both row-major, ld D + 8), to
+// the float tile C (ld kLdS).
+template <int D, typename E>
+__device__ __forceinline__ void gemm_abt(const E* A, const E* Bm, float* C, int warp) {
+  constexpr int ld = Lay<D>::kLdH;
+  FragA<E> a[D / 16];
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) wm::load_matrix_sync(a[f], A + warp * 16 * ld + f * 16, ld);
+#pragma unroll
+  for (int nt = 0; nt < kKeys / 16; ++nt) {
+    FragC acc;
+    wm::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int f = 0; f < D / 16; ++f) {
+      FragBc<E> bf;
+      wm::load_matrix_sync(bf, Bm + nt * 16 * ld + f * 16, ld);
+      wm::mma_sync(acc, a[f], bf, acc);
+    }
+    wm::store_matrix_sync(C + warp * 16 * kLdS + nt * 16, acc, kLdS, wm::mem_row_major);
+  }
+}
+
+// acc[16w rows, :D] += P[16w rows, 64 keys] X[64 keys, :D] (P ld kLdP, X ld D + 8).
+template <int D, typename E>
+__device__ __forceinline__ void gemm_pv(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
+  constexpr int ld = Lay<D>::kLdH;
+#pragma unroll
+  for (int kt = 0; kt < kKeys / 16; ++kt) {
+    FragA<E> a;
+    wm::load_matrix_sync(a, P + warp * 16 * kLdP + kt * 16, kLdP);
+#pragma unroll
+    for (int nt = 0; nt < D / 16; ++nt) {
+      FragBr<E> bf;
+      wm::load_matrix_sync(bf, X + kt * 16 * ld + nt * 16, ld);
+      wm::mma_sync(acc[nt], a, bf, acc[nt]);
+    }
+  }
+}
+
+// acc[keys 16w .. 16w + 16, :D] += P^T X with P [64 rows, 64 keys] (ld kLdP) and
+// X [64 rows, :D] (ld D + 8): the transposed operand is read as a column-major A.
+template <int D, typename E>
+__device__ __forceinline__ void gemm_ptx(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
+  constexpr int ld = Lay<D>::kLdH;
+#pragma unroll
+  for (int kt = 0; kt < kRows / 16; ++kt) {
+    FragAc<E> a;
+    wm::load_matrix_sync(a, P + kt * 16 * kLdP + warp * 16, kLdP);
+#pragma unroll
+    for (int nt = 0; nt < D / 16; ++nt) {
+      FragBr<E> bf;
+      wm::load_matrix_sync(bf, X + kt * 16 * ld + nt * 16, ld);
+      wm::mma_sync(acc[nt], a, bf, acc[nt]);
+    }
+  }
+}
+
+// D-wide fp32 fragments of warp w to the float staging tile (ld D + 4).
+template <int D>
+__device__ __forceinline__ void stage(float* F, FragC (&acc)[D / 16], int warp) {
+#pragma unroll
+  for (int nt = 0; nt < D / 16; ++nt)
+    wm::store_matrix_sync(F + warp * 16 * Lay<D>::kLdO + nt * 16, acc[nt], Lay<D>::kLdO,
+                          wm::mem_row_major);
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// log2-sum-exp2 of two (max, sum) partials; -inf when both are empty.
+__device__ __forceinline__ float combine_lse2(float m0, float l0, float m1, float l1) {
+  const float m = fmaxf(m0, m1);
+  if (m == -INFINITY) return -INFINITY;
+  const float l = l0 * exp2f(m0 - m) + l1 * exp2f(m1 - m);
+  return m + log2f(l);
+}
+
+// Row r of a query-side tile: query q0 + r / G, head g G + r % G. live: the row exists
+// (r < QT G, query < L); ok: live and the query is valid.
+struct RowId {
+  int i;
+  int64_t h;
+  bool live, ok;
+};
+__device__ __forceinline__ RowId row_id(const ShortMask& m, int64_t b, int g, int G, int QT,
+                                        int q0, int r) {
+  RowId id;
+  const int qq = r / G;
+  id.i = q0 + qq;
+  id.h = int64_t(g) * G + r % G;
+  id.live = qq < QT && id.i < m.L;
+  id.ok = id.live && m.valid(b, id.i);
+  return id;
+}
+
+struct Smem {
+  unsigned char* base;
+  template <typename X>
+  __device__ X* at(int off) const { return reinterpret_cast<X*>(base + off); }
+};
+
+// ------------------------------------------------------------------------- forward
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    short_fwd_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
+                     float sl2) {
+  using E = typename TcElem<T>::type;
+  using Ly = Lay<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(0);
+  E* sK = sm.at<E>(Ly::kTile);
+  E* sV = sm.at<E>(2 * Ly::kTile);
+  float* sF0 = sm.at<float>(3 * Ly::kTile);
+  E* sP0 = sm.at<E>(3 * Ly::kTile + Ly::kF);
+  E* sP1 = sm.at<E>(3 * Ly::kTile + Ly::kF + Ly::kP);
+  const int small = 3 * Ly::kTile + Ly::kF + 2 * Ly::kP;
+  uint64_t* sBits = sm.at<uint64_t>(small);                      // [2][64]
+  float* sRow = sm.at<float>(small + 2 * kRows * 8);             // [kWs][64]
+  unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+  // After the key loop: o_sel and o_win staged over K, V, S (static_assert in Lay).
+  float* sOs = sm.at<float>(Ly::kTile);
+  float* sOw = sOs + kRows * Ly::kLdO;
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+
+  load_rows<D>(sQ, [&](int r) -> const void* {
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
+  });
+  cp_async_commit();
+
+  // Elementwise role: row er, keys [32 eh, 32 eh + 32) of each chunk, visited from a
+  // lane-rotated start so the 32 lanes of a warp hit distinct banks.
+  const int er = tid & 63, eh = tid >> 6, rot = tid & 31;
+  float ms = -INFINITY, ls = 0.f, mw = -INFINITY, lw = 0.f;
+  float lse2s = -INFINITY, lse2w = -INFINITY;
+  FragC acc_s[D / 16], acc_w[D / 16];
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) {
+    wm::fill_fragment(acc_s[f], 0.f);
+    wm::fill_fragment(acc_w[f], 0.f);
+  }
+
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int c = 0; c < n_chunks; ++c) {
+      const int j0 = c * kKeys;
+      load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, j0 + r, g); });
+      if (pass == 1) load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, j0 + r, g); });
+      cp_async_commit();
+      key_valid_words(m, b, j0, sVw);
+      cp_async_wait<0>();
+      __syncthreads();
+      if (tid < kRows) {
+        const RowId id = row_id(m, b, g, G, QT, q0, tid);
+        uint64_t bs = 0ull, bw = 0ull;
+        if (id.ok) row_bits(m, b, id.i, g, j0, vbits(sVw), bs, bw);
+        sBits[tid] = bs;
+        sBits[kRows + tid] = bw;
+      }
+      gemm_abt<D>(sQ, sK, sF0, warp);
+      __syncthreads();
+      const uint32_t bs = static_cast<uint32_t>(sBits[er] >> (32 * eh));
+      const uint32_t bw = static_cast<uint32_t>(sBits[kRows + er] >> (32 * eh));
+      const float* srow = sF0 + er * kLdS + 32 * eh;
+      if (pass == 0) {
+        float cs = -INFINITY, cw = -INFINITY;
+        for (int t = 0; t < 32; ++t) {
+          const int k = (t + rot) & 31;
+          const float s = srow[k] * sl2;
+          if ((bs >> k) & 1u) cs = fmaxf(cs, s);
+          if ((bw >> k) & 1u) cw = fmaxf(cw, s);
+        }
+        if (cs > ms) {
+          ls *= exp2f(ms - cs);
+          ms = cs;
+        }
+        if (cw > mw) {
+          lw *= exp2f(mw - cw);
+          mw = cw;
+        }
+        for (int t = 0; t < 32; ++t) {
+          const int k = (t + rot) & 31;
+          const float s = srow[k] * sl2;
+          if ((bs >> k) & 1u) ls += exp2f(s - ms);
+          if ((bw >> k) & 1u) lw += exp2f(s - mw);
+        }
+        __syncthreads();  // sK / sF0 / sBits are rewritten by the next chunk
+      } else {
+        E* p0 = sP0 + er * kLdP + 32 * eh;
+        E* p1 = sP1 + er * kLdP + 32 * eh;
+        for (int t = 0; t < 32; ++t) {
+          const int k = (t + rot) & 31;
+          const float s = srow[k] * sl2;
+          p0[k] = TcElem<T>::from(((bs >> k) & 1u) ? exp2f(s - lse2s) : 0.f);
+          p1[k] = TcElem<T>::from(((bw >> k) & 1u) ? exp2f(s - lse2w) : 0.f);
+        }
+        __syncthreads();
+        gemm_pv<D>(sP0, sV, acc_s, warp);
+        gemm_pv<D>(sP1, sV, acc_w, warp);
+        __syncthreads();  // sK / sV / sP are rewritten by the next chunk
+      }
+    }
+    if (pass == 0) {
+      // Combine the two halves of each row once (fixed order: half 0 first).
+      if (eh == 1) {
+        sRow[0 * kRows + er] = ms;
+        sRow[1 * kRows + er] = ls;
+        sRow[2 * kRows + er] = mw;
+        sRow[3 * kRows + er] = lw;
+      }
+      __syncthreads();
+      if (eh == 0) {
+        sRow[4 * kRows + er] = combine_lse2(ms, ls, sRow[er], sRow[kRows + er]);
+        sRow[5 * kRows + er] = combine_lse2(mw, lw, sRow[2 * kRows + er], sRow[3 * kRows + er]);
+      }
+      __syncthreads();
+      lse2s = sRow[4 * kRows + er];
+      lse2w = sRow[5 * kRows + er];
+    }
+  }
+
+  // Outputs: stage o_sel, o_win (K, V, S are free after the last sync), then write.
+  stage<D>(sOs, acc_s, warp);
+  stage<D>(sOw, acc_w, warp);
+  __syncthreads();
+  const int64_t Hq = p.shape.q_heads;
+  constexpr int kPer = D / 8;
+  for (int x = tid; x < kRows * kPer; x += kThreads) {
+    const int r = x / kPer, d0 = (x % kPer) * 8;
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    if (!id.live) continue;
+    const T* gl = p.gate.at(b, id.i, id.h);
+    const float ga = sigmoidf(to_float(gl[0])), gb = sigmoidf(to_float(gl[1]));
+    float os[kFrag], ow[kFrag], o[kFrag];
+    const float* fs = sOs + r * Ly::kLdO + d0;
+    const float* fw = sOw + r * Ly::kLdO + d0;
+#pragma unroll
+    for (int e = 0; e < kFrag; ++e) {
+      os[e] = fs[e];
+      ow[e] = fw[e];
+      o[e] = ga * os[e] + gb * ow[e];
+    }
+    const int64_t off = ((b * L + id.i) * Hq + id.h) * D + d0;
+    store8_aligned(p.o_sel + off, os);
+    store8_aligned(p.o_win + off, ow);
+    store8_aligned(p.out + off, o);
+  }
+  if (tid < kRows) {
+    const RowId id = row_id(m, b, g, G, QT, q0, tid);
+    if (id.live) {
+      const int64_t off = (b * L + id.i) * Hq + id.h;
+      p.lse_sel[off] = sRow[4 * kRows + tid] * kLn2;
+      p.lse_win[off] = sRow[5 * kRows + tid] * kLn2;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- backward: dQ
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
+                    float sl2, float* __restrict__ ws) {
+  using E = typename TcElem<T>::type;
+  using Ly = Lay<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(0);
+  E* sDO = sm.at<E>(Ly::kTile);
+  E* sK = sm.at<E>(2 * Ly::kTile);
+  E* sV = sm.at<E>(3 * Ly::kTile);
+  float* sF0 = sm.at<float>(4 * Ly::kTile);
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);
+  const int small = 4 * Ly::kTile + 2 * Ly::kF + Ly::kP;
+  uint64_t* sBits = sm.at<uint64_t>(small);
+  float* sRow = sm.at<float>(small + 2 * kRows * 8);
+  unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+
+  load_rows<D>(sQ, [&](int r) -> const void* {
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
+  });
+  load_rows<D>(sDO, [&](int r) -> const void* {
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    return id.ok ? static_cast<const void*>(p.grad_out.at(b, id.i, id.h)) : nullptr;
+  });
+  cp_async_commit();
+
+  // Per-row gate, deltas and grad_gate (one thread per row, straight from global memory,
+  // like gate_fusion's backward: rowsum over every live row, valid or not).
+  if (tid < kRows) {
+    const RowId id = row_id(m, b, g, G, QT, q0, tid);
+    float ga = 0.f, gb = 0.f, dsel = 0.f, dwin = 0.f, l2s = -INFINITY, l2w = -INFINITY;
+    if (id.live) {
+      const T* go = p.grad_out.at(b, id.i, id.h);
+      const T* os = p.o_sel.at(b, id.i, id.h);
+      const T* ow = p.o_win.at(b, id.i, id.h);
+      float rs = 0.f, rw = 0.f;
+#pragma unroll
+      for (int d0 = 0; d0 < D; d0 += kFrag) {
+        float fo[kFrag], fs[kFrag], fw[kFrag];
+        load8_aligned(go + d0, fo);
+        load8_aligned(os + d0, fs);
+        load8_aligned(ow + d0, fw);
+        rs += dot_frag(fo, fs);
+        rw += dot_frag(fo, fw);
+      }
+      const T* gl = p.gate.at(b, id.i, id.h);
+      const float a_ = sigmoidf(to_float(gl[0])), b_ = sigmoidf(to_float(gl[1]));
+      const int64_t row = (b * L + id.i) * Hq + id.h;
+      p.grad_gate[row * 2 + 0] = from_float<T>(rs * a_ * (1.f - a_));
+      p.grad_gate[row * 2 + 1] = from_float<T>(rw * b_ * (1.f - b_));
+      if (id.ok) {
+        ga = a_;
+        gb = b_;
+        dsel = a_ * rs;
+        dwin = b_ * rw;
+        l2s = p.lse_sel[row] * kLog2e;
+        l2w = p.lse_win[row] * kLog2e;
+      }
+      float4* w = reinterpret_cast<float4*>(ws + row * kWs);
+      w[0] = make_float4(ga, gb, dsel, dwin);
+      w[1] = make_float4(l2s, l2w, 0.f, 0.f);
+    }
+    sRow[0 * kRows + tid] = ga;
+    sRow[1 * kRows + tid] = gb;
+    sRow[2 * kRows + tid] = dsel;
+    sRow[3 * kRows + tid] = dwin;
+    sRow[4 * kRows + tid] = l2s;
+    sRow[5 * kRows + tid] = l2w;
+  }
+  // (made visible by the first chunk's sync)
+
+  const int er = tid & 63, eh = tid >> 6, rot = tid & 31;
+  FragC acc[D / 16];
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) wm::fill_fragment(acc[f], 0.f);
+
+  for (int c = 0; c < n_chunks; ++c) {
+    const int j0 = c * kKeys;
+    load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, j0 + r, g); });
+    load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, j0 + r, g); });
+    cp_async_commit();
+    key_valid_words(m, b, j0, sVw);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tid < kRows) {
+      const RowId id = row_id(m, b, g, G, QT, q0, tid);
+      uint64_t bs = 0ull, bw = 0ull;
+      if (id.ok) row_bits(m, b, id.i, g, j0, vbits(sVw), bs, bw);
+      sBits[tid] = bs;
+      sBits[kRows + tid] = bw;
+    }
+    gemm_abt<D>(sQ, sK, sF0, warp);
+    gemm_abt<D>(sDO, sV, sF1, warp);
+    __syncthreads();
+    {
+      const float ga = sRow[er], gb = sRow[kRows + er];
+      const float dsel = sRow[2 * kRows + er], dwin = sRow[3 * kRows + er];
+      const float l2s = sRow[4 * kRows + er], l2w = sRow[5 * kRows + er];
+      const uint32_t bs = static_cast<uint32_t>(sBits[er] >> (32 * eh));
+      const uint32_t bw = static_cast<uint32_t>(sBits[kRows + er] >> (32 * eh));
+      const float* srow = sF0 + er * kLdS + 32 * eh;
+      const float* prow = sF1 + er * kLdS + 32 * eh;
+      E* drow = sP0 + er * kLdP + 32 * eh;
+      for (int t = 0; t < 32; ++t) {
+        const int k = (t + rot) & 31;
+        const float s = srow[k] * sl2, dp = prow[k];
+        float ds = 0.f;
+        if ((bs >> k) & 1u) ds += exp2f(s - l2s) * (ga * dp - dsel);
+        if ((bw >> k) & 1u) ds += exp2f(s - l2w) * (gb * dp - dwin);
+        drow[k] = TcElem<T>::from(ds);
+      }
+    }
+    __syncthreads();
+    gemm_pv<D>(sP0, sK, acc, warp);
+    __syncthreads();  // sK, sV, sP0, sBits are rewritten by the next chunk
+  }
+
+  stage<D>(sF0, acc, warp);
+  __syncthreads();
+  const float scale = static_cast<float>(p.shape.scale);
+  constexpr int kPer = D / 8;
+  for (int x = tid; x < kRows * kPer; x += kThreads) {
+    const int r = x / kPer, d0 = (x % kPer) * 8;
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    if (!id.live) continue;
+    float o[kFrag];
+    const float* f = sF0 + r * Ly::kLdO + d0;
+#pragma unroll
+    for (int e = 0; e < kFrag; ++e) o[e] = scale * f[e];
+    store8_aligned(p.grad_q + ((b * L + id.i) * Hq + id.h) * D + d0, o);
+  }
+}
+
+// ------------------------------------------------------------------------- backward: dK/dV
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    short_dkdv_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_ktiles,
+                      float sl2, const float* __restrict__ ws) {
+  using E = typename TcElem<T>::type;
+  using Ly = Lay<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sK = sm.at<E>(0);
+  E* sV = sm.at<E>(Ly::kTile);
+  E* sQ = sm.at<E>(2 * Ly::kTile);
+  E* sDO = sm.at<E>(3 * Ly::kTile);
+  float* sF0 = sm.at<float>(4 * Ly::kTile);
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);           // dS
+  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF + Ly::kP);  // a P_sel + b P_win
+  const int small = 4 * Ly::kTile + 2 * Ly::kF + 2 * Ly::kP;
+  uint64_t* sBits = sm.at<uint64_t>(small);
+  float* sRow = sm.at<float>(small + 2 * kRows * 8);
+  unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int kt = blockIdx.x % n_ktiles;
+  const int64_t bg = blockIdx.x / n_ktiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int k0 = kt * kKeys;
+
+  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, k0 + r, g); });
+  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, k0 + r, g); });
+  cp_async_commit();
+  key_valid_words(m, b, k0, sVw);  // fixed for the whole CTA
+
+  const int er = tid & 63, eh = tid >> 6, rot = tid & 31;
+  FragC acc_k[D / 16], acc_v[D / 16];
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) {
+    wm::fill_fragment(acc_k[f], 0.f);
+    wm::fill_fragment(acc_v[f], 0.f);
+  }
+
+  // Queries below k0 see no key of this tile when causal.
+  for (int q0 = m.causal ? k0 : 0; q0 < L; q0 += QT) {
+    load_rows<D>(sQ, [&](int r) -> const void* {
+      const RowId id = row_id(m, b, g, G, QT, q0, r);
+      return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
+    });
+    load_rows<D>(sDO, [&](int r) -> const void* {
+      const RowId id = row_id(m, b, g, G, QT, q0, r);
+      return id.ok ? static_cast<const void*>(p.grad_out.at(b, id.i, id.h)) : nullptr;
+    });
+    cp_async_commit();
+    if (tid < kRows) {
+      const RowId id = row_id(m, b, g, G, QT, q0, tid);
+      float4 w0 = make_float4(0.f, 0.f, 0.f, 0.f), w1 = make_float4(-INFINITY, -INFINITY, 0.f, 0.f);
+      if (id.ok) {
+        const float4* w = reinterpret_cast<const float4*>(ws + ((b * L + id.i) * Hq + id.h) * kWs);
+        w0 = w[0];
+        w1 = w[1];
+      }
+      sRow[0 * kRows + tid] = w0.x;
+      sRow[1 * kRows + tid] = w0.y;
+      sRow[2 * kRows + tid] = w0.z;
+      sRow[3 * kRows + tid] = w0.w;
+      sRow[4 * kRows + tid] = w1.x;
+      sRow[5 * kRows + tid] = w1.y;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tid < kRows) {
+      const RowId id = row_id(m, b, g, G, QT, q0, tid);
+      uint64_t bs = 0ull, bw = 0ull;
+      if (id.ok) row_bits(m, b, id.i, g, k0, vbits(sVw), bs, bw);
+      sBits[tid] = bs;
+      sBits[kRows + tid] = bw;
+    }
+    gemm_abt<D>(sQ, sK, sF0, warp);
+    gemm_abt<D>(sDO, sV, sF1, warp);
+    __syncthreads();
+    {
+      const float ga = sRow[er], gb = sRow[kRows + er];
+      const float dsel = sRow[2 * kRows + er], dwin = sRow[3 * kRows + er];
+      const float l2s = sRow[4 * kRows + er], l2w = sRow[5 * kRows + er];
+      const uint32_t bs = static_cast<uint32_t>(sBits[er] >> (32 * eh));
+      const uint32_t bw = static_cast<uint32_t>(sBits[kRows + er] >> (32 * eh));
+      const float* srow = sF0 + er * kLdS + 32 * eh;
+      const float* prow = sF1 + er * kLdS + 32 * eh;
+      E* drow = sP0 + er * kLdP + 32 * eh;
+      E* crow = sP1 + er * kLdP + 32 * eh;
+      for (int t = 0; t < 32; ++t) {
+        const int k = (t + rot) & 31;
+        const float s = srow[k] * sl2, dp = prow[k];
+        float ds = 0.f, pc = 0.f;
+        if ((bs >> k) & 1u) {
+          const float ps = exp2f(s - l2s);
+          ds += ps * (ga * dp - dsel);
+          pc += ga * ps;
+        }
+        if ((bw >> k) & 1u) {
+          const float pw = exp2f(s - l2w);
+          ds += pw * (gb * dp - dwin);
+          pc += gb * pw;
+        }
+        drow[k] = TcElem<T>::from(ds);
+        crow[k] = TcElem<T>::from(pc);
+      }
+    }
+    __syncthreads();
+    gemm_ptx<D>(sP1, sDO, acc_v, warp);
+    gemm_ptx<D>(sP0, sQ, acc_k, warp);
+    __syncthreads();  // sQ, sDO, sP*, sBits, sRow are rewritten by the next chunk
+  }
+  cp_async_wait<0>();  // K/V copies of a CTA that walked no query chunk
+  __syncthreads();
+
+  stage<D>(sF0, acc_k, warp);
+  stage<D>(sF1, acc_v, warp);
+  __syncthreads();
+  const float scale = static_cast<float>(p.shape.scale);
+  constexpr int kPer = D / 8;
+  for (int x = tid; x < kRows * kPer; x += kThreads) {
+    const int r = x / kPer, d0 = (x % kPer) * 8;
+    const int j = k0 + r;
+    if (j >= L) continue;
+    float dk[kFrag], dv[kFrag];
+    const float* fk = sF0 + r * Ly::kLdO + d0;
+    const float* fv = sF1 + r * Ly::kLdO + d0;
+#pragma unroll
+    for (int e = 0; e < kFrag; ++e) {
+      dk[e] = scale * fk[e];
+      dv[e] = fv[e];
+    }
+    const int64_t off = ((b * L + j) * Hk + g) * D + d0;
+    store8_aligned(p.grad_k + off, dk);
+    store8_aligned(p.grad_v + off, dv);
+  }
+}
+
+// ------------------------------------------------------------------------- host side
+int64_t short_max_len() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_MAX_LEN");
+    if (e == nullptr || *e == '\0') return int64_t(256);
+    return static_cast<int64_t>(std::atoll(e));
+  }();
+  return v;
+}
+
+ShortMask make_mask(const AttnShape& s, const BlockSparseMask& sel, const SlidingWindowMask& win,
+                    const Validity& valid) {
+  ShortMask m;
+  m.L = static_cast<int>(s.q_len);
+  m.bs = sel.block_size;
+  m.C = static_cast<int>((s.q_len + sel.block_size - 1) / sel.block_size);
+  m.n = static_cast<int>(sel.n);
+  m.window = win.window;
+  m.dilated = win.dilated;
+  m.causal = sel.causal;
+  m.idx = sel.idx;
+  m.isb = sel.stride_b;
+  m.isl = sel.stride_l;
+  m.ish = sel.stride_h;
+  m.valid = valid;
+  return m;
+}
+
+template <typename F>
+void with_smem(F kernel, int bytes) {
+  if (bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int D>
+void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
+  const ShortMask m = make_mask(p.shape, p.sel, p.win, p.valid);
+  const int G = static_cast<int>(p.shape.group());
+  const int QT = kRows / G;
+  const int n_tiles = static_cast<int>((p.shape.q_len + QT - 1) / QT);
+  const int64_t ctas = p.shape.batch * p.shape.kv_heads * n_tiles;
+  const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
+  auto kernel = short_fwd_kernel<T, D>;
+  with_smem(kernel, Lay<D>::kFwdBytes);
+  kernel<<<static_cast<unsigned>(ctas), kThreads, Lay<D>::kFwdBytes, stream>>>(p, m, G, QT, n_tiles,
+                                                                             sl2);
+  check_launch("blossom_short_fwd");
+}
+
+template <typename T, int D>
+void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
+  const ShortMask m = make_mask(p.shape, p.sel, p.win, p.valid);
+  const int G = static_cast<int>(p.shape.group());
+  const int QT = kRows / G;
+  const int n_tiles = static_cast<int>((p.shape.q_len + QT - 1) / QT);
+  const int n_ktiles = static_cast<int>((p.shape.q_len + kKeys - 1) / kKeys);
+  const int64_t bg = p.shape.batch * p.shape.kv_heads;
+  const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
+  auto dq = short_dq_kernel<T, D>;
+  with_smem(dq, Lay<D>::kDqBytes);
+  dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(p, m, G, QT,
+                                                                                 n_tiles, sl2, ws);
+  check_launch("blossom_short_bwd (dq)");
+  // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
+  auto dkdv = short_dkdv_kernel<T, D>;
+  with_smem(dkdv, Lay<D>::kDkdvBytes);
+  dkdv<<<static_cast<unsigned>(bg * n_ktiles), kThreads, Lay<D>::kDkdvBytes, stream>>>(
+      p, m, G, QT, n_ktiles, sl2, ws);
+  check_launch("blossom_short_bwd (dkdv)");
+}
+
+}  // namespace
+
+bool blossom_short_eligible(int64_t seq_len, int64_t head_dim, int64_t group) {
+  if (detail::simple_kernels_requested()) return false;
+  if (seq_len < 1 || seq_len > short_max_len()) return false;
+  if (group < 1 || group > kRows) return false;
+  // D = 128 would need ~255 registers and spills in the dK/dV and forward kernels.
+  return head_dim == 16 || head_dim == 32 || head_dim == 64;
+}
+
+template <typename T>
+void blossom_short_fwd(const ShortFwdParams<T>& p, cudaStream_t stream) {
+  if (p.shape.batch == 0 || p.shape.q_len == 0) return;
+  switch (p.shape.head_dim) {
+    case 16: return fwd_d<T, 16>(p, stream);
+    case 32: return fwd_d<T, 32>(p, stream);
+    case 64: return fwd_d<T, 64>(p, stream);
+    default: TORCH_CHECK(false, "blossom_short_fwd: unsupported head_dim ", p.shape.head_dim);
+  }
+}
+
+size_t blossom_short_bwd_workspace_bytes(const AttnShape& s) {
+  return static_cast<size_t>(s.batch * s.q_len * s.q_heads) * kWs * sizeof(float);
+}
+
+template <typename T>
+void blossom_short_bwd(const ShortBwdParams<T>& p, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream) {
+  if (p.shape.batch == 0 || p.shape.q_len == 0) return;
+  TORCH_CHECK(workspace_bytes >= blossom_short_bwd_workspace_bytes(p.shape),
+              "blossom_short_bwd: workspace too small");
+  float* ws = static_cast<float*>(workspace);
+  switch (p.shape.head_dim) {
+    case 16: return bwd_d<T, 16>(p, ws, stream);
+    case 32: return bwd_d<T, 32>(p, ws, stream);
+    case 64: return bwd_d<T, 64>(p, ws, stream);
+    default: TORCH_CHECK(false, "blossom_short_bwd: unsupported head_dim ", p.shape.head_dim);
+  }
+}
+
+#define BLOSSOM_INSTANTIATE(T)                                                            \
+  template void blossom_short_fwd<T>(const ShortFwdParams<T>&, cudaStream_t);            \
+  template void blossom_short_bwd<T>(const ShortBwdParams<T>&, void*, size_t, cudaStream_t);
+BLOSSOM_INSTANTIATE(c10::Half)
+BLOSSOM_INSTANTIATE(c10::BFloat16)
+#undef BLOSSOM_INSTANTIATE
+
+}  // namespace gpu
+}  // namespace blossom
