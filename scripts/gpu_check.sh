@@ -59,6 +59,13 @@ for step in $STEPS; do
             echo "$f: rc=$r $(echo "$out" | tail -1)"
             [ $r -ne 0 ] && { echo "$out" | tail -30; rc=1; }
           done
+          # blossom_attention again with the fused short-sequence path off, so the
+          # composed path (the one every L > 256 takes) is tested at these short lengths too.
+          out=$(BLOSSOM_OPS_CUDA_SHORT_MAX_LEN=0 CI=true timeout 900 python3 -m pytest -q -k cuda \
+                -p no:cacheprovider tests/test_blossom_attention.py 2>&1)
+          r=$?
+          echo "test_blossom_attention.py (short path off): rc=$r $(echo "$out" | tail -1)"
+          [ $r -ne 0 ] && { echo "$out" | tail -30; rc=1; }
           exit $rc'
       else
         echo "step tests: skipped (no tests/ directory)" | tee -a "$SUMMARY"
