@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "cpu/gate_fusion.h"
+#include "ops/attention_binding.h"
 #include "ops/blossom_short.h"
 #include "ops/ops.h"
 
@@ -64,22 +65,15 @@ int64_t check_config(const char* op, const at::Tensor& q, const at::Tensor& k,
 // The resolved validity as the `valid` argument of the parts (None when all valid).
 OptTensor as_valid(const at::Tensor& ok) { return ok.defined() ? OptTensor(ok) : c10::nullopt; }
 
-// The gate reads (and its backward writes) the branch tensors in place, through pointer
-// lists: the gate_fusion op takes them stacked, and stacking copies R full-size tensors.
-// Branches have q's shape and dtype (checked by the caller).
+// f(T{}) for the storage type of `like` (CPU: float, double, bfloat16; CUDA: float, half,
+// bfloat16).
 template <typename F>
 void dispatch_gate(const at::Tensor& like, F&& f) {
+  auto call = [&](auto types) { f(typename decltype(types)::T{}); };
 #ifdef BLOSSOM_WITH_CUDA
-  if (like.is_cuda()) {
-    // The CUDA kernels exist for float, half and bfloat16 only (no double).
-    AT_DISPATCH_SWITCH(like.scalar_type(), kOp,
-                       AT_DISPATCH_CASE(at::kFloat, [&] { f(scalar_t()); })
-                       AT_DISPATCH_CASE(at::kHalf, [&] { f(scalar_t()); })
-                       AT_DISPATCH_CASE(at::kBFloat16, [&] { f(scalar_t()); }));
-    return;
-  }
+  if (like.is_cuda()) return attn::dispatch_cuda(kOp, like.scalar_type(), call);
 #endif
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, like.scalar_type(), kOp, [&] { f(scalar_t()); });
+  attn::dispatch_cpu(kOp, like.scalar_type(), call);
 }
 
 template <typename T>
@@ -92,6 +86,9 @@ GateParams<T> gate_params(const at::Tensor& like, const at::Tensor& gate, int64_
   return p;
 }
 
+// The gate reads (and its backward writes) the branch tensors in place, through pointer
+// lists: the gate_fusion op takes them stacked, and stacking copies R full-size tensors.
+// Branches have q's shape and dtype (checked by the caller).
 at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& gate_logits) {
   const at::Tensor gate = gate_logits.contiguous();
   std::vector<at::Tensor> br;
@@ -105,10 +102,12 @@ at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& 
     std::vector<const T*> ptrs;
     for (const at::Tensor& b : br) ptrs.push_back(b.const_data_ptr<T>());
 #ifdef BLOSSOM_WITH_CUDA
-    if constexpr (!std::is_same<T, double>::value) if (out.is_cuda()) {
-      const c10::cuda::CUDAGuard guard(out.device());
-      gpu::gate_fusion_fwd_list<T>(p, ptrs.data(), at::cuda::getCurrentCUDAStream());
-      return;
+    if constexpr (!std::is_same<T, double>::value) {  // no CUDA kernel for double
+      if (out.is_cuda()) {
+        const c10::cuda::CUDAGuard guard(out.device());
+        gpu::gate_fusion_fwd_list<T>(p, ptrs.data(), at::cuda::getCurrentCUDAStream());
+        return;
+      }
     }
 #endif
     if constexpr (!std::is_same<T, c10::Half>::value) cpu::gate_fusion_fwd_list<T>(p, ptrs.data());
@@ -143,11 +142,13 @@ std::pair<std::vector<at::Tensor>, at::Tensor> fuse_gate_backward(
     const T* g = go.const_data_ptr<T>();
     T* gg = grad_gate.mutable_data_ptr<T>();
 #ifdef BLOSSOM_WITH_CUDA
-    if constexpr (!std::is_same<T, double>::value) if (go.is_cuda()) {
-      const c10::cuda::CUDAGuard guard(go.device());
-      gpu::gate_fusion_bwd_list<T>(p, in.data(), g, out.data(), gg,
-                                   at::cuda::getCurrentCUDAStream());
-      return;
+    if constexpr (!std::is_same<T, double>::value) {  // no CUDA kernel for double
+      if (go.is_cuda()) {
+        const c10::cuda::CUDAGuard guard(go.device());
+        gpu::gate_fusion_bwd_list<T>(p, in.data(), g, out.data(), gg,
+                                     at::cuda::getCurrentCUDAStream());
+        return;
+      }
     }
 #endif
     if constexpr (!std::is_same<T, c10::Half>::value)
