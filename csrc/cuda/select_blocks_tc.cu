@@ -261,18 +261,24 @@ __global__ void __launch_bounds__(kThreads)
   // This thread's queries (slots): G >= 2 one query (both rows), G = 1 rows lane/4 and +8.
   const int q4 = lane & 3;
   const int hl = G == 1 ? 0 : (lane >> 2) / QW;  // which duplicate of the head butterfly
-  int own[NS], ex1[NS];
-  bool qok[NS];
+  // Per slot: excluded tokens [ex0, ex1) (the own block, and everything after it when
+  // causal), and candidate blocks c < climit, c != cex (climit = 0 for a padded query; every
+  // block c with c * tpb < t_end lies below c_hi, where blockvalid is filled).
+  int ex0[NS], ex1[NS], climit[NS], cex[NS];
+  const int c_tok = (t_end + tpb - 1) / tpb;  // blocks with a token below t_end
 #pragma unroll
   for (int sl = 0; sl < NS; ++sl) {
     int qw, hh;
     row_map<G>((lane >> 2) + 8 * sl, qw, hh);
     const int64_t i = i0 + warp * QW + qw;
-    qok[sl] = i < L && p.valid(b, i);
-    own[sl] = static_cast<int>((i < L ? i : L - 1) / bs);
-    ex1[sl] = causal ? std::numeric_limits<int>::max() : (own[sl] + 1) * tpb;
+    const bool qok = i < L && p.valid(b, i);
+    const int own = static_cast<int>((i < L ? i : L - 1) / bs);
+    ex0[sl] = own * tpb;
+    ex1[sl] = causal ? std::numeric_limits<int>::max() : (own + 1) * tpb;
+    climit[sl] = qok ? (causal ? std::min(own, c_tok) : c_tok) : 0;
+    cex[sl] = causal ? -1 : own;
   }
-  // Excluded tokens of slot sl: [own * tpb, ex1).
+  const bool all_valid = p.valid.ptr == nullptr;  // then every blockvalid[c] is 1
   const float sc = static_cast<float>(s.scale) * kLog2e;
 
   float m[2], l[2], lse2[2];  // per row (rows lane/4 and lane/4 + 8)
@@ -293,11 +299,18 @@ __global__ void __launch_bounds__(kThreads)
     }
 
   // Offers block c (of a chunk) with importance imp to slot sl's list when it is a
-  // candidate of that query. c * tpb < t_end implies c < c_hi (blockvalid is filled there).
+  // candidate of that query.
   auto offer = [&](int sl, float imp, int c) {
-    const bool cand = qok[sl] && c * tpb < t_end && blockvalid[c] &&
-                      (causal ? c < own[sl] : c != own[sl]);
+    const bool cand = c < climit[sl] && c != cex[sl] && (all_valid || blockvalid[c]);
     if (cand) list_insert(lv[sl], lc[sl], isnan(imp) ? -INFINITY : imp, c);
+  };
+  // Bits [lo, hi) of a 64-bit chunk mask (clamped to [0, 64)).
+  auto range_bits = [](int lo, int hi) -> unsigned long long {
+    lo = max(lo, 0);
+    hi = min(hi, kCols);
+    if (hi <= lo) return 0ull;
+    const unsigned long long below_hi = hi >= 64 ? ~0ull : (1ull << hi) - 1ull;
+    return below_hi & ~((1ull << lo) - 1ull);
   };
 
   for (int pass = 0; pass < 2; ++pass) {
@@ -334,16 +347,24 @@ __global__ void __launch_bounds__(kThreads)
           }
       }
 
-      // Base-2 logits, -inf where the token is not scored for the row's query.
+      // Base-2 logits, -inf where the token is not scored for the row's query: the chunk's
+      // scored-token bits minus the slot's excluded range, shifted so that this thread's
+      // column 8 nt + 2 q4 + e is bit 8 nt + e (a constant) of a 32-bit half.
       const unsigned long long bits = tokmask[buf];
+      unsigned okw[NS][2];
+#pragma unroll
+      for (int sl = 0; sl < NS; ++sl) {
+        const unsigned long long okm =
+            (bits & ~range_bits(ex0[sl] - n0, causal ? kCols : ex1[sl] - n0)) >> (2 * q4);
+        okw[sl][0] = static_cast<unsigned>(okm);
+        okw[sl][1] = static_cast<unsigned>(okm >> 32);
+      }
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * q4 + (e & 1);
           const int sl = NS == 2 ? (e >> 1) : 0;
-          const int t = n0 + col;
-          const bool ok = ((bits >> col) & 1ull) && (t < own[sl] * tpb || t >= ex1[sl]);
+          const bool ok = (okw[sl][nt >> 2] >> ((nt & 3) * 8 + (e & 1))) & 1u;
           acc[nt][e] = ok ? acc[nt][e] * sc : -INFINITY;
         }
 
