@@ -29,6 +29,11 @@
 //           xor 1, >= 8 -> n-tiles summed in registers + xor 1, 2. Each block is offered by
 //           exactly one lane of the query's lanes (the duplicates of the head butterfly split
 //           the blocks by index modulo G/2) to that lane's own top-8 list (registers).
+//   Masks: the loader publishes a 64-bit scored-token mask per chunk (two ballots); a thread
+//   removes its query's excluded range (own block, and after it when causal) with a few
+//   64-bit ops per chunk and tests constant bit positions per accumulator. Block candidacy
+//   is c < climit, c != cex (precomputed per slot) and blockvalid[c] (read only when a
+//   validity mask was given).
 //   Finally top_n rounds of arg-max over the list heads of the query's lanes (importance
 //   desc, block asc), ascending output by rank, -1 padding. Every sum has a fixed order:
 //   deterministic. Causal: the CTA reads only tokens before its last query's own block, and
@@ -58,7 +63,12 @@
 //     L2 2 x 128 x 556,032 x 128 B = 18 GB (~2.5 ms, concurrent). Predicted ~3-4.5 ms
 //     (32.3 ms measured for the previous wmma kernel on an H200).
 //   Resources: 2 x 64 x (DP + 8) x 2 B of K buffers (18 KB at D = 64) + C bytes of block
-//   validity; registers reported by scripts/nvcc_check.sh (PTXAS_VERBOSE=1).
+//   validity; registers reported by scripts/nvcc_check.sh (PTXAS_VERBOSE=1): 124 at D = 64
+//   G = 4 (4 CTAs = 16 warps per SM), no spills.
+//   Coverage: 16-bit inputs, D % 8 == 0 and <= 128, G in {1, 2, 4, 8, 16}, top_n <= 8 and
+//   tpb a power of two <= 64 (the old wmma kernel also took other tpb <= 64; those now run
+//   the generic kernel of select_blocks.cu).
+//   The fragment / lane index math is replayed on the host by scripts/emulate_select_mma.py.
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
