@@ -1,51 +1,74 @@
-// select_blocks on tensor cores: the LTIS scores of a tile of queries against the compressed
-// keys as a small GEMM (nvcuda::wmma, 16x16x16, 16-bit inputs, fp32 accumulation), softmax
-// statistics, per-block importance and top-n fused in one CTA. Nothing of size [B, L, H, T]
-// and no importance array of size [L, C] ever exists: each thread keeps its own top-n list.
+// select_blocks on tensor cores, scores kept in registers: the LTIS scores of a tile of
+// queries against the compressed keys as mma.sync m16n8k16 (16-bit inputs, fp32
+// accumulation), softmax statistics, per-block importance and top-n fused in one CTA.
+// Nothing of size [B, L, H, T] and no importance array of size [L, C] ever exists, and the
+// score tile never goes through shared memory: each thread works on the accumulator
+// fragments it holds and keeps its own top-n list.
 //
 // Work decomposition
-//   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries). The CTA's
-//   64 score rows are the (query, head) pairs of the tile, row = qi * G + hh (G in
-//   {1, 2, 4, 8, 16}). Compressed tokens stream through shared memory in chunks of NB <= 64
-//   tokens (NB = a multiple of tpb = block_size / stride, so a selection block never
-//   straddles two chunks), double-buffered with cp.async. Causal: only tokens before the
-//   own block of the tile's last query are read.
-//   Per chunk: S[64 x 64] = Q K^T on tensor cores (warp (wr, wc) owns rows 32wr..+32 and
-//   columns 32wc..+32; its Q fragments stay in registers for the whole CTA), stored to shared
-//   memory; then thread (qi, part) (TPQ = 2G threads per query) reads TOK = 32 / G columns of
-//   each of its query's G rows:
-//     pass 1: per (query, head) online base-2 max and sum, thread-local, merged over the TPQ
-//             lanes once at the end (lse2);
-//     pass 2: p = exp2(s - lse2) summed over the G heads -> mass[qi][col] in shared memory;
-//             then thread (qi, part) sums the tpb columns of each of its blocks (fixed
-//             order) and offers (importance, block) to its own top-n list (registers).
-//   Finally top_n rounds of a TPQ-lane arg-max over the list heads (importance desc, block
-//   asc), ascending output by rank, -1 padding. Every sum has a fixed order: deterministic.
+//   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries); warp w
+//   owns the QW = 16 / G queries w * QW .. w * QW + QW - 1 of the tile, i.e. 16 score rows
+//   (one m16 tile). Compressed tokens stream through shared memory in chunks of 64 tokens
+//   (double-buffered cp.async, ONE __syncthreads per chunk; rows of unscored tokens are
+//   zero-filled, their k_cmp may hold NaN). Each warp multiplies its Q fragments (registers
+//   for the whole CTA, loaded once with ldmatrix) by the chunk (ldmatrix.x4 B fragments:
+//   K is stored [token][d], which is the col-major B operand, no .trans) into 8 n8 tiles =
+//   32 fp32 accumulators per thread.
+//   Row order inside a warp (m16n8k16 accumulators: lane holds rows lane/4 and lane/4 + 8,
+//   columns 8 nt + 2 (lane % 4) + {0, 1}): for G >= 2, row r = hb * 8 + hl * QW + qi with
+//   head = hb * G/2 + hl, so a thread's two rows are two heads of the SAME query qi; the
+//   other heads of qi sit in the lanes lane ^ (4 QW 2^k), k < log2(G/2) (none for G = 2,
+//   xor 16 for G = 4, xor 8, 16 for G = 8, xor 4, 8, 16 for G = 16). For G = 1 the two rows
+//   are two queries (lane/4 and lane/4 + 8): such a thread has two "slots" (lists).
+//   pass 1: per row online base-2 max and sum over the thread's 16 columns of each chunk,
+//           merged over the 4 lanes of a quad (xor 1, 2) once at the end -> lse2.
+//   pass 2: p = exp2(s - lse2) (lse2 = +inf for a row with nothing scored: p = 0), summed
+//           over the G heads (in-thread pair + butterfly), then per block of tpb columns
+//           (tpb = block_size / stride, a power of two <= 64, 64 % tpb == 0 so a block never
+//           straddles chunks): tpb 1 -> a column, 2 -> the thread's column pair, 4 -> pair +
+//           xor 1, >= 8 -> n-tiles summed in registers + xor 1, 2. Each block is offered by
+//           exactly one lane of the query's lanes (the duplicates of the head butterfly split
+//           the blocks by index modulo G/2) to that lane's own top-8 list (registers).
+//   Masks: the loader publishes a 64-bit scored-token mask per chunk (two ballots); a thread
+//   removes its query's excluded range (own block, and after it when causal) with a few
+//   64-bit ops per chunk and tests constant bit positions per accumulator. Block candidacy
+//   is c < climit, c != cex (precomputed per slot) and blockvalid[c] (read only when a
+//   validity mask was given).
+//   Finally top_n rounds of arg-max over the list heads of the query's lanes (importance
+//   desc, block asc), ascending output by rank, -1 padding. Every sum has a fixed order:
+//   deterministic. Causal: the CTA reads only tokens before its last query's own block, and
+//   a warp skips the chunks that lie wholly at or after its own last query's block.
 //   Scored tokens, candidates and padding follow select_blocks.cu / cpu/select_blocks.cpp:
 //   token t is scored for query i when t < T, valid_cmp(b, t), its block c = t / tpb holds a
 //   valid key, c != own(i), and c < own(i) when causal; a padded query selects nothing.
 //
 // Counts, B = 64, Hq = 8, Hk = 2 (G = 4), D = 64, bf16, block_size = stride = 16 (tpb = 1),
 // causal. Tiles of 16 queries; the tile ending in block o reads o tokens, padded to whole
-// 64-token chunks.
-//   L = 4096 (T = 256): 32,768 CTAs. Score columns summed over the 256 tiles of a (b, g):
-//     40,704 (avg 159 per tile) -> 128 (b, g) x 40,704 x 64 rows = 0.33 G scores per pass,
-//     0.67 G for both (0.53 G of them useful).
-//     Tensor FLOPs: 0.67 G x 2 x 64 = 85 GFLOP (0.09 ms at 990 TFLOP/s).
-//     exp2: one per score per pass = 0.67 G (0.16 ms at 16/clk/SM x 132 x 1.98 GHz).
-//     HBM: q 268 MB read once (0.06 ms at 4.8 TB/s), k_cmp 4.2 MB, out 4.2 MB. k_cmp is
-//     re-read from L2 by every tile: 2 x 128 x 40,704 x 128 B = 1.3 GB (~0.15-0.2 ms).
-//     Shared memory per 64 x 64 chunk: K 8 KB stored + 16 KB of B-fragment loads (4 warps x
-//     32 columns x D), S 16 KB stored + 16 KB read, pass 2 also mass 4 + 4 KB: ~15 B per
-//     score at 128 B/clk/SM -> ~8.5 scores/clk/SM, the binding limit (exp2 allows 16).
-//     Predicted: 0.67 G / (8.5 x 132 x 1.98 G/s) = 0.30 ms, ~0.4-0.6 ms with the barriers
-//     and the q load (today 12.5 ms).
-//   L = 16384 (T = 1024): 131,072 CTAs, 556,032 columns per (b, g) (avg 543 per tile):
-//     9.1 G scores for both passes; tensor 1.17 TFLOP (1.2 ms at peak, overlapped with the
-//     SIMT work of other CTAs), exp2 2.2 ms, L2 2 x 128 x 556,032 x 128 B = 18 GB
-//     (~2-2.5 ms), shared memory 9.1 G / 2.2 T/s = 4.1 ms. Predicted 4.5-6 ms (today 193).
-#include <mma.h>
-
+// 64-token chunks; 64 score rows per CTA.
+//   L = 4096 (T = 256): 32,768 CTAs; 40,704 columns per (b, g) summed over its 256 tiles
+//     -> 128 x 40,704 x 64 rows = 0.33 G scores per pass (warps skip some: upper bound).
+//     Tensor: 2 passes x 0.33 G x 2 x 64 = 85 GFLOP (0.09 ms at ~990 TFLOP/s).
+//     exp2: ~1 per score per pass (+ 1 per row and chunk) = 0.67 G; MUFU 16/clk/SM x 132 SMs
+//     x 1.98 GHz = 4.2 T/s -> 0.16 ms.
+//     Shared memory: per chunk and pass every warp ldmatrix-reads the whole K chunk
+//     (64 x 64 x 2 B = 8 KB) for its 16 x 64 = 1,024 scores: 8 B per score (the old kernel
+//     moved ~15), + 8 KB of cp.async stores per CTA: 0.67 G x 8.5 B / (128 B/clk/SM x 132 x
+//     1.98 G) = 0.17 ms. No S round trip, no __syncthreads besides one per chunk.
+//     HBM: q 268 MB read once (0.06 ms), k_cmp 4.2 MB, out 4.2 MB; k_cmp re-read from L2 by
+//     every tile: 2 x 128 x 40,704 x 128 B = 1.3 GB (~0.2 ms at ~7 TB/s L2).
+//     Predicted ~0.35-0.5 ms (MUFU and LSU run concurrently; plus q load and list merges).
+//   L = 16384 (T = 1024): 131,072 CTAs, 556,032 columns per (b, g): 4.55 G scores per pass,
+//     9.1 G both; tensor 1.17 TFLOP (1.2 ms at peak, overlapped), exp2 9.1 G / 4.2 T/s =
+//     2.2 ms, shared memory 9.1 G x 8.5 B / 33 TB/s = 2.3 ms (concurrent with MUFU),
+//     L2 2 x 128 x 556,032 x 128 B = 18 GB (~2.5 ms, concurrent). Predicted ~3-4.5 ms
+//     (32.3 ms measured for the previous wmma kernel on an H200).
+//   Resources: 2 x 64 x (DP + 8) x 2 B of K buffers (18 KB at D = 64) + C bytes of block
+//   validity; registers reported by scripts/nvcc_check.sh (PTXAS_VERBOSE=1): 124 at D = 64
+//   G = 4 (4 CTAs = 16 warps per SM), no spills.
+//   Coverage: 16-bit inputs, D % 8 == 0 and <= 128, G in {1, 2, 4, 8, 16}, top_n <= 8 and
+//   tpb a power of two <= 64 (the old wmma kernel also took other tpb <= 64; those now run
+//   the generic kernel of select_blocks.cu).
+//   The fragment / lane index math is replayed on the host by scripts/emulate_select_mma.py.
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
@@ -59,27 +82,22 @@ namespace gpu {
 namespace {
 
 using namespace detail;
-namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 128;  // 4 warps
-constexpr int kRows = 64;      // (query, head) score rows per CTA
-constexpr int kCols = 64;      // token columns per chunk
-constexpr int kLdS = kCols + 4;  // floats per score row (+4: fewer bank conflicts on store)
+constexpr int kRows = 64;      // (query, head) score rows per CTA, 16 per warp
+constexpr int kCols = 64;      // token columns per chunk = 8 n8 tiles
+constexpr int kNt = kCols / 8;
 constexpr int kMaxTop = 8;     // top_n capacity of the per-thread lists
 
-// Shared memory layout (byte offsets); the Q tile is staged in the score buffer, which is
-// free until the first chunk's scores are stored.
-template <int DP, int G>
+// Shared memory layout (byte offsets). The Q tile is staged in K buffer 0 before the first
+// chunk is loaded (64 rows x kLdK, exactly one buffer).
+template <int DP>
 struct TcLayout {
-  static constexpr int kQt = kRows / G;
-  static constexpr int kLdK = DP + 8;  // 16-bit elements per staged row (+8: bank spread)
-  static constexpr int kK = 0;                                     // [2][kCols][kLdK]
-  static constexpr int kS = kK + 2 * kCols * kLdK * 2;             // [kRows][kLdS] float
-  static constexpr int kMass = kS + kRows * kLdS * 4;              // [kQt][kCols] float
-  static constexpr int kChosen = kMass + kQt * kCols * 4;          // [kQt][kMaxTop] int
-  static constexpr int kTokOk = kChosen + kQt * kMaxTop * 4;       // [2][kCols] byte
-  static constexpr int kBlockValid = kTokOk + 2 * kCols;           // [C] byte
-  static_assert(kRows * kLdK * 2 <= kRows * kLdS * 4, "Q tile must fit the score buffer");
+  static constexpr int kLdK = DP + 8;  // 16-bit elements per staged row: 16 B aligned rows,
+                                       // and the 8 rows of an ldmatrix hit distinct banks
+  static constexpr int kK = 0;                              // [2][kCols][kLdK]
+  static constexpr int kMask = kK + 2 * kCols * kLdK * 2;   // [2] uint64 scored-token bits
+  static constexpr int kBlockValid = kMask + 16;            // [C] byte
   static int64_t bytes(int64_t C) { return kBlockValid + ((C + 15) / 16) * 16; }
 };
 
@@ -89,33 +107,88 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> 0; ~2 ulp
   return y;
 }
 
+// Four 8x8 16-bit matrices; thread t gives the address of row t % 8 of matrix t / 8 and
+// receives, of matrix j, register j = elements (row lane / 4, cols 2 (lane % 4) + {0, 1}).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a (16x16 row-major) * b (16x8 col-major), fp32 accumulate.
+template <typename E>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same<E, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
 
 // (key desc, block asc); block < 0 is an empty slot and loses to everything.
 __device__ __forceinline__ bool better(float ka, int ca, float kb, int cb) {
   return ca >= 0 && (cb < 0 || ka > kb || (ka == kb && ca < cb));
 }
 
+// Offers (key, c) to a best-first list of kMaxTop entries (constant indices only: the list
+// stays in registers). The list always keeps the kMaxTop (>= top_n) best blocks offered.
+__device__ __forceinline__ void list_insert(float (&lv)[kMaxTop], int (&lc)[kMaxTop], float key,
+                                            int c) {
+  if (lc[kMaxTop - 1] >= 0 && !better(key, c, lv[kMaxTop - 1], lc[kMaxTop - 1])) return;
+  float kv = key;
+  int kc = c;
+#pragma unroll
+  for (int k = 0; k < kMaxTop; ++k) {
+    if (better(kv, kc, lv[k], lc[k])) {
+      const float tv = lv[k];
+      const int tc = lc[k];
+      lv[k] = kv;
+      lc[k] = kc;
+      kv = tv;
+      kc = tc;
+    }
+  }
+}
+
+// Row r (0..15) of a warp's m16 tile -> (query within the warp, head within the group).
+template <int G>
+__device__ __forceinline__ void row_map(int r, int& qw, int& hh) {
+  if constexpr (G == 1) {
+    qw = r;
+    hh = 0;
+  } else {
+    constexpr int QW = 16 / G, G2 = G / 2;
+    const int hl = (r & 7) / QW;
+    qw = (r & 7) % QW;
+    hh = (r >> 3) * G2 + hl;
+  }
+}
+
 template <typename T, int DP, int G>
 __global__ void __launch_bounds__(kThreads)
-    select_tc_kernel(const SelectParams<T> p, const int64_t C, const int nb) {
+    select_mma_kernel(const SelectParams<T> p, const int64_t C) {
   using E = typename TcElem<T>::type;
-  using Lay = TcLayout<DP, G>;
-  constexpr int QT = Lay::kQt;
+  using Lay = TcLayout<DP>;
+  constexpr int QW = 16 / G;          // queries per warp
+  constexpr int QT = 4 * QW;          // queries per CTA
   constexpr int LDK = Lay::kLdK;
-  constexpr int DK = DP / 16;
-  constexpr int TPQ = kThreads / QT;  // threads per query (2G)
-  constexpr int TOK = kCols / TPQ;    // columns per thread per row (32 / G)
-  constexpr int VW = TOK < 4 ? TOK : 4;
-  constexpr int NV = TOK / VW;
-  static_assert(TPQ <= 32 && TOK >= 2, "a query's threads must sit in one warp");
+  constexpr int DK = DP / 16;         // k16 steps
+  constexpr int NS = G == 1 ? 2 : 1;  // query slots per thread
+  constexpr int G2 = G == 1 ? 1 : G / 2;  // lanes holding the same sums after the butterfly
+  static_assert(G == 1 || G == 2 || G == 4 || G == 8 || G == 16, "G");
 
   extern __shared__ __align__(128) unsigned char smem[];
   E* kbuf = reinterpret_cast<E*>(smem + Lay::kK);
-  float* S = reinterpret_cast<float*>(smem + Lay::kS);
-  E* qs = reinterpret_cast<E*>(smem + Lay::kS);
-  float* mass = reinterpret_cast<float*>(smem + Lay::kMass);
-  int* chosen = reinterpret_cast<int*>(smem + Lay::kChosen);
-  unsigned char* tokok = smem + Lay::kTokOk;
+  unsigned long long* tokmask = reinterpret_cast<unsigned long long*>(smem + Lay::kMask);
   unsigned char* blockvalid = smem + Lay::kBlockValid;
 
   const AttnShape& s = p.shape;
@@ -125,18 +198,25 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tile = blockIdx.x % tiles, bg = blockIdx.x / tiles;
   const int64_t b = bg / Hk, g = bg % Hk;
   const int64_t i0 = tile * QT;
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const int64_t bs = p.block_size, tpb = p.block_size / p.stride;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t bs = p.block_size;
+  const int tpb = static_cast<int>(p.block_size / p.stride);
   const int top_n = static_cast<int>(p.top_n);
+  const bool causal = p.causal;
 
   // Token range of the tile and the blocks whose validity it needs.
-  const int64_t own_last = (std::min(L, i0 + QT) - 1) / bs;
-  const int64_t c_hi = p.causal ? own_last : C;
-  const int64_t t_end = p.causal ? std::min(Tn, own_last * tpb) : Tn;
-  const int nch = static_cast<int>((t_end + nb - 1) / nb);
+  // Token / block indices fit in int (the launcher checks T, C <= 2^30).
+  const int own_last = static_cast<int>((std::min(L, i0 + QT) - 1) / bs);
+  const int c_hi = causal ? own_last : static_cast<int>(C);
+  const int t_end = static_cast<int>(causal ? std::min<int64_t>(Tn, int64_t(own_last) * tpb) : Tn);
+  const int nch = (t_end + kCols - 1) / kCols;
+  // This warp's chunks: causal, every column at or after its last query's own block is
+  // excluded for all of its queries.
+  const int own_last_w = static_cast<int>((std::min(L, i0 + (warp + 1) * QW) - 1) / bs);
+  const int t_end_w = causal ? std::min(t_end, own_last_w * tpb) : t_end;
 
   // blockvalid[c]: block c holds a valid key (coalesced byte reads; equal-value writes).
-  for (int64_t c = tid; c < c_hi; c += kThreads) blockvalid[c] = p.valid.ptr == nullptr;
+  for (int c = tid; c < c_hi; c += kThreads) blockvalid[c] = p.valid.ptr == nullptr;
   __syncthreads();
   if (p.valid.ptr != nullptr) {
     const int64_t j_end = std::min(L, c_hi * bs);
@@ -144,303 +224,352 @@ __global__ void __launch_bounds__(kThreads)
       if (p.valid(b, j)) blockvalid[j / bs] = 1;
   }
 
-  // Q tile -> shared memory (zeros for padded / out-of-range queries and columns >= D).
+  // Q tile -> K buffer 0, in the warps' row order (zeros for padded / out-of-range queries
+  // and columns >= D), then into registers as A fragments for the whole CTA.
   for (int idx = tid; idx < kRows * (DP / 8); idx += kThreads) {
-    const int r = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
-    const int64_t i = i0 + r / G;
+    const int R = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
+    int qw, hh;
+    row_map<G>(R & 15, qw, hh);
+    const int64_t i = i0 + (R >> 4) * QW + qw;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (d8 < D && i < L && p.valid(b, i))
-      v = __ldg(reinterpret_cast<const uint4*>(p.q.at(b, i, g * G + r % G) + d8));
-    *reinterpret_cast<uint4*>(qs + r * LDK + d8) = v;
+      v = __ldg(reinterpret_cast<const uint4*>(p.q.at(b, i, g * G + hh) + d8));
+    *reinterpret_cast<uint4*>(kbuf + R * LDK + d8) = v;
   }
-  __syncthreads();
-
-  const int wr = warp >> 1, wc = warp & 1;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> afr[2][DK];
+  __syncthreads();  // also publishes blockvalid
+  uint32_t qa[DK][4];
+  {
+    // matrix j of the x4: rows 8 (j % 2) .. +8 of the warp's tile, columns 8 (j / 2) .. +8
+    // of the k16 step -> registers a0a1, a2a3, a4a5, a6a7 of the m16n8k16 A fragment.
+    const int mi = lane >> 3, rr = lane & 7;
+    const E* base = kbuf + (warp * 16 + (mi & 1) * 8 + rr) * LDK + (mi >> 1) * 8;
 #pragma unroll
-  for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-    for (int kk = 0; kk < DK; ++kk)
-      wmma::load_matrix_sync(afr[rt][kk], qs + (32 * wr + 16 * rt) * LDK + 16 * kk, LDK);
+    for (int kk = 0; kk < DK; ++kk) ldmatrix_x4(qa[kk], base + kk * 16);
+  }
 
-  // Chunk loader: rows of unscored tokens are zero (their k_cmp may hold NaN).
+  // Chunk loader: rows of unscored tokens are zero (their k_cmp may hold NaN); the chunk's
+  // scored-token bits go to tokmask[buf] (warps 0 and 1, one ballot each).
+  auto tok_ok = [&](int t) {
+    return t < t_end && p.valid_cmp(b, t) && blockvalid[t / tpb];
+  };
   auto load_chunk = [&](int ch, int buf) {
-    const int64_t n0 = static_cast<int64_t>(ch) * nb;
+    const int n0 = ch * kCols;
     E* kb = kbuf + buf * kCols * LDK;
     for (int idx = tid; idx < kCols * (DP / 8); idx += kThreads) {
       const int j = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
-      const int64_t t = n0 + j;
-      const bool ok = j < nb && t < t_end && p.valid_cmp(b, t) && blockvalid[t / tpb];
-      if (ok && d8 < D) detail::cp_async16<false>(kb + j * LDK + d8, p.k_cmp.at(b, t, g) + d8);
+      const int t = n0 + j;
+      if (d8 < D && tok_ok(t)) detail::cp_async16<false>(kb + j * LDK + d8, p.k_cmp.at(b, t, g) + d8);
       else *reinterpret_cast<uint4*>(kb + j * LDK + d8) = make_uint4(0, 0, 0, 0);
-      if (d8 == 0) tokok[buf * kCols + j] = ok;
     }
     detail::cp_async_commit();
+    if (warp < 2) {
+      const unsigned bits = __ballot_sync(kFullMask, tok_ok(n0 + warp * 32 + lane));
+      if (lane == 0) reinterpret_cast<unsigned*>(tokmask + buf)[warp] = bits;
+    }
   };
 
-  // This thread's query and columns.
-  const int qi = tid / TPQ, part = tid % TPQ;
-  const int64_t i = i0 + qi;
-  const bool qok = i < L && p.valid(b, i);
-  const int64_t own = (i < L ? i : L - 1) / bs;
-  const int64_t ex0 = own * tpb;  // excluded tokens [ex0, ex1): own block (and later, causal)
-  const int64_t ex1 = p.causal ? std::numeric_limits<int64_t>::max() : (own + 1) * tpb;
+  // This thread's queries (slots): G >= 2 one query (both rows), G = 1 rows lane/4 and +8.
+  const int q4 = lane & 3;
+  const int hl = G == 1 ? 0 : (lane >> 2) / QW;  // which duplicate of the head butterfly
+  // Per slot: excluded tokens [ex0, ex1) (the own block, and everything after it when
+  // causal), and candidate blocks c < climit, c != cex (climit = 0 for a padded query; every
+  // block c with c * tpb < t_end lies below c_hi, where blockvalid is filled).
+  int ex0[NS], ex1[NS], climit[NS], cex[NS];
+  const int c_tok = (t_end + tpb - 1) / tpb;  // blocks with a token below t_end
+#pragma unroll
+  for (int sl = 0; sl < NS; ++sl) {
+    int qw, hh;
+    row_map<G>((lane >> 2) + 8 * sl, qw, hh);
+    const int64_t i = i0 + warp * QW + qw;
+    const bool qok = i < L && p.valid(b, i);
+    const int own = static_cast<int>((i < L ? i : L - 1) / bs);
+    ex0[sl] = own * tpb;
+    ex1[sl] = causal ? std::numeric_limits<int>::max() : (own + 1) * tpb;
+    climit[sl] = qok ? (causal ? std::min(own, c_tok) : c_tok) : 0;
+    cex[sl] = causal ? -1 : own;
+  }
+  const bool all_valid = p.valid.ptr == nullptr;  // then every blockvalid[c] is 1
   const float sc = static_cast<float>(s.scale) * kLog2e;
-  auto col_of = [&](int v, int e) { return part * VW + v * TPQ * VW + e; };
 
-  float m[G], l[G], lse2[G];
+  float m[2], l[2], lse2[2];  // per row (rows lane/4 and lane/4 + 8)
 #pragma unroll
-  for (int hh = 0; hh < G; ++hh) {
-    m[hh] = -INFINITY;
-    l[hh] = 0.f;
+  for (int r = 0; r < 2; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+    lse2[r] = INFINITY;
   }
-  float lv[kMaxTop];  // this thread's best blocks, best first (registers: constant indices)
-  int lc[kMaxTop];
+  float lv[NS][kMaxTop];  // best blocks, best first
+  int lc[NS][kMaxTop];
 #pragma unroll
-  for (int k = 0; k < kMaxTop; ++k) {
-    lv[k] = -INFINITY;
-    lc[k] = -1;
-  }
+  for (int sl = 0; sl < NS; ++sl)
+#pragma unroll
+    for (int k = 0; k < kMaxTop; ++k) {
+      lv[sl][k] = -INFINITY;
+      lc[sl][k] = -1;
+    }
+
+  // Offers block c (of a chunk) with importance imp to slot sl's list when it is a
+  // candidate of that query.
+  auto offer = [&](int sl, float imp, int c) {
+    const bool cand = c < climit[sl] && c != cex[sl] && (all_valid || blockvalid[c]);
+    if (cand) list_insert(lv[sl], lc[sl], isnan(imp) ? -INFINITY : imp, c);
+  };
+  // Bits [lo, hi) of a 64-bit chunk mask (clamped to [0, 64)).
+  auto range_bits = [](int lo, int hi) -> unsigned long long {
+    lo = max(lo, 0);
+    hi = min(hi, kCols);
+    if (hi <= lo) return 0ull;
+    const unsigned long long below_hi = hi >= 64 ? ~0ull : (1ull << hi) - 1ull;
+    return below_hi & ~((1ull << lo) - 1ull);
+  };
 
   for (int pass = 0; pass < 2; ++pass) {
-    __syncthreads();  // the previous pass's readers of tokok / kbuf are done
+    __syncthreads();  // previous readers of kbuf (Q staging / the last chunk) are done
     if (nch > 0) load_chunk(0, 0);
     for (int ch = 0; ch < nch; ++ch) {
       const int buf = ch & 1;
       detail::cp_async_wait<0>();
       __syncthreads();  // chunk ch visible; every thread is done with chunk ch - 1
       if (ch + 1 < nch) load_chunk(ch + 1, buf ^ 1);
+      const int n0 = ch * kCols;
+      if (n0 >= t_end_w) continue;  // warp-uniform: nothing scored here for this warp
 
-      // S = Q K^T for this warp's 32 x 32 quarter.
+      // S = Q K^T: 16 rows x 64 columns, acc[nt][0..1] row lane/4, [2..3] row lane/4 + 8,
+      // columns 8 nt + 2 q4 + {0, 1}.
+      float acc[kNt][4];
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
       {
-        const E* kb = kbuf + buf * kCols * LDK;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+        // matrix j of the x4: tokens 8 (j / 2) .. +8 of the n-tile pair, d 8 (j % 2) .. +8
+        // of the k16 step -> b0b1 and b2b3 of n-tile 2 np, then of n-tile 2 np + 1.
+        const int mi = lane >> 3, rr = lane & 7;
+        const E* base = kbuf + (buf * kCols + (mi >> 1) * 8 + rr) * LDK + (mi & 1) * 8;
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt)
+        for (int kk = 0; kk < DK; ++kk)
 #pragma unroll
-          for (int ct = 0; ct < 2; ++ct) wmma::fill_fragment(acc[rt][ct], 0.f);
-#pragma unroll
-        for (int kk = 0; kk < DK; ++kk) {
-#pragma unroll
-          for (int ct = 0; ct < 2; ++ct) {
-            // K is stored [token][d]: as the (d x token) B operand that is column-major.
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> bfr;
-            wmma::load_matrix_sync(bfr, kb + (32 * wc + 16 * ct) * LDK + 16 * kk, LDK);
-#pragma unroll
-            for (int rt = 0; rt < 2; ++rt) wmma::mma_sync(acc[rt][ct], afr[rt][kk], bfr, acc[rt][ct]);
+          for (int np = 0; np < kNt / 2; ++np) {
+            uint32_t bf[4];
+            ldmatrix_x4(bf, base + np * 16 * LDK + kk * 16);
+            mma16816<E>(acc[2 * np], qa[kk], bf[0], bf[1]);
+            mma16816<E>(acc[2 * np + 1], qa[kk], bf[2], bf[3]);
           }
-        }
-#pragma unroll
-        for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-          for (int ct = 0; ct < 2; ++ct)
-            wmma::store_matrix_sync(S + (32 * wr + 16 * rt) * kLdS + 32 * wc + 16 * ct,
-                                    acc[rt][ct], kLdS, wmma::mem_row_major);
       }
-      __syncthreads();
 
-      // Per-column bias: 0 when the token is scored for this query, -inf otherwise.
-      const int64_t n0 = static_cast<int64_t>(ch) * nb;
-      float bias[NV][VW];
+      // Base-2 logits, -inf where the token is not scored for the row's query: the chunk's
+      // scored-token bits minus the slot's excluded range, shifted so that this thread's
+      // column 8 nt + 2 q4 + e is bit 8 nt + e (a constant) of a 32-bit half.
+      const unsigned long long bits = tokmask[buf];
+      unsigned okw[NS][2];
 #pragma unroll
-      for (int v = 0; v < NV; ++v)
+      for (int sl = 0; sl < NS; ++sl) {
+        const unsigned long long okm =
+            (bits & ~range_bits(ex0[sl] - n0, causal ? kCols : ex1[sl] - n0)) >> (2 * q4);
+        okw[sl][0] = static_cast<unsigned>(okm);
+        okw[sl][1] = static_cast<unsigned>(okm >> 32);
+      }
 #pragma unroll
-        for (int e = 0; e < VW; ++e) {
-          const int col = col_of(v, e);
-          const int64_t t = n0 + col;
-          const bool ok = tokok[buf * kCols + col] && (t < ex0 || t >= ex1);
-          bias[v][e] = ok ? 0.f : -INFINITY;
+      for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int sl = NS == 2 ? (e >> 1) : 0;
+          const bool ok = (okw[sl][nt >> 2] >> ((nt & 3) * 8 + (e & 1))) & 1u;
+          acc[nt][e] = ok ? acc[nt][e] * sc : -INFINITY;
         }
 
       if (pass == 0) {
 #pragma unroll
-        for (int hh = 0; hh < G; ++hh) {
-          const float* row = S + (qi * G + hh) * kLdS;
-          float x[NV][VW];
+        for (int r = 0; r < 2; ++r) {
           float cmax = -INFINITY;
 #pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            if constexpr (VW == 4) {
-              const float4 f = *reinterpret_cast<const float4*>(row + col_of(v, 0));
-              x[v][0] = f.x; x[v][1] = f.y; x[v][2] = f.z; x[v][3] = f.w;
-            } else {
-              const float2 f = *reinterpret_cast<const float2*>(row + col_of(v, 0));
-              x[v][0] = f.x; x[v][1] = f.y;
-            }
-#pragma unroll
-            for (int e = 0; e < VW; ++e) {
-              x[v][e] += bias[v][e];
-              cmax = fmaxf(cmax, x[v][e]);
-            }
-          }
-          const float mn = fmaxf(m[hh], cmax * sc);
+          for (int nt = 0; nt < kNt; ++nt)
+            cmax = fmaxf(cmax, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
+          const float mn = fmaxf(m[r], cmax);
           if (mn != -INFINITY) {  // else nothing scored yet (and -inf - -inf is NaN)
             float sum = 0.f;
 #pragma unroll
-            for (int v = 0; v < NV; ++v)
-#pragma unroll
-              for (int e = 0; e < VW; ++e) sum += fast_exp2(fmaf(x[v][e], sc, -mn));
-            l[hh] = l[hh] * fast_exp2(m[hh] - mn) + sum;
-            m[hh] = mn;
+            for (int nt = 0; nt < kNt; ++nt)
+              sum += fast_exp2(acc[nt][2 * r] - mn) + fast_exp2(acc[nt][2 * r + 1] - mn);
+            l[r] = l[r] * fast_exp2(m[r] - mn) + sum;
+            m[r] = mn;
           }
         }
-      } else {
-        float ms[NV][VW];
+        continue;
+      }
+
+      // pass 2: probabilities summed over the heads -> ms[slot][nt][e] (e: column pair).
+      float ms[NS][kNt][2];
 #pragma unroll
-        for (int v = 0; v < NV; ++v)
+      for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
-          for (int e = 0; e < VW; ++e) ms[v][e] = 0.f;
+        for (int e = 0; e < 2; ++e) {
+          const float p0 = fast_exp2(acc[nt][e] - lse2[0]);
+          const float p1 = fast_exp2(acc[nt][2 + e] - lse2[1]);
+          if constexpr (NS == 2) {
+            ms[0][nt][e] = p0;
+            ms[NS - 1][nt][e] = p1;
+          } else {
+            float v = p0 + p1;
 #pragma unroll
-        for (int hh = 0; hh < G; ++hh) {  // heads in a fixed order
-          const float* row = S + (qi * G + hh) * kLdS;
+            for (int o = 4 * QW; o < 32; o <<= 1) v += __shfl_xor_sync(kFullMask, v, o);
+            ms[0][nt][e] = v;
+          }
+        }
+
+      // Per block: importance (fixed order) offered by exactly one lane of the query.
+      auto blocks = [&](auto tpb_c) {
+        constexpr int TPB = decltype(tpb_c)::value;
+        const int cb0 = n0 / TPB;
 #pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            float x[VW];
-            if constexpr (VW == 4) {
-              const float4 f = *reinterpret_cast<const float4*>(row + col_of(v, 0));
-              x[0] = f.x; x[1] = f.y; x[2] = f.z; x[3] = f.w;
-            } else {
-              const float2 f = *reinterpret_cast<const float2*>(row + col_of(v, 0));
-              x[0] = f.x; x[1] = f.y;
+        for (int sl = 0; sl < NS; ++sl) {
+          if constexpr (TPB == 1) {
+#pragma unroll
+            for (int nt = 0; nt < kNt; ++nt)
+              if (nt % G2 == hl)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) offer(sl, ms[sl][nt][e], cb0 + nt * 8 + 2 * q4 + e);
+          } else if constexpr (TPB == 2) {
+#pragma unroll
+            for (int nt = 0; nt < kNt; ++nt)
+              if (nt % G2 == hl) offer(sl, ms[sl][nt][0] + ms[sl][nt][1], cb0 + nt * 4 + q4);
+          } else if constexpr (TPB == 4) {
+#pragma unroll
+            for (int nt = 0; nt < kNt; ++nt) {
+              float v = ms[sl][nt][0] + ms[sl][nt][1];
+              v += __shfl_xor_sync(kFullMask, v, 1);
+              if ((q4 & 1) == 0 && nt % G2 == hl) offer(sl, v, cb0 + nt * 2 + (q4 >> 1));
             }
+          } else {
+            constexpr int NTB = TPB / 8, NBK = kNt / NTB;  // n-tiles per block, blocks
 #pragma unroll
-            for (int e = 0; e < VW; ++e)
-              ms[v][e] += fast_exp2(fmaf(x[e] + bias[v][e], sc, -lse2[hh]));
-          }
-        }
-        float* mrow = mass + qi * kCols;
+            for (int k = 0; k < NBK; ++k) {
+              float v = 0.f;
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          if constexpr (VW == 4)
-            *reinterpret_cast<float4*>(mrow + col_of(v, 0)) =
-                make_float4(ms[v][0], ms[v][1], ms[v][2], ms[v][3]);
-          else
-            *reinterpret_cast<float2*>(mrow + col_of(v, 0)) = make_float2(ms[v][0], ms[v][1]);
-        }
-        __syncthreads();
-        // Blocks of this chunk: importance = sum of its tpb columns (in order), offered to
-        // this thread's list when the block is a candidate of the query.
-        const int64_t cb0 = n0 / tpb;
-        const int nbl = static_cast<int>(std::min<int64_t>(nb / tpb, (t_end - n0 + tpb - 1) / tpb));
-        for (int cl = part; cl < nbl; cl += TPQ) {
-          const int64_t c = cb0 + cl;
-          const bool cand = qok && (p.causal ? c < own : (c != own && c < C)) && blockvalid[c];
-          if (!cand) continue;
-          float imp = 0.f;
-          for (int j = 0; j < tpb; ++j) imp += mrow[cl * tpb + j];
-          const float key = isnan(imp) ? -INFINITY : imp;  // NaN ranks last, as on the CPU
-          const int ci = static_cast<int>(c);
-          // The list always keeps this thread's best kMaxTop (>= top_n) blocks: a bound
-          // that depends on top_n made the compiler index the list dynamically (local memory).
-          if (lc[kMaxTop - 1] >= 0 && !better(key, ci, lv[kMaxTop - 1], lc[kMaxTop - 1]))
-            continue;
-          float kv = key;
-          int kc = ci;
-#pragma unroll
-          for (int k = 0; k < kMaxTop; ++k) {
-            if (better(kv, kc, lv[k], lc[k])) {
-              const float tv = lv[k];
-              const int tc = lc[k];
-              lv[k] = kv;
-              lc[k] = kc;
-              kv = tv;
-              kc = tc;
+              for (int j = 0; j < NTB; ++j) v += ms[sl][k * NTB + j][0] + ms[sl][k * NTB + j][1];
+              v += __shfl_xor_sync(kFullMask, v, 1);
+              v += __shfl_xor_sync(kFullMask, v, 2);
+              if (q4 == 0 && k % G2 == hl) offer(sl, v, cb0 + k);
             }
           }
         }
+      };
+      switch (tpb) {
+        case 1: blocks(std::integral_constant<int, 1>()); break;
+        case 2: blocks(std::integral_constant<int, 2>()); break;
+        case 4: blocks(std::integral_constant<int, 4>()); break;
+        case 8: blocks(std::integral_constant<int, 8>()); break;
+        case 16: blocks(std::integral_constant<int, 16>()); break;
+        case 32: blocks(std::integral_constant<int, 32>()); break;
+        default: blocks(std::integral_constant<int, 64>()); break;
       }
     }
 
     if (pass == 0) {
-      // Merge the per-thread softmax statistics over the query's TPQ lanes (a butterfly:
-      // every lane ends with the same bits).
+      // Merge the row statistics over the quad (a butterfly: every lane ends with the same
+      // bits), then lse2 (+inf for a row with nothing scored: every p is 0).
 #pragma unroll
-      for (int hh = 0; hh < G; ++hh) {
+      for (int r = 0; r < 2; ++r) {
 #pragma unroll
-        for (int o = 1; o < TPQ; o <<= 1) {
-          const float m2 = __shfl_xor_sync(kFullMask, m[hh], o);
-          const float l2 = __shfl_xor_sync(kFullMask, l[hh], o);
-          const float mn = fmaxf(m[hh], m2);
+        for (int o = 1; o < 4; o <<= 1) {
+          const float m2 = __shfl_xor_sync(kFullMask, m[r], o);
+          const float l2 = __shfl_xor_sync(kFullMask, l[r], o);
+          const float mn = fmaxf(m[r], m2);
           if (mn != -INFINITY) {
-            l[hh] = l[hh] * fast_exp2(m[hh] - mn) + l2 * fast_exp2(m2 - mn);
-            m[hh] = mn;
+            l[r] = l[r] * fast_exp2(m[r] - mn) + l2 * fast_exp2(m2 - mn);
+            m[r] = mn;
           }
         }
-        lse2[hh] = l[hh] > 0.f ? m[hh] + log2f(l[hh]) : INFINITY;  // +inf: every p is 0
+        lse2[r] = l[r] > 0.f ? m[r] + log2f(l[r]) : INFINITY;
       }
     }
   }
 
-  // top_n rounds of arg-max over the heads of the TPQ lists of a query.
-  for (int r = 0; r < top_n; ++r) {
-    float bv = lv[0];
-    int bc = lc[0];
+  // top_n rounds of arg-max over the list heads of the query's lanes (xor 1, 2 in the quad,
+  // and the head-butterfly duplicates), per slot. The owner of the winner pops its head.
 #pragma unroll
-    for (int o = 1; o < TPQ; o <<= 1) {
-      const float v2 = __shfl_xor_sync(kFullMask, bv, o);
-      const int c2 = __shfl_xor_sync(kFullMask, bc, o);
-      if (better(v2, c2, bv, bc)) {
-        bv = v2;
-        bc = c2;
+  for (int sl = 0; sl < NS; ++sl) {
+    int chosen[kMaxTop];
+#pragma unroll
+    for (int r = 0; r < kMaxTop; ++r) {
+      chosen[r] = -1;
+      if (r < top_n) {  // uniform over the warp
+        float bv = lv[sl][0];
+        int bc = lc[sl][0];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          if (o >= 4 && (G == 1 || o < 4 * QW)) continue;  // not a lane of this query
+          const float v2 = __shfl_xor_sync(kFullMask, bv, o);
+          const int c2 = __shfl_xor_sync(kFullMask, bc, o);
+          if (better(v2, c2, bv, bc)) {
+            bv = v2;
+            bc = c2;
+          }
+        }
+        if (bc >= 0 && lc[sl][0] == bc) {  // each block is offered by one lane only
+#pragma unroll
+          for (int k = 0; k + 1 < kMaxTop; ++k) {
+            lv[sl][k] = lv[sl][k + 1];
+            lc[sl][k] = lc[sl][k + 1];
+          }
+          lv[sl][kMaxTop - 1] = -INFINITY;
+          lc[sl][kMaxTop - 1] = -1;
+        }
+        chosen[r] = bc;  // -1 once the candidates run out
       }
     }
-    if (bc >= 0 && lc[0] == bc) {  // the owner (blocks are split among lanes) pops its head
+    // One lane per query writes: chosen[] is best-first with the -1s at its end; the output
+    // is ascending by rank.
+    int qw, hh;
+    row_map<G>((lane >> 2) + 8 * sl, qw, hh);
+    const int64_t i = i0 + warp * QW + qw;
+    if (q4 == 0 && hl == 0 && i < L) {
+      int32_t* out = p.out + ((b * L + i) * Hk + g) * p.top_n;
 #pragma unroll
-      for (int k = 0; k + 1 < kMaxTop; ++k) {
-        lv[k] = lv[k + 1];
-        lc[k] = lc[k + 1];
+      for (int k = 0; k < kMaxTop; ++k) {
+        if (k >= top_n) break;
+        const int e = chosen[k];
+        if (e < 0) {
+          out[k] = -1;
+          continue;
+        }
+        int rank = 0;
+#pragma unroll
+        for (int y = 0; y < kMaxTop; ++y) rank += (chosen[y] >= 0 && chosen[y] < e);
+        out[rank] = e;
       }
-      lv[kMaxTop - 1] = -INFINITY;
-      lc[kMaxTop - 1] = -1;
-    }
-    if (part == 0) chosen[qi * kMaxTop + r] = bc;  // -1 once the candidates run out
-  }
-  __syncwarp();
-  if (i < L) {
-    // chosen[] is best-first with the -1s at its end; write it ascending by rank.
-    int32_t* out = p.out + ((b * L + i) * Hk + g) * p.top_n;
-    const int* ch = chosen + qi * kMaxTop;
-    for (int k = part; k < top_n; k += TPQ) {
-      const int e = ch[k];
-      if (e < 0) {
-        out[k] = -1;
-        continue;
-      }
-      int rank = 0;
-      for (int y = 0; y < top_n; ++y) rank += (ch[y] >= 0 && ch[y] < e);
-      out[rank] = e;
     }
   }
 }
 
 template <int DP, int G, typename T>
-bool launch_tc(const SelectParams<T>& p, int64_t C, int nb, cudaStream_t stream) {
-  using Lay = TcLayout<DP, G>;
+bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
+  using Lay = TcLayout<DP>;
   const int64_t bytes = Lay::bytes(C);
   int dev = 0, max_smem = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (bytes > max_smem) return false;
   const AttnShape& s = p.shape;
-  const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, Lay::kQt);
+  const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, 64 / G);
   if (ctas >= (int64_t(1) << 31)) return false;
-  auto kernel = select_tc_kernel<T, DP, G>;
+  auto kernel = select_mma_kernel<T, DP, G>;
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(bytes));
-  kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes), stream>>>(p, C, nb);
+  kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes), stream>>>(p, C);
   check_launch("select_blocks_fwd (tensor cores)");
   return true;
 }
 
 template <int DP, typename T>
-bool dispatch_group(const SelectParams<T>& p, int64_t C, int nb, cudaStream_t stream) {
+bool dispatch_group(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   switch (p.shape.group()) {
-    case 1: return launch_tc<DP, 1>(p, C, nb, stream);
-    case 2: return launch_tc<DP, 2>(p, C, nb, stream);
-    case 4: return launch_tc<DP, 4>(p, C, nb, stream);
-    case 8: return launch_tc<DP, 8>(p, C, nb, stream);
-    case 16: return launch_tc<DP, 16>(p, C, nb, stream);
+    case 1: return launch_tc<DP, 1>(p, C, stream);
+    case 2: return launch_tc<DP, 2>(p, C, stream);
+    case 4: return launch_tc<DP, 4>(p, C, stream);
+    case 8: return launch_tc<DP, 8>(p, C, stream);
+    case 16: return launch_tc<DP, 16>(p, C, stream);
     default: return false;
   }
 }
@@ -458,15 +587,17 @@ bool select_blocks_tc_fwd(const SelectParams<T>& p, cudaStream_t stream) {
     if (!vec_ok<T>(p.q.ptr, D, p.q.stride_b, p.q.stride_l, p.q.stride_h) ||
         !vec_ok<T>(p.k_cmp.ptr, D, p.k_cmp.stride_b, p.k_cmp.stride_l, p.k_cmp.stride_h))
       return false;
-    if (tpb < 1 || tpb > kCols || p.top_n < 1 || p.top_n > kMaxTop) return false;
+    // tpb: a power of two dividing the 64-token chunk (the block sums are done in registers
+    // by n-tile / quad lanes); other ratios take the generic kernel.
+    if (tpb < 1 || tpb > kCols || !is_pow2(tpb) || p.top_n < 1 || p.top_n > kMaxTop)
+      return false;
     if (s.kv_heads < 1 || s.q_heads % s.kv_heads != 0) return false;
     const int64_t C = ceil_div(s.q_len, p.block_size);
     if (C > (int64_t(1) << 30) || s.kv_len > (int64_t(1) << 30)) return false;
-    const int nb = static_cast<int>((kCols / tpb) * tpb);  // whole blocks per chunk
-    if (D <= 16) return dispatch_group<16>(p, C, nb, stream);
-    if (D <= 32) return dispatch_group<32>(p, C, nb, stream);
-    if (D <= 64) return dispatch_group<64>(p, C, nb, stream);
-    return dispatch_group<128>(p, C, nb, stream);
+    if (D <= 16) return dispatch_group<16>(p, C, stream);
+    if (D <= 32) return dispatch_group<32>(p, C, stream);
+    if (D <= 64) return dispatch_group<64>(p, C, stream);
+    return dispatch_group<128>(p, C, stream);
   }
 }
 

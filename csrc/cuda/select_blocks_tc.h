@@ -10,7 +10,8 @@ namespace gpu {
 
 // Enqueues the fast kernel and returns true when it covers the call (16-bit inputs,
 // head_dim % 8 == 0 and <= 128, 16-byte aligned rows, G in {1, 2, 4, 8, 16},
-// block_size / stride <= 64, top_n <= 8, shared memory within the device limit);
+// block_size / stride a power of two <= 64, top_n <= 8, shared memory within the device
+// limit);
 // returns false without doing anything otherwise, and the caller runs the generic kernel.
 template <typename T>
 bool select_blocks_tc_fwd(const SelectParams<T>& p, cudaStream_t stream);
