@@ -1,4 +1,4 @@
-"""GPU check and timing of select_blocks' tensor-core path (csrc/cuda/select_blocks_tc.cu).
+"""GPU check and timing of select_blocks' tensor-core path (csrc/cuda/select_blocks_tc.cuh).
 
 check: for bf16 / fp16, D in {16, 32, 64, 128}, G in {1, 2, 4, 8}, L in {1, 17, 200, 1000},
 block_size in {16, 32, 64} (stride 16), causal or not, with and without a validity mask

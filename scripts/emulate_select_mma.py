@@ -1,4 +1,4 @@
-"""Host emulation of the index math of csrc/cuda/select_blocks_tc.cu (no GPU needed).
+"""Host emulation of the index math of csrc/cuda/select_blocks_tc.cuh (no GPU needed).
 
 Replays, lane by lane, what the kernel does for every CTA of one (b, g): the Q staging
 order (row_map), the ldmatrix.x4 address -> register mapping for the A (Q) and B (K)

@@ -218,7 +218,7 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   TORCH_CHECK(p.stride >= 1 && p.block_size >= p.stride && p.block_size % p.stride == 0,
               "select_blocks: block_size must be a positive multiple of stride");
   if (s.batch == 0 || s.q_len == 0 || s.kv_heads == 0 || p.top_n == 0) return;
-  // Tensor-core path when it covers the call (select_blocks_tc.cu); this kernel otherwise.
+  // Tensor-core path when it covers the call (select_blocks_tc.cuh); this kernel otherwise.
   if (!detail::simple_kernels_requested() && select_blocks_tc_fwd(p, stream)) return;
   const int64_t C = ceil_div(s.q_len, p.block_size);
   const SelectSmem lay = select_smem(C, p.top_n);

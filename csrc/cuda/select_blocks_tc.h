@@ -1,4 +1,4 @@
-// Tensor-core fast path of select_blocks (csrc/cuda/select_blocks_tc.cu). Called by
+// Tensor-core fast path of select_blocks (csrc/cuda/select_blocks_tc.cuh). Called by
 // select_blocks_fwd (select_blocks.cu) before its generic kernel.
 #pragma once
 #include <cuda_runtime_api.h>

@@ -69,6 +69,10 @@
 //   tpb a power of two <= 64 (the old wmma kernel also took other tpb <= 64; those now run
 //   the generic kernel of select_blocks.cu).
 //   The fragment / lane index math is replayed on the host by scripts/emulate_select_mma.py.
+// Included by select_blocks_tc_half.cu (float, half) and select_blocks_tc_bf16.cu
+// (bfloat16): the 40 kernel instantiations per 16-bit type take minutes of nvcc time, so
+// the two types compile as two translation units, in parallel.
+#pragma once
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
@@ -600,11 +604,6 @@ bool select_blocks_tc_fwd(const SelectParams<T>& p, cudaStream_t stream) {
     return dispatch_group<128>(p, C, stream);
   }
 }
-
-template bool select_blocks_tc_fwd<float>(const SelectParams<float>&, cudaStream_t);
-template bool select_blocks_tc_fwd<c10::Half>(const SelectParams<c10::Half>&, cudaStream_t);
-template bool select_blocks_tc_fwd<c10::BFloat16>(const SelectParams<c10::BFloat16>&,
-                                                  cudaStream_t);
 
 }  // namespace gpu
 }  // namespace blossom
