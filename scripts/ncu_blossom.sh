@@ -3,6 +3,7 @@
 # duration, achieved occupancy, and how close each kernel runs to the SM, L1, L2 and DRAM
 # ceilings. Says whether a kernel is bound by memory traffic or by latency. GPU machine only.
 #   OUT=dir D=64 L=4096 B=16 scripts/ncu_blossom.sh    -> $OUT/ncu.log
+#   NCU_KERNEL=select_mma scripts/ncu_blossom.sh         -> full sections of that kernel
 # --clock-control none leaves the clocks alone (device README); B is kept small so the
 # replayed kernels stay quick (per-kernel behaviour does not depend on B at these sizes).
 set -u -o pipefail
@@ -19,6 +20,16 @@ o = blossom_ops.blossom_attention(q, k, v, gl)
 torch.autograd.grad(o, (q, k, v, gl), torch.randn_like(o))
 torch.cuda.synchronize()
 PY
+if [ -n "${NCU_KERNEL:-}" ]; then
+  # One kernel (name regex), full sections: stall reasons, pipes, memory, launch.
+  SECTIONS=${NCU_SECTIONS:-"SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats InstructionStats ComputeWorkloadAnalysis MemoryWorkloadAnalysis"}
+  ARGS=()
+  for x in $SECTIONS; do ARGS+=(--section "$x"); done
+  timeout ${NCU_TIMEOUT:-300} ncu --clock-control none -k "regex:$NCU_KERNEL" -c 1 "${ARGS[@]}" \
+    python3 /tmp/ncu_step.py > "$OUT/ncu_${NCU_KERNEL//[^a-zA-Z0-9_]/}.log" 2>&1
+  echo "rc=$? kernel $NCU_KERNEL (D=${D:-64} L=${L:-4096} B=${B:-16})"
+  exit 0
+fi
 METRICS=gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,\
 sm__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__throughput.avg.pct_of_peak_sustained_elapsed,\
 lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
