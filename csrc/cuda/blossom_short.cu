@@ -24,35 +24,52 @@
 //
 // Decomposition. Rows = (query, head of kv group g) pairs, 64 per tile: QT = 64 / G queries
 // x G heads (row r -> query q0 + r / G, head g G + r % G; rows >= QT G are dead). 128
-// threads = 4 warps; warp w owns rows [16w, 16w + 16) of every 64 x 64 tile. Tensor cores
-// through nvcuda::wmma 16x16x16, 16-bit in, fp32 accumulate.
+// threads = 4 warps; warp w owns rows [16w, 16w + 16) of every 64 x 64 tile, and its lanes
+// do the elementwise work of exactly those rows (two lanes per row, 32 or 16 keys each), so
+// between a warp's S GEMM, its softmax and its P V GEMM only __syncwarp is needed. Tensor
+// cores through nvcuda::wmma 16x16x16, 16-bit in, fp32 accumulate. L <= 256 (kMaxLen): a
+// row's masks over all key chunks are at most 4 (selected, window) uint64 pairs, built
+// once per CTA at the start (no global index loads inside the chunk loops).
 //   fwd:   CTA per (b, g, query tile). Keys [0, last query] (causal) or [0, L) in chunks of
-//          64 through shared memory (cp.async). Pass 1: S, then row max / sum of both
-//          masks (online per chunk, two threads per row, combined once). Pass 2: S again,
-//          P_x = exp2(s - lse2_x) already normalised (no rescaling), o_x += P_x V.
+//          64 through shared memory (cp.async; K(c+1) is fetched under chunk c's softmax and
+//          P V, V(c+1) under the next S GEMM's wait). One pass, online softmax per branch:
+//          the accumulators are rescaled when a row max grows (each accumulator element's
+//          row from a row-number table loaded as an accumulator fragment) and divided by
+//          the row sum at the end.
 //   dQ:    CTA per (b, g, query tile): rowsum(dO o_x), grad_gate, per-row (a, b, delta_x,
-//          lse2_x) into a float workspace; per key chunk S, dP, dS, dQ += dS K.
-//   dK/dV: CTA per (b, g, 64-key tile): walks query chunks (from the tile's first key when
-//          causal) in a fixed order, recomputing S, dP, P_x, dS from the saved lse and the
-//          workspace; dV += (a P_sel + b P_win)^T dO, dK += dS^T Q in registers. Every
-//          output element has exactly one writer: deterministic, no atomics.
+//          lse2_x) and every chunk's masks into the workspace (96 bytes per row); per key
+//          chunk, per 32-key half: S, dP, dS; then dQ += dS K. V(c+1) / K(c+1) prefetched
+//          as soon as every warp is done with V(c) / K(c).
+//   dK/dV: CTA per (b, g, 64-key tile, split s): the key tile's query steps of QT queries
+//          (from the tile's first key when causal) are dealt round robin over nsplit CTAs
+//          (step t to split t % nsplit; nsplit = min(4, ceil(steps / 3)) on sm_90, 1 before).
+//          Each step loads Q, dO and the rows' workspace data (one cp.async round trip),
+//          recomputes S, dP, P_x, dS per 32-key half; dV += (a P_sel + b P_win)^T dO,
+//          dK += dS^T Q in registers. The nsplit CTAs of a key tile are one thread-block
+//          cluster: each stages its fp32 partials in its shared memory, and after a cluster
+//          barrier CTA s sums rows r % nsplit == s over ranks 0, 1, .. in that order through
+//          distributed shared memory. Every output element has one writer and a fixed
+//          summation order: deterministic, no atomics, no global partials.
 //
 // Cost at B=64, Hq=8, Hk=2 (G=4), D=64, L=200, causal: 13 query tiles of 16 queries per
 // (b, g), 28 (query tile, 64-key chunk) pairs per (b, g), 128 (b, g):
-//   fwd  4 GEMMs of 64x64x64 per pair (QK twice, P_sel V, P_win V) = 2.1 MFLOP
-//        -> 7.5 GFLOP of tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2
-//        per tile) + out, o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (12 us at 4.8
-//        TB/s). 1664 CTAs of 128 threads, 65 KB smem each (3 per SM by smem and by
-//        registers: 128 / thread, no spills).
-//   Shared memory at D = 16 / 32 / 64: fwd 47 / 53 / 65 KB, dQ 58 / 66 / 82 KB,
-//   dK/dV 67 / 75 / 91 KB. Registers (sm_90, bf16): fwd 128 / 86 / 128, dQ 56 / 72 / 106,
-//   dK/dV 72 / 80 / 128. D = 128 is left to the generic path (255 registers + spills).
-//   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query chunk) pair (~ as many)
-//        -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v, dk, dv 13 MB +
-//        workspace 3.3 MB x 2 ~ 85 MB.
-//   The work is small and latency-bound (dependent load -> mma -> exp chains, no
-//   double-buffering): predicted ~0.08-0.12 ms forward kernel and ~0.15-0.2 ms for the
-//   two backward kernels on an H200, plus block_compress + select_blocks (unchanged).
+//   fwd  3 GEMMs of 64x64x64 per pair (QK, P_sel V, P_win V) = 1.6 MFLOP -> 5.6 GFLOP of
+//        tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2 per tile) + out,
+//        o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (13 us at 4.8 TB/s). 1664 CTAs.
+//   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query step) pair, 28 steps per
+//        (b, g) dealt over 16 CTAs (key tiles 0..3 walk 13, 9, 5, 1 steps: 4 / 3 / 2 / 1
+//        per CTA at nsplit 4) -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v,
+//        dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile ~ 100 MB.
+//   Shared memory (bytes) at D = 16 / 32 / 64: fwd 52352 / 58496 / 70784,
+//   dQ 44160 / 52352 / 68736, dK/dV 50176 / 58368 / 74752 -> 3 CTAs (12 warps) per SM at
+//   D = 64 for all three (before: forward 3, backward 2). Registers (sm_90, bf16 / half):
+//   fwd 64 / 96 / 127 (bf16), dQ 68 / 92 / 138, dK/dV 114 / 114 / 138; no spills except
+//   8 bytes in the bf16 D = 32 forward. D = 128 is left to the generic path.
+//   The kernels are latency-bound (dependent load -> mma -> exp chains). Measured before
+//   this layout (H100, D=64): fwd 0.172, dQ 0.175, dK/dV 0.228 ms. Predicted now: fwd
+//   ~0.08-0.09 ms (one pass instead of two), dQ ~0.10-0.12 ms (3 CTAs per SM, no per-chunk
+//   index loads, K/V prefetch), dK/dV ~0.10-0.13 ms (3 CTAs per SM, critical path 4 steps
+//   instead of 13), plus block_compress + select_blocks (unchanged).
 #include <cooperative_groups.h>
 #include <mma.h>
 
@@ -74,6 +91,9 @@ constexpr int kKeys = 64;     // keys per chunk (one 64-bit mask per row)
 constexpr int kThreads = 128; // 4 warps, 16 rows each
 constexpr int kLdS = kKeys + 4;  // float score tiles (wmma: ld % 4 == 0)
 constexpr int kLdP = kKeys + 8;  // 16-bit probability tiles (wmma: ld % 8 == 0)
+// Backward float tiles hold one 32-key half of S / dP at a time (less shared memory: 3 CTAs
+// per SM); ld 32 with a per-row rotation of the read order keeps the lanes conflict-free.
+constexpr int kHalf = 32;
 constexpr int kMaxChunks = 4;    // L <= 256 (kMaxLen): at most 4 key chunks per row
 constexpr int kMaxLen = kMaxChunks * kKeys;
 constexpr int kSplitMax = 4;     // CTAs (one thread-block cluster) per dK/dV key tile
@@ -90,6 +110,8 @@ struct Lay {
   static constexpr int kLdO = D + 4;  // float staging of D-wide results
   static constexpr int kTile = up128(kRows * kLdH * 2);
   static constexpr int kF = up128(kRows * (kLdS > kLdO ? kLdS : kLdO) * 4);
+  static constexpr int kF2 = kRows * kHalf * 4;  // half-width float tile (backward)
+  static constexpr int kStage = kRows * kLdO * 4;  // one D-wide float staging tile
   static constexpr int kP = up128(kRows * kLdP * 2);
   static constexpr int kBits = kMaxChunks * 2 * kRows * 8;  // masks of every key chunk
   static constexpr int kRowF = 8 * kRows * 4;               // per-row floats
@@ -99,11 +121,14 @@ struct Lay {
   // forward: Q, K, V | S | P_sel, P_win | masks, row floats, row table, validity
   // (the o_sel / o_win staging reuses K, V, S)
   static constexpr int kFwdBytes = 3 * kTile + kF + 2 * kP + kBits + kRowF + kTab + kVw;
-  // dQ: Q, dO, K, V | S, dP | dS | masks, row floats, validity
-  static constexpr int kDqBytes = 4 * kTile + 2 * kF + kP + kBits + kRowF + kVw;
-  // dK/dV: K, V, Q, dO | S, dP | dS, a P_sel + b P_win | row data
-  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF + 2 * kP + kRowDB;
-  static_assert(2 * kRows * kLdO * 4 <= 2 * kTile + kF, "forward staging must fit in K, V, S");
+  // dQ: Q, dO, K, V | S, dP halves | dS | masks, row floats, validity (dQ staged over Q, dO)
+  static constexpr int kDqBytes = 4 * kTile + 2 * kF2 + kP + kBits + kRowF + kVw;
+  // dK/dV: K, V, Q, dO | S, dP halves | dS, a P_sel + b P_win | row data
+  // (dK, dV staged over Q, dO, S, dP, dS, ...)
+  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF2 + 2 * kP + kRowDB;
+  static_assert(2 * kStage <= 2 * kTile + kF, "forward staging must fit in K, V, S");
+  static_assert(kStage <= 2 * kTile, "dQ staging must fit in Q, dO");
+  static_assert(2 * kStage <= 2 * kTile + 2 * kF2 + 2 * kP, "dK/dV staging must fit from Q on");
 };
 
 // Mask parameters of one problem (both branches), as ints: L is short here.
@@ -216,6 +241,29 @@ __device__ __forceinline__ void gemm_abt(const E* A, const E* Bm, float* C, int 
   }
 }
 
+// C[16w .. 16w + 16, 0 .. 32) = A[rows, :D] B[keys 32 hk .. 32 hk + 32, :D]^T to the
+// half-width float tile C (ld kHalf).
+template <int D, typename E>
+__device__ __forceinline__ void gemm_abt_half(const E* A, const E* Bm, float* C, int warp,
+                                              int hk) {
+  constexpr int ld = Lay<D>::kLdH;
+  FragA<E> a[D / 16];
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) wm::load_matrix_sync(a[f], A + warp * 16 * ld + f * 16, ld);
+#pragma unroll
+  for (int nt = 0; nt < kHalf / 16; ++nt) {
+    FragC acc;
+    wm::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int f = 0; f < D / 16; ++f) {
+      FragBc<E> bf;
+      wm::load_matrix_sync(bf, Bm + (hk * kHalf + nt * 16) * ld + f * 16, ld);
+      wm::mma_sync(acc, a[f], bf, acc);
+    }
+    wm::store_matrix_sync(C + warp * 16 * kHalf + nt * 16, acc, kHalf, wm::mem_row_major);
+  }
+}
+
 // acc[16w rows, :D] += P[16w rows, 64 keys] X[64 keys, :D] (P ld kLdP, X ld D + 8).
 template <int D, typename E>
 __device__ __forceinline__ void gemm_pv(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
@@ -238,7 +286,9 @@ __device__ __forceinline__ void gemm_pv(const E* P, const E* X, FragC (&acc)[D /
 template <int D, typename E>
 __device__ __forceinline__ void gemm_ptx(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
   constexpr int ld = Lay<D>::kLdH;
-#pragma unroll
+  // Not unrolled over kt: with both dK and dV accumulators live, a full unroll pushes the
+  // dK/dV kernel past its 168-register budget (3 CTAs per SM) into spills.
+#pragma unroll 1
   for (int kt = 0; kt < kRows / 16; ++kt) {
     FragAc<E> a;
     wm::load_matrix_sync(a, P + kt * 16 * kLdP + warp * 16, kLdP);
@@ -290,12 +340,14 @@ struct Smem {
 // [32 eh, 32 eh + 32) of a chunk each), so the rows a warp's GEMMs produce are the rows its
 // lanes post-process: S -> P -> P V needs only __syncwarp. The rotation rot makes the 32
 // lanes of a float-tile read hit 32 distinct banks (ld 68: bank = 4 (r' % 8) + (k + rot)).
+// Backward (half-width tiles, ld 32, 16 keys per lane): rot16 = r' gives bank
+// 16 eh + (k + r') % 16, again 32 distinct banks.
 struct Ew {
-  int er, eh, rot;
+  int er, eh, rot, rot16;
 };
 __device__ __forceinline__ Ew ew_role() {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  return Ew{warp * 16 + (lane >> 1), lane & 1, (lane & 1) + ((lane >> 4) << 1)};
+  return Ew{warp * 16 + (lane >> 1), lane & 1, (lane & 1) + ((lane >> 4) << 1), lane >> 1};
 }
 
 // Masks of the tile's 64 rows for every key chunk c < nc, once per CTA:
@@ -400,7 +452,7 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> (32 * ew.eh));
     const float* srow = sF + ew.er * kLdS + 32 * ew.eh;
     float cs = -INFINITY, cw = -INFINITY;
-#pragma unroll 8
+#pragma unroll 4
     for (int t = 0; t < 32; ++t) {
       const int k = (t + ew.rot) & 31;
       const float s = srow[k] * sl2;
@@ -416,7 +468,7 @@ __global__ void __launch_bounds__(kThreads)
     E* p0 = sP0 + ew.er * kLdP + 32 * ew.eh;
     E* p1 = sP1 + ew.er * kLdP + 32 * ew.eh;
     float ps = 0.f, pw = 0.f;
-#pragma unroll 8
+#pragma unroll 4
     for (int t = 0; t < 32; ++t) {
       const int k = (t + ew.rot) & 31;
       const float s = srow[k] * sl2;
@@ -510,7 +562,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------------- backward: dQ
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
                     float sl2, float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
@@ -521,10 +573,11 @@ __global__ void __launch_bounds__(kThreads)
   E* sDO = sm.at<E>(Ly::kTile);
   E* sK = sm.at<E>(2 * Ly::kTile);
   E* sV = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);
-  const int small = 4 * Ly::kTile + 2 * Ly::kF + Ly::kP;
+  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
+  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
+  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
   uint64_t* sBits = sm.at<uint64_t>(small);
   float* sRow = sm.at<float>(small + Ly::kBits);
   unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
@@ -620,34 +673,39 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = 0; c < n_chunks; ++c) {
     cp_async_wait<0>();
     __syncthreads();  // K(c), V(c) landed (and Q, dO, row data, masks on the first chunk)
-    gemm_abt<D>(sQ, sK, sF0, warp);
-    gemm_abt<D>(sDO, sV, sF1, warp);
-    __syncthreads();  // every warp is done with V(c): prefetch V(c + 1) under the rest
+    {
+      const uint64_t* bc = sBits + 2 * c * kRows;
+      const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
+      const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
+#pragma unroll 1
+      for (int hk = 0; hk < 2; ++hk) {
+        gemm_abt_half<D>(sQ, sK, sF0, warp, hk);
+        gemm_abt_half<D>(sDO, sV, sF1, warp, hk);
+        __syncwarp();  // S, dP rows of this warp
+        const float ga = sRow[ew.er], gb = sRow[kRows + ew.er];
+        const float dsel = sRow[2 * kRows + ew.er], dwin = sRow[3 * kRows + ew.er];
+        const float l2s = sRow[4 * kRows + ew.er], l2w = sRow[5 * kRows + ew.er];
+        const int kb = kHalf * hk + 16 * ew.eh;  // first key (in the chunk) of this lane
+        const uint32_t bs = static_cast<uint32_t>(bc[ew.er] >> kb);
+        const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> kb);
+        E* drow = sP0 + ew.er * kLdP + kb;
+#pragma unroll 4
+        for (int t = 0; t < 16; ++t) {
+          const int k = (t + ew.rot16) & 15;
+          const float s = srow[k] * sl2, dp = prow[k];
+          float ds = 0.f;
+          if ((bs >> k) & 1u) ds += exp2f(s - l2s) * (ga * dp - dsel);
+          if ((bw >> k) & 1u) ds += exp2f(s - l2w) * (gb * dp - dwin);
+          drow[k] = TcElem<T>::from(ds);
+        }
+        __syncwarp();  // the next half rewrites these S, dP rows
+      }
+    }
+    __syncthreads();  // every warp is done with V(c) (and Q, dO of this chunk's products)
     if (c + 1 < n_chunks) {
       load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, (c + 1) * kKeys + r, g); });
       cp_async_commit();
     }
-    {
-      const float ga = sRow[ew.er], gb = sRow[kRows + ew.er];
-      const float dsel = sRow[2 * kRows + ew.er], dwin = sRow[3 * kRows + ew.er];
-      const float l2s = sRow[4 * kRows + ew.er], l2w = sRow[5 * kRows + ew.er];
-      const uint64_t* bc = sBits + 2 * c * kRows;
-      const uint32_t bs = static_cast<uint32_t>(bc[ew.er] >> (32 * ew.eh));
-      const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> (32 * ew.eh));
-      const float* srow = sF0 + ew.er * kLdS + 32 * ew.eh;
-      const float* prow = sF1 + ew.er * kLdS + 32 * ew.eh;
-      E* drow = sP0 + ew.er * kLdP + 32 * ew.eh;
-#pragma unroll 8
-      for (int t = 0; t < 32; ++t) {
-        const int k = (t + ew.rot) & 31;
-        const float s = srow[k] * sl2, dp = prow[k];
-        float ds = 0.f;
-        if ((bs >> k) & 1u) ds += exp2f(s - l2s) * (ga * dp - dsel);
-        if ((bw >> k) & 1u) ds += exp2f(s - l2w) * (gb * dp - dwin);
-        drow[k] = TcElem<T>::from(ds);
-      }
-    }
-    __syncwarp();  // dS rows of this warp
     gemm_pv<D>(sP0, sK, acc, warp);
     __syncthreads();  // every warp is done with K(c)
     if (c + 1 < n_chunks) {
@@ -656,7 +714,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  stage<D>(sF0, acc, warp);
+  stage<D>(sStage, acc, warp);
   __syncthreads();
   const float scale = static_cast<float>(p.shape.scale);
   constexpr int kPer = D / 8;
@@ -665,7 +723,7 @@ __global__ void __launch_bounds__(kThreads)
     const RowId id = row_id(m, b, g, G, QT, q0, r);
     if (!id.live) continue;
     float o[kFrag];
-    const float* f = sF0 + r * Ly::kLdO + d0;
+    const float* f = sStage + r * Ly::kLdO + d0;
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) o[e] = scale * f[e];
     store8_aligned(p.grad_q + ((b * L + id.i) * Hq + id.h) * D + d0, o);
@@ -679,7 +737,7 @@ __global__ void __launch_bounds__(kThreads)
 // cluster barrier, CTA s sums the rows r % nsplit == s over the ranks 0, 1, .., nsplit - 1
 // in that order (distributed shared memory): deterministic, no atomics, no global partials.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registers
     short_dkdv_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_ktiles,
                       int nsplit, float sl2, const float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
@@ -690,11 +748,15 @@ __global__ void __launch_bounds__(kThreads)
   E* sV = sm.at<E>(Ly::kTile);
   E* sQ = sm.at<E>(2 * Ly::kTile);
   E* sDO = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);           // dS
-  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF + Ly::kP);  // a P_sel + b P_win
-  float* sRd = sm.at<float>(4 * Ly::kTile + 2 * Ly::kF + 2 * Ly::kP);  // [64][kRowD]
+  float* sF0 = sm.at<float>(4 * Ly::kTile);            // S, one 32-key half
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);           // dS
+  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP);  // a P_sel + b P_win
+  float* sRd = sm.at<float>(4 * Ly::kTile + 2 * Ly::kF2 + 2 * Ly::kP);  // [64][kRowD]
+  // dK, dV partials after the walk, from Q on (static_assert in Lay); same offsets in
+  // every CTA of a cluster, which the reduction relies on.
+  float* sSk = sm.at<float>(2 * Ly::kTile);
+  float* sSv = sSk + kRows * Ly::kLdO;
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int split = static_cast<int>(blockIdx.x % nsplit);
@@ -745,37 +807,43 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    gemm_abt<D>(sQ, sK, sF0, warp);
-    gemm_abt<D>(sDO, sV, sF1, warp);
-    __syncwarp();  // S, dP rows of this warp
     {
-      const float* rd = sRd + ew.er * kRowD;
-      const float ga = rd[0], gb = rd[1], dsel = rd[2], dwin = rd[3];
-      const float l2s = rd[4], l2w = rd[5];
-      const uint64_t* rb = reinterpret_cast<const uint64_t*>(rd + 8);
-      const uint32_t bs = static_cast<uint32_t>(rb[0] >> (32 * ew.eh));
-      const uint32_t bw = static_cast<uint32_t>(rb[1] >> (32 * ew.eh));
-      const float* srow = sF0 + ew.er * kLdS + 32 * ew.eh;
-      const float* prow = sF1 + ew.er * kLdS + 32 * ew.eh;
-      E* drow = sP0 + ew.er * kLdP + 32 * ew.eh;
-      E* crow = sP1 + ew.er * kLdP + 32 * ew.eh;
-#pragma unroll 8
-      for (int t = 0; t < 32; ++t) {
-        const int k = (t + ew.rot) & 31;
-        const float s = srow[k] * sl2, dp = prow[k];
-        float ds = 0.f, pc = 0.f;
-        if ((bs >> k) & 1u) {
-          const float ps = exp2f(s - l2s);
-          ds += ps * (ga * dp - dsel);
-          pc += ga * ps;
+      const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
+      const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
+#pragma unroll 1
+      for (int hk = 0; hk < 2; ++hk) {
+        gemm_abt_half<D>(sQ, sK, sF0, warp, hk);
+        gemm_abt_half<D>(sDO, sV, sF1, warp, hk);
+        __syncwarp();  // S, dP rows of this warp
+        // Row data re-read per half (shared memory) rather than held across the GEMMs.
+        const float* rd = sRd + ew.er * kRowD;
+        const float ga = rd[0], gb = rd[1], dsel = rd[2], dwin = rd[3];
+        const float l2s = rd[4], l2w = rd[5];
+        const uint64_t* rb = reinterpret_cast<const uint64_t*>(rd + 8);
+        const int kb = kHalf * hk + 16 * ew.eh;  // first key (in the tile) of this lane
+        const uint32_t bs = static_cast<uint32_t>(rb[0] >> kb);
+        const uint32_t bw = static_cast<uint32_t>(rb[1] >> kb);
+        E* drow = sP0 + ew.er * kLdP + kb;
+        E* crow = sP1 + ew.er * kLdP + kb;
+#pragma unroll 4
+        for (int t = 0; t < 16; ++t) {
+          const int k = (t + ew.rot16) & 15;
+          const float s = srow[k] * sl2, dp = prow[k];
+          float ds = 0.f, pc = 0.f;
+          if ((bs >> k) & 1u) {
+            const float ps = exp2f(s - l2s);
+            ds += ps * (ga * dp - dsel);
+            pc += ga * ps;
+          }
+          if ((bw >> k) & 1u) {
+            const float pw = exp2f(s - l2w);
+            ds += pw * (gb * dp - dwin);
+            pc += gb * pw;
+          }
+          drow[k] = TcElem<T>::from(ds);
+          crow[k] = TcElem<T>::from(pc);
         }
-        if ((bw >> k) & 1u) {
-          const float pw = exp2f(s - l2w);
-          ds += pw * (gb * dp - dwin);
-          pc += gb * pw;
-        }
-        drow[k] = TcElem<T>::from(ds);
-        crow[k] = TcElem<T>::from(pc);
+        __syncwarp();  // the next half rewrites these S, dP rows
       }
     }
     __syncthreads();  // the transposed products read every row
@@ -786,8 +854,8 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_wait<0>();  // K/V copies of a CTA that walked no query step
   __syncthreads();
 
-  stage<D>(sF0, acc_k, warp);
-  stage<D>(sF1, acc_v, warp);
+  stage<D>(sSk, acc_k, warp);
+  stage<D>(sSv, acc_v, warp);
   __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -803,8 +871,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) dk[e] = dv[e] = 0.f;
     for (int s = 0; s < nsplit; ++s) {  // fixed order over the ranks
-      const float* fk = sF0 + r * Ly::kLdO + d0;
-      const float* fv = sF1 + r * Ly::kLdO + d0;
+      const float* fk = sSk + r * Ly::kLdO + d0;
+      const float* fv = sSv + r * Ly::kLdO + d0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       if (s != split) {
         fk = cg::this_cluster().map_shared_rank(fk, s);
