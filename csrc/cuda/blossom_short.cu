@@ -42,7 +42,8 @@
 //          as soon as every warp is done with V(c) / K(c).
 //   dK/dV: CTA per (b, g, 64-key tile, split s): the key tile's query steps of QT queries
 //          (from the tile's first key when causal) are dealt round robin over nsplit CTAs
-//          (step t to split t % nsplit; nsplit = min(4, ceil(steps / 3)) on sm_90, 1 before).
+//          (step t to split t % nsplit; nsplit <= 4 from a load estimate, see dkdv_split;
+//          sm_90 only, 1 before).
 //          Each step loads Q, dO and the rows' workspace data (one cp.async round trip),
 //          recomputes S, dP, P_x, dS per 32-key half; dV += (a P_sel + b P_win)^T dO,
 //          dK += dS^T Q in registers. The nsplit CTAs of a key tile are one thread-block
@@ -57,8 +58,9 @@
 //        tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2 per tile) + out,
 //        o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (13 us at 4.8 TB/s). 1664 CTAs.
 //   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query step) pair, 28 steps per
-//        (b, g) dealt over 16 CTAs (key tiles 0..3 walk 13, 9, 5, 1 steps: 4 / 3 / 2 / 1
-//        per CTA at nsplit 4) -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v,
+//        (b, g): key tiles 0..3 walk 13, 9, 5, 1 steps; dkdv_split picks nsplit 2 here on
+//        132 SMs (CTA shares 7/6, 5/4, 3/2, 1/0: critical path 7 steps instead of 13,
+//        ~11.6 slot-steps per slot) -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v,
 //        dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile ~ 100 MB.
 //   Shared memory (bytes) at D = 16 / 32 / 64: fwd 52352 / 58496 / 70784,
 //   dQ 44160 / 52352 / 68736, dK/dV 50176 / 58368 / 74752 -> 3 CTAs (12 warps) per SM at
@@ -68,7 +70,7 @@
 //   The kernels are latency-bound (dependent load -> mma -> exp chains). Measured before
 //   this layout (H100, D=64): fwd 0.172, dQ 0.175, dK/dV 0.228 ms. Predicted now: fwd
 //   ~0.08-0.09 ms (one pass instead of two), dQ ~0.10-0.12 ms (3 CTAs per SM, no per-chunk
-//   index loads, K/V prefetch), dK/dV ~0.10-0.13 ms (3 CTAs per SM, critical path 4 steps
+//   index loads, K/V prefetch), dK/dV ~0.10-0.13 ms (3 CTAs per SM, critical path 7 steps
 //   instead of 13), plus block_compress + select_blocks (unchanged).
 #include <cooperative_groups.h>
 #include <mma.h>
@@ -945,27 +947,49 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   check_launch("blossom_short_fwd");
 }
 
-// CTAs per dK/dV key tile. Key tile 0 walks every query step (ceil(L / QT) of them when
-// causal), so without a split it is the kernel's critical path; about 3 steps per CTA,
-// at most kSplitMax. Clusters need sm_90; BLOSSOM_OPS_CUDA_SHORT_SPLIT=n (read once) caps
-// the split (1: off) for A/B runs.
-int dkdv_split(int L, int QT) {
+// CTAs per dK/dV key tile (one cluster). Key tile 0 walks every query step (ceil(L / QT)
+// when causal), so unsplit it is the kernel's critical path; but the CTAs of a cluster
+// hold their SM slots until the slowest one is done, so a wide split wastes slots on the
+// short tiles. Pick the split with the smallest estimate max(critical path, slot-steps /
+// slots), slot-steps counting nsplit x (the longest share) per key tile plus half a step of
+// per-CTA overhead, 3 CTAs per SM. Clusters need sm_90; BLOSSOM_OPS_CUDA_SHORT_SPLIT=n
+// (read once) caps the split (1: off) for A/B runs.
+int dkdv_split(int L, int QT, int n_ktiles, int64_t bg, bool causal) {
   static const int cap = [] {
     const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_SPLIT");
     if (e == nullptr || *e == '\0') return kSplitMax;
     const int v = std::atoi(e);
     return v < 1 ? 1 : (v > kSplitMax ? kSplitMax : v);
   }();
-  int dev = 0, major = 0;
+  int dev = 0, major = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
     (void)cudaGetLastError();  // clear the error; run unsplit
     return 1;
   }
-  if (major < 9) return 1;
-  const int steps = (L + QT - 1) / QT;
-  const int want = (steps + 2) / 3;
-  return want < 1 ? 1 : (want > cap ? cap : want);
+  if (major < 9 || sms < 1) return 1;
+  const double slots = 3.0 * sms;
+  int best = 1;
+  double best_est = 0.0;
+  for (int s = 1; s <= cap; ++s) {
+    int cp = 0;
+    double slot_steps = 0.0;
+    for (int kt = 0; kt < n_ktiles; ++kt) {
+      const int first = causal ? kt * kKeys : 0;
+      const int steps = (L - first + QT - 1) / QT;
+      const int share = (steps + s - 1) / s;
+      cp = share > cp ? share : cp;
+      slot_steps += s * (share + 0.5);
+    }
+    const double load = slot_steps * static_cast<double>(bg) / slots;
+    const double est = cp > load ? cp : load;
+    if (s == 1 || est < best_est) {
+      best = s;
+      best_est = est;
+    }
+  }
+  return best;
 }
 
 template <typename T, int D>
@@ -986,7 +1010,7 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   auto dkdv = short_dkdv_kernel<T, D>;
   const int bytes = Lay<D>::kDkdvBytes;
   with_smem(dkdv, bytes);
-  const int nsplit = dkdv_split(static_cast<int>(p.shape.q_len), QT);
+  const int nsplit = dkdv_split(static_cast<int>(p.shape.q_len), QT, n_ktiles, bg, m.causal);
   const unsigned ctas = static_cast<unsigned>(bg * n_ktiles * nsplit);
   const float* cws = ws;
   if (nsplit > 1) {
