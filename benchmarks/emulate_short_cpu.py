@@ -60,8 +60,10 @@ def vbits(m, b, j0):
         if j < m['L'] and m['valid'][b, j]: v |= 1 << t
     return v
 
-def emulate(q, k, v, gate, idx, valid, bs, window, dilated, causal, scale, dO):
+def emulate(q, k, v, gate, idx, valid, bs, window, dilated, causal, scale, dO, nsplit=None):
     B, L, Hq, D = q.shape; Hk = k.shape[2]; G = Hq // Hk; QT = ROWS // G
+    if nsplit is None:  # the widest split (dkdv_split picks 1..4; small grids get 4)
+        nsplit = 4
     m = dict(L=L, bs=bs, C=(L + bs - 1) // bs, idx=idx, window=window, dilated=dilated, causal=causal, valid=valid)
     sl2 = scale / math.log(2)
     o_sel = torch.zeros_like(q); o_win = torch.zeros_like(q); out = torch.zeros_like(q)
@@ -95,21 +97,21 @@ def emulate(q, k, v, gate, idx, valid, bs, window, dilated, causal, scale, dO):
                 if ok:
                     s_, w_ = row_bits(m, b, i, g, j0, vb); S_[r] = bitvec(s_); W_[r] = bitvec(w_)
             return S_, W_
-        for c in range(nch):
-            j0 = c * KEYS; K = krows(k, j0); S = Q @ K.T * sl2; bs_, bw_ = bits_for(j0)
-            for (mm, ll, bb) in ((ms, ls, bs_), (mw, lw, bw_)):
-                cm = torch.where(bb, S, torch.full_like(S, NEG)).max(1).values
-                upd = cm > mm
-                ll[upd] *= torch.exp2(mm[upd] - cm[upd]); mm[upd] = cm[upd]
-                ll += torch.where(bb, torch.exp2(S - mm[:, None]), torch.zeros_like(S)).sum(1)
-        l2s = torch.where(ls > 0, ms + torch.log2(ls), torch.full_like(ms, NEG))
-        l2w = torch.where(lw > 0, mw + torch.log2(lw), torch.full_like(mw, NEG))
+        # one pass, online softmax per branch (rescale the accumulators when the max grows)
         As = torch.zeros(ROWS, D); Aw = torch.zeros(ROWS, D)
         for c in range(nch):
             j0 = c * KEYS; K = krows(k, j0); V = krows(v, j0); S = Q @ K.T * sl2; bs_, bw_ = bits_for(j0)
-            Ps = torch.where(bs_, torch.exp2(S - l2s[:, None]), torch.zeros_like(S))
-            Pw = torch.where(bw_, torch.exp2(S - l2w[:, None]), torch.zeros_like(S))
-            As += Ps @ V; Aw += Pw @ V
+            for (mm, ll, bb, acc) in ((ms, ls, bs_, As), (mw, lw, bw_, Aw)):
+                cm = torch.where(bb, S, torch.full_like(S, NEG)).max(1).values
+                nm = torch.maximum(mm, cm)
+                alpha = torch.where(nm == NEG, torch.ones_like(nm), torch.exp2(mm - nm))
+                P = torch.where(bb, torch.exp2(S - nm[:, None]), torch.zeros_like(S))
+                ll.mul_(alpha).add_(P.sum(1)); mm.copy_(nm)
+                acc.mul_(alpha[:, None]).add_(P @ V)
+        l2s = torch.where(ms == NEG, torch.full_like(ms, NEG), ms + torch.log2(ls))
+        l2w = torch.where(mw == NEG, torch.full_like(mw, NEG), mw + torch.log2(lw))
+        As = As * torch.where(ls > 0, 1 / ls, torch.zeros_like(ls))[:, None]
+        Aw = Aw * torch.where(lw > 0, 1 / lw, torch.zeros_like(lw))[:, None]
         for r in range(ROWS):
             i, h, live, ok = rowid(q0, r)
             if not live: continue
@@ -152,28 +154,36 @@ def emulate(q, k, v, gate, idx, valid, bs, window, dilated, causal, scale, dO):
     nkt = (L + KEYS - 1) // KEYS
     for b, g, kt in itertools.product(range(B), range(Hk), range(nkt)):
         k0 = kt * KEYS; K = krows(k, k0); V = krows(v, k0); vb = vbits(m, b, k0)
+        # nsplit CTAs per key tile: CTA s walks the steps t % nsplit == s; the partials are
+        # summed over s = 0, 1, .. in that order
+        parts = []
+        for sp in range(nsplit):
+            ak = torch.zeros(KEYS, D); av = torch.zeros(KEYS, D)
+            q0 = (k0 if causal else 0) + sp * QT
+            while q0 < L:
+                Q = qrows(q, q0); DO = qrows(dO, q0)
+                S = Q @ K.T * sl2; dP = DO @ V.T
+                dS = torch.zeros(ROWS, KEYS); Pc = torch.zeros(ROWS, KEYS)
+                for r in range(ROWS):
+                    i, h, live, ok = rowid(q0, r)
+                    if not ok: continue
+                    a, bb, dsel, dwin, l2s, l2w = ws[b, i, h, :6]
+                    s_, w_ = row_bits(m, b, i, g, k0, vb); s_, w_ = bitvec(s_), bitvec(w_)
+                    ps = torch.where(s_, torch.exp2(S[r] - l2s), 0); pw = torch.where(w_, torch.exp2(S[r] - l2w), 0)
+                    dS[r] = torch.where(s_, ps * (a * dP[r] - dsel), 0) + torch.where(w_, pw * (bb * dP[r] - dwin), 0)
+                    Pc[r] = a * ps + bb * pw
+                ak += dS.T @ Q; av += Pc.T @ DO
+                q0 += nsplit * QT
+            parts.append((ak, av))
         ak = torch.zeros(KEYS, D); av = torch.zeros(KEYS, D)
-        q0 = k0 if causal else 0
-        while q0 < L:
-            Q = qrows(q, q0); DO = qrows(dO, q0)
-            S = Q @ K.T * sl2; dP = DO @ V.T
-            dS = torch.zeros(ROWS, KEYS); Pc = torch.zeros(ROWS, KEYS)
-            for r in range(ROWS):
-                i, h, live, ok = rowid(q0, r)
-                if not ok: continue
-                a, bb, dsel, dwin, l2s, l2w = ws[b, i, h, :6]
-                s_, w_ = row_bits(m, b, i, g, k0, vb); s_, w_ = bitvec(s_), bitvec(w_)
-                ps = torch.where(s_, torch.exp2(S[r] - l2s), 0); pw = torch.where(w_, torch.exp2(S[r] - l2w), 0)
-                dS[r] = torch.where(s_, ps * (a * dP[r] - dsel), 0) + torch.where(w_, pw * (bb * dP[r] - dwin), 0)
-                Pc[r] = a * ps + bb * pw
-            ak += dS.T @ Q; av += Pc.T @ DO
-            q0 += QT
+        for pk, pv in parts:
+            ak += pk; av += pv
         for r in range(KEYS):
             j = k0 + r
             if j < L: gk[b, j, g] = scale * ak[r]; gv[b, j, g] = av[r]
     return (out, o_sel, lse_s, o_win, lse_w), (gq, gk, gv, gg)
 
-def check(B, L, Hk, G, D, causal, bs, top_n, window, dilated, lens=None, seed=0):
+def check(B, L, Hk, G, D, causal, bs, top_n, window, dilated, lens=None, seed=0, nsplit=None):
     gen = torch.Generator().manual_seed(seed)
     Hq = Hk * G
     q = torch.randn(B, L, Hq, D, generator=gen); k = torch.randn(B, L, Hk, D, generator=gen); v = torch.randn(B, L, Hk, D, generator=gen)
@@ -183,7 +193,7 @@ def check(B, L, Hk, G, D, causal, bs, top_n, window, dilated, lens=None, seed=0)
     lengths = torch.tensor(lens) if lens is not None else None
     valid = ref.validity(B, L, lengths, None, q.device)
     scale = 1 / math.sqrt(D)
-    outs, grads = emulate(q, k, v, gate, idx, valid, bs, window, dilated, causal, scale, dO)
+    outs, grads = emulate(q, k, v, gate, idx, valid, bs, window, dilated, causal, scale, dO, nsplit)
     # reference (clip out-of-range entries to -1: the kernels ignore them)
     idx_ref = torch.where((idx >= 0) & (idx < C), idx, torch.full_like(idx, -1))
     leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
@@ -216,3 +226,7 @@ if __name__ == "__main__":
     for c in cases:
       w = check(*c)
       print("ok", c, "max err", w, flush=True)
+    for ns in (1, 2, 3):  # split off (sm_80, BLOSSOM_OPS_CUDA_SHORT_SPLIT=1), 2 (B=64 L=200), odd
+      c = (2, 70, 2, 4, 16, True, 16, 4, 8, True, [70, 33])
+      w = check(*c, nsplit=ns)
+      print("ok", c, "nsplit", ns, "max err", w, flush=True)

@@ -24,35 +24,55 @@
 //
 // Decomposition. Rows = (query, head of kv group g) pairs, 64 per tile: QT = 64 / G queries
 // x G heads (row r -> query q0 + r / G, head g G + r % G; rows >= QT G are dead). 128
-// threads = 4 warps; warp w owns rows [16w, 16w + 16) of every 64 x 64 tile. Tensor cores
-// through nvcuda::wmma 16x16x16, 16-bit in, fp32 accumulate.
+// threads = 4 warps; warp w owns rows [16w, 16w + 16) of every 64 x 64 tile, and its lanes
+// do the elementwise work of exactly those rows (two lanes per row, 32 or 16 keys each), so
+// between a warp's S GEMM, its softmax and its P V GEMM only __syncwarp is needed. Tensor
+// cores through nvcuda::wmma 16x16x16, 16-bit in, fp32 accumulate. L <= 256 (kMaxLen): a
+// row's masks over all key chunks are at most 4 (selected, window) uint64 pairs, built
+// once per CTA at the start (no global index loads inside the chunk loops).
 //   fwd:   CTA per (b, g, query tile). Keys [0, last query] (causal) or [0, L) in chunks of
-//          64 through shared memory (cp.async). Pass 1: S, then row max / sum of both
-//          masks (online per chunk, two threads per row, combined once). Pass 2: S again,
-//          P_x = exp2(s - lse2_x) already normalised (no rescaling), o_x += P_x V.
+//          64 through shared memory (cp.async; K(c+1) is fetched under chunk c's softmax and
+//          P V, V(c+1) under the next S GEMM's wait). One pass, online softmax per branch:
+//          the accumulators are rescaled when a row max grows (each accumulator element's
+//          row from a row-number table loaded as an accumulator fragment) and divided by
+//          the row sum at the end.
 //   dQ:    CTA per (b, g, query tile): rowsum(dO o_x), grad_gate, per-row (a, b, delta_x,
-//          lse2_x) into a float workspace; per key chunk S, dP, dS, dQ += dS K.
-//   dK/dV: CTA per (b, g, 64-key tile): walks query chunks (from the tile's first key when
-//          causal) in a fixed order, recomputing S, dP, P_x, dS from the saved lse and the
-//          workspace; dV += (a P_sel + b P_win)^T dO, dK += dS^T Q in registers. Every
-//          output element has exactly one writer: deterministic, no atomics.
+//          lse2_x) and every chunk's masks into the workspace (96 bytes per row); per key
+//          chunk, per 32-key half: S, dP, dS; then dQ += dS K. V(c+1) / K(c+1) prefetched
+//          as soon as every warp is done with V(c) / K(c).
+//   dK/dV: CTA per (b, g, 64-key tile, split s): the key tile's query steps of QT queries
+//          (from the tile's first key when causal) are dealt round robin over nsplit CTAs
+//          (step t to split t % nsplit; nsplit <= 4 from a load estimate, see dkdv_split;
+//          sm_90 only, 1 before).
+//          Each step loads Q, dO and the rows' workspace data (one cp.async round trip),
+//          recomputes S, dP, P_x, dS per 32-key half; dV += (a P_sel + b P_win)^T dO,
+//          dK += dS^T Q in registers. The nsplit CTAs of a key tile are one thread-block
+//          cluster: each stages its fp32 partials in its shared memory, and after a cluster
+//          barrier CTA s sums rows r % nsplit == s over ranks 0, 1, .. in that order through
+//          distributed shared memory. Every output element has one writer and a fixed
+//          summation order: deterministic, no atomics, no global partials.
 //
 // Cost at B=64, Hq=8, Hk=2 (G=4), D=64, L=200, causal: 13 query tiles of 16 queries per
 // (b, g), 28 (query tile, 64-key chunk) pairs per (b, g), 128 (b, g):
-//   fwd  4 GEMMs of 64x64x64 per pair (QK twice, P_sel V, P_win V) = 2.1 MFLOP
-//        -> 7.5 GFLOP of tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2
-//        per tile) + out, o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (12 us at 4.8
-//        TB/s). 1664 CTAs of 128 threads, 65 KB smem each (3 per SM by smem and by
-//        registers: 128 / thread, no spills).
-//   Shared memory at D = 16 / 32 / 64: fwd 47 / 53 / 65 KB, dQ 58 / 66 / 82 KB,
-//   dK/dV 67 / 75 / 91 KB. Registers (sm_90, bf16): fwd 128 / 86 / 128, dQ 56 / 72 / 106,
-//   dK/dV 72 / 80 / 128. D = 128 is left to the generic path (255 registers + spills).
-//   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query chunk) pair (~ as many)
-//        -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v, dk, dv 13 MB +
-//        workspace 3.3 MB x 2 ~ 85 MB.
-//   The work is small and latency-bound (dependent load -> mma -> exp chains, no
-//   double-buffering): predicted ~0.08-0.12 ms forward kernel and ~0.15-0.2 ms for the
-//   two backward kernels on an H200, plus block_compress + select_blocks (unchanged).
+//   fwd  3 GEMMs of 64x64x64 per pair (QK, P_sel V, P_win V) = 1.6 MFLOP -> 5.6 GFLOP of
+//        tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2 per tile) + out,
+//        o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (13 us at 4.8 TB/s). 1664 CTAs.
+//   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query step) pair, 28 steps per
+//        (b, g): key tiles 0..3 walk 13, 9, 5, 1 steps; dkdv_split picks nsplit 2 here on
+//        132 SMs (CTA shares 7/6, 5/4, 3/2, 1/0: critical path 7 steps instead of 13,
+//        ~11.6 slot-steps per slot) -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v,
+//        dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile ~ 100 MB.
+//   Shared memory (bytes) at D = 16 / 32 / 64: fwd 52352 / 58496 / 70784,
+//   dQ 44160 / 52352 / 68736, dK/dV 50176 / 58368 / 74752 -> 3 CTAs (12 warps) per SM at
+//   D = 64 for all three (before: forward 3, backward 2). Registers (sm_90, bf16 / half):
+//   fwd 64 / 96 / 127 (bf16), dQ 68 / 92 / 138, dK/dV 114 / 114 / 138; no spills except
+//   8 bytes in the bf16 D = 32 forward. D = 128 is left to the generic path.
+//   The kernels are latency-bound (dependent load -> mma -> exp chains). Measured before
+//   this layout (H100, D=64): fwd 0.172, dQ 0.175, dK/dV 0.228 ms. Predicted now: fwd
+//   ~0.08-0.09 ms (one pass instead of two), dQ ~0.10-0.12 ms (3 CTAs per SM, no per-chunk
+//   index loads, K/V prefetch), dK/dV ~0.10-0.13 ms (3 CTAs per SM, critical path 7 steps
+//   instead of 13), plus block_compress + select_blocks (unchanged).
+#include <cooperative_groups.h>
 #include <mma.h>
 
 #include <cmath>
@@ -73,7 +93,16 @@ constexpr int kKeys = 64;     // keys per chunk (one 64-bit mask per row)
 constexpr int kThreads = 128; // 4 warps, 16 rows each
 constexpr int kLdS = kKeys + 4;  // float score tiles (wmma: ld % 4 == 0)
 constexpr int kLdP = kKeys + 8;  // 16-bit probability tiles (wmma: ld % 8 == 0)
-constexpr int kWs = 8;           // workspace floats per row: a, b, dsel, dwin, lse2s, lse2w
+// Backward float tiles hold one 32-key half of S / dP at a time (less shared memory: 3 CTAs
+// per SM); ld 32 with a per-row rotation of the read order keeps the lanes conflict-free.
+constexpr int kHalf = 32;
+constexpr int kMaxChunks = 4;    // L <= 256 (kMaxLen): at most 4 key chunks per row
+constexpr int kMaxLen = kMaxChunks * kKeys;
+constexpr int kSplitMax = 4;     // CTAs (one thread-block cluster) per dK/dV key tile
+// Workspace per (b, i, query head) row, 96 bytes: floats a, b, dsel, dwin, lse2s, lse2w, 0, 0
+// then kMaxChunks (selected, window) uint64 mask pairs (one 16-byte piece per key chunk).
+constexpr int kWsFloats = 8 + kMaxChunks * 4;
+constexpr int kRowD = 12;        // dK/dV shared row data: 8 floats + this chunk's mask pair
 
 constexpr int up128(int x) { return (x + 127) / 128 * 128; }
 
@@ -83,15 +112,25 @@ struct Lay {
   static constexpr int kLdO = D + 4;  // float staging of D-wide results
   static constexpr int kTile = up128(kRows * kLdH * 2);
   static constexpr int kF = up128(kRows * (kLdS > kLdO ? kLdS : kLdO) * 4);
+  static constexpr int kF2 = kRows * kHalf * 4;  // half-width float tile (backward)
+  static constexpr int kStage = kRows * kLdO * 4;  // one D-wide float staging tile
   static constexpr int kP = up128(kRows * kLdP * 2);
-  static constexpr int kSmall = up128(2 * kRows * 8 + kWs * kRows * 4 + 16);
-  // Per kernel: 16-bit tiles, float tiles, probability tiles, then masks + row data.
-  // forward: Q, K, V | S | P_sel, P_win (the o_sel / o_win staging reuses K, V, S)
-  static constexpr int kFwdBytes = 3 * kTile + kF + 2 * kP + kSmall;
-  // dQ: Q, dO, K, V | S, dP | dS;  dK/dV: K, V, Q, dO | S, dP | dS, a P_sel + b P_win
-  static constexpr int kDqBytes = 4 * kTile + 2 * kF + kP + kSmall;
-  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF + 2 * kP + kSmall;
-  static_assert(2 * kRows * kLdO * 4 <= 2 * kTile + kF, "forward staging must fit in K, V, S");
+  static constexpr int kBits = kMaxChunks * 2 * kRows * 8;  // masks of every key chunk
+  static constexpr int kRowF = 8 * kRows * 4;               // per-row floats
+  static constexpr int kTab = 16 * 16 * 4;                  // row-number table (forward)
+  static constexpr int kVw = 128;                           // key validity words
+  static constexpr int kRowDB = kRows * kRowD * 4;          // dK/dV per-step row data
+  // forward: Q, K, V | S | P_sel, P_win | masks, row floats, row table, validity
+  // (the o_sel / o_win staging reuses K, V, S)
+  static constexpr int kFwdBytes = 3 * kTile + kF + 2 * kP + kBits + kRowF + kTab + kVw;
+  // dQ: Q, dO, K, V | S, dP halves | dS | masks, row floats, validity (dQ staged over Q, dO)
+  static constexpr int kDqBytes = 4 * kTile + 2 * kF2 + kP + kBits + kRowF + kVw;
+  // dK/dV: K, V, Q, dO | S, dP halves | dS, a P_sel + b P_win | row data
+  // (dK, dV staged over Q, dO, S, dP, dS, ...)
+  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF2 + 2 * kP + kRowDB;
+  static_assert(2 * kStage <= 2 * kTile + kF, "forward staging must fit in K, V, S");
+  static_assert(kStage <= 2 * kTile, "dQ staging must fit in Q, dO");
+  static_assert(2 * kStage <= 2 * kTile + 2 * kF2 + 2 * kP, "dK/dV staging must fit from Q on");
 };
 
 // Mask parameters of one problem (both branches), as ints: L is short here.
@@ -145,17 +184,6 @@ __device__ __forceinline__ void row_bits(const ShortMask& m, int64_t b, int i, i
   win = w & lim;
 }
 
-// Validity word of keys [j0, j0 + 64) -> vw[0..1]; warps 0 and 1 only. Visible after a sync.
-__device__ __forceinline__ void key_valid_words(const ShortMask& m, int64_t b, int j0,
-                                                unsigned* vw) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < 2) {
-    const int j = j0 + warp * 32 + lane;
-    const bool ok = j < m.L && m.valid(b, j);
-    const unsigned bal = __ballot_sync(kFullMask, ok);
-    if (lane == 0) vw[warp] = bal;
-  }
-}
 __device__ __forceinline__ uint64_t vbits(const unsigned* vw) {
   return uint64_t(vw[0]) | (uint64_t(vw[1]) << 32);
 }
@@ -215,6 +243,29 @@ __device__ __forceinline__ void gemm_abt(const E* A, const E* Bm, float* C, int 
   }
 }
 
+// C[16w .. 16w + 16, 0 .. 32) = A[rows, :D] B[keys 32 hk .. 32 hk + 32, :D]^T to the
+// half-width float tile C (ld kHalf).
+template <int D, typename E>
+__device__ __forceinline__ void gemm_abt_half(const E* A, const E* Bm, float* C, int warp,
+                                              int hk) {
+  constexpr int ld = Lay<D>::kLdH;
+  FragA<E> a[D / 16];
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) wm::load_matrix_sync(a[f], A + warp * 16 * ld + f * 16, ld);
+#pragma unroll
+  for (int nt = 0; nt < kHalf / 16; ++nt) {
+    FragC acc;
+    wm::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int f = 0; f < D / 16; ++f) {
+      FragBc<E> bf;
+      wm::load_matrix_sync(bf, Bm + (hk * kHalf + nt * 16) * ld + f * 16, ld);
+      wm::mma_sync(acc, a[f], bf, acc);
+    }
+    wm::store_matrix_sync(C + warp * 16 * kHalf + nt * 16, acc, kHalf, wm::mem_row_major);
+  }
+}
+
 // acc[16w rows, :D] += P[16w rows, 64 keys] X[64 keys, :D] (P ld kLdP, X ld D + 8).
 template <int D, typename E>
 __device__ __forceinline__ void gemm_pv(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
@@ -237,7 +288,9 @@ __device__ __forceinline__ void gemm_pv(const E* P, const E* X, FragC (&acc)[D /
 template <int D, typename E>
 __device__ __forceinline__ void gemm_ptx(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
   constexpr int ld = Lay<D>::kLdH;
-#pragma unroll
+  // Not unrolled over kt: with both dK and dV accumulators live, a full unroll pushes the
+  // dK/dV kernel past its 168-register budget (3 CTAs per SM) into spills.
+#pragma unroll 1
   for (int kt = 0; kt < kRows / 16; ++kt) {
     FragAc<E> a;
     wm::load_matrix_sync(a, P + kt * 16 * kLdP + warp * 16, kLdP);
@@ -260,14 +313,6 @@ __device__ __forceinline__ void stage(float* F, FragC (&acc)[D / 16], int warp) 
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
-
-// log2-sum-exp2 of two (max, sum) partials; -inf when both are empty.
-__device__ __forceinline__ float combine_lse2(float m0, float l0, float m1, float l1) {
-  const float m = fmaxf(m0, m1);
-  if (m == -INFINITY) return -INFINITY;
-  const float l = l0 * exp2f(m0 - m) + l1 * exp2f(m1 - m);
-  return m + log2f(l);
-}
 
 // Row r of a query-side tile: query q0 + r / G, head g G + r % G. live: the row exists
 // (r < QT G, query < L); ok: live and the query is valid.
@@ -293,25 +338,66 @@ struct Smem {
   __device__ X* at(int off) const { return reinterpret_cast<X*>(base + off); }
 };
 
+// Elementwise role: lanes 2 r' and 2 r' + 1 of warp w share row er = 16 w + r' (keys
+// [32 eh, 32 eh + 32) of a chunk each), so the rows a warp's GEMMs produce are the rows its
+// lanes post-process: S -> P -> P V needs only __syncwarp. The rotation rot makes the 32
+// lanes of a float-tile read hit 32 distinct banks (ld 68: bank = 4 (r' % 8) + (k + rot)).
+// Backward (half-width tiles, ld 32, 16 keys per lane): rot16 = r' gives bank
+// 16 eh + (k + r') % 16, again 32 distinct banks.
+struct Ew {
+  int er, eh, rot, rot16;
+};
+__device__ __forceinline__ Ew ew_role() {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  return Ew{warp * 16 + (lane >> 1), lane & 1, (lane & 1) + ((lane >> 4) << 1), lane >> 1};
+}
+
+// Masks of the tile's 64 rows for every key chunk c < nc, once per CTA:
+// sBits[(2 c) * 64 + r] = selected, sBits[(2 c + 1) * 64 + r] = window (0 for rows that are
+// not valid queries). Contains a __syncthreads; the bits are visible after the caller's next.
+__device__ __forceinline__ void build_bits(const ShortMask& m, int64_t b, int g, int G, int QT,
+                                           int q0, int nc, unsigned* sVw, uint64_t* sBits) {
+  // Key validity words; whole warps per iteration (nc * 64 is a multiple of 32).
+  for (int j = threadIdx.x; j < nc * kKeys; j += kThreads) {
+    const bool ok = j < m.L && m.valid(b, j);
+    const unsigned bal = __ballot_sync(kFullMask, ok);
+    if ((threadIdx.x & 31) == 0) sVw[j >> 5] = bal;
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < nc * kRows; x += kThreads) {
+    const int r = x % kRows, c = x / kRows;
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    uint64_t bs = 0ull, bw = 0ull;
+    if (id.ok) row_bits(m, b, id.i, g, c * kKeys, vbits(sVw + 2 * c), bs, bw);
+    sBits[(2 * c) * kRows + r] = bs;
+    sBits[(2 * c + 1) * kRows + r] = bw;
+  }
+}
+
 // ------------------------------------------------------------------------- forward
+// One pass with online softmax per branch: per chunk the row max grows, the accumulators
+// are rescaled by exp2(m_old - m_new) (the row of each accumulator element comes from a
+// row-number table loaded as an accumulator fragment), and o = acc / l at the end.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     short_fwd_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
                      float sl2) {
   using E = typename TcElem<T>::type;
   using Ly = Lay<D>;
+  constexpr int NE = FragC::num_elements;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem sm{smem_raw};
   E* sQ = sm.at<E>(0);
   E* sK = sm.at<E>(Ly::kTile);
   E* sV = sm.at<E>(2 * Ly::kTile);
-  float* sF0 = sm.at<float>(3 * Ly::kTile);
+  float* sF = sm.at<float>(3 * Ly::kTile);
   E* sP0 = sm.at<E>(3 * Ly::kTile + Ly::kF);
   E* sP1 = sm.at<E>(3 * Ly::kTile + Ly::kF + Ly::kP);
   const int small = 3 * Ly::kTile + Ly::kF + 2 * Ly::kP;
-  uint64_t* sBits = sm.at<uint64_t>(small);                      // [2][64]
-  float* sRow = sm.at<float>(small + 2 * kRows * 8);             // [kWs][64]
-  unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+  uint64_t* sBits = sm.at<uint64_t>(small);
+  float* sRow = sm.at<float>(small + Ly::kBits);  // [0, 64): alpha / 1/l of P_sel, [64, 128) P_win
+  float* sTab = sm.at<float>(small + Ly::kBits + Ly::kRowF);
+  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF + Ly::kTab);
   // After the key loop: o_sel and o_win staged over K, V, S (static_assert in Lay).
   float* sOs = sm.at<float>(Ly::kTile);
   float* sOw = sOs + kRows * Ly::kLdO;
@@ -332,13 +418,21 @@ __global__ void __launch_bounds__(kThreads)
     const RowId id = row_id(m, b, g, G, QT, q0, r);
     return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
   });
+  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
+  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
   cp_async_commit();
+  for (int x = tid; x < 256; x += kThreads) sTab[x] = static_cast<float>(x >> 4);
+  build_bits(m, b, g, G, QT, q0, n_chunks, sVw, sBits);  // its sync publishes sTab
+  int rid[NE];  // row (0..15) of each accumulator element
+  {
+    FragC rowf;
+    wm::load_matrix_sync(rowf, sTab, 16, wm::mem_row_major);
+#pragma unroll
+    for (int e = 0; e < NE; ++e) rid[e] = static_cast<int>(rowf.x[e]);
+  }
 
-  // Elementwise role: row er, keys [32 eh, 32 eh + 32) of each chunk, visited from a
-  // lane-rotated start so the 32 lanes of a warp hit distinct banks.
-  const int er = tid & 63, eh = tid >> 6, rot = tid & 31;
-  float ms = -INFINITY, ls = 0.f, mw = -INFINITY, lw = 0.f;
-  float lse2s = -INFINITY, lse2w = -INFINITY;
+  const Ew ew = ew_role();
+  float ms = -INFINITY, ls = 0.f, mw = -INFINITY, lw = 0.f;  // log2 domain, both lanes of a row
   FragC acc_s[D / 16], acc_w[D / 16];
 #pragma unroll
   for (int f = 0; f < D / 16; ++f) {
@@ -346,85 +440,93 @@ __global__ void __launch_bounds__(kThreads)
     wm::fill_fragment(acc_w[f], 0.f);
   }
 
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int c = 0; c < n_chunks; ++c) {
-      const int j0 = c * kKeys;
-      load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, j0 + r, g); });
-      if (pass == 1) load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, j0 + r, g); });
+  for (int c = 0; c < n_chunks; ++c) {
+    cp_async_wait<0>();
+    __syncthreads();  // K(c), V(c) (and Q) landed; masks visible
+    gemm_abt<D>(sQ, sK, sF, warp);
+    __syncthreads();  // every warp is done with K(c): prefetch K(c + 1) under the softmax
+    if (c + 1 < n_chunks) {
+      load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, (c + 1) * kKeys + r, g); });
       cp_async_commit();
-      key_valid_words(m, b, j0, sVw);
-      cp_async_wait<0>();
-      __syncthreads();
-      if (tid < kRows) {
-        const RowId id = row_id(m, b, g, G, QT, q0, tid);
-        uint64_t bs = 0ull, bw = 0ull;
-        if (id.ok) row_bits(m, b, id.i, g, j0, vbits(sVw), bs, bw);
-        sBits[tid] = bs;
-        sBits[kRows + tid] = bw;
-      }
-      gemm_abt<D>(sQ, sK, sF0, warp);
-      __syncthreads();
-      const uint32_t bs = static_cast<uint32_t>(sBits[er] >> (32 * eh));
-      const uint32_t bw = static_cast<uint32_t>(sBits[kRows + er] >> (32 * eh));
-      const float* srow = sF0 + er * kLdS + 32 * eh;
-      if (pass == 0) {
-        float cs = -INFINITY, cw = -INFINITY;
-        for (int t = 0; t < 32; ++t) {
-          const int k = (t + rot) & 31;
-          const float s = srow[k] * sl2;
-          if ((bs >> k) & 1u) cs = fmaxf(cs, s);
-          if ((bw >> k) & 1u) cw = fmaxf(cw, s);
-        }
-        if (cs > ms) {
-          ls *= exp2f(ms - cs);
-          ms = cs;
-        }
-        if (cw > mw) {
-          lw *= exp2f(mw - cw);
-          mw = cw;
-        }
-        for (int t = 0; t < 32; ++t) {
-          const int k = (t + rot) & 31;
-          const float s = srow[k] * sl2;
-          if ((bs >> k) & 1u) ls += exp2f(s - ms);
-          if ((bw >> k) & 1u) lw += exp2f(s - mw);
-        }
-        __syncthreads();  // sK / sF0 / sBits are rewritten by the next chunk
-      } else {
-        E* p0 = sP0 + er * kLdP + 32 * eh;
-        E* p1 = sP1 + er * kLdP + 32 * eh;
-        for (int t = 0; t < 32; ++t) {
-          const int k = (t + rot) & 31;
-          const float s = srow[k] * sl2;
-          p0[k] = TcElem<T>::from(((bs >> k) & 1u) ? exp2f(s - lse2s) : 0.f);
-          p1[k] = TcElem<T>::from(((bw >> k) & 1u) ? exp2f(s - lse2w) : 0.f);
-        }
-        __syncthreads();
-        gemm_pv<D>(sP0, sV, acc_s, warp);
-        gemm_pv<D>(sP1, sV, acc_w, warp);
-        __syncthreads();  // sK / sV / sP are rewritten by the next chunk
+    }
+    const uint64_t* bc = sBits + 2 * c * kRows;
+    const uint32_t bs = static_cast<uint32_t>(bc[ew.er] >> (32 * ew.eh));
+    const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> (32 * ew.eh));
+    const float* srow = sF + ew.er * kLdS + 32 * ew.eh;
+    float cs = -INFINITY, cw = -INFINITY;
+#pragma unroll 4
+    for (int t = 0; t < 32; ++t) {
+      const int k = (t + ew.rot) & 31;
+      const float s = srow[k] * sl2;
+      if ((bs >> k) & 1u) cs = fmaxf(cs, s);
+      if ((bw >> k) & 1u) cw = fmaxf(cw, s);
+    }
+    cs = fmaxf(cs, __shfl_xor_sync(kFullMask, cs, 1));
+    cw = fmaxf(cw, __shfl_xor_sync(kFullMask, cw, 1));
+    const float ns = fmaxf(ms, cs), nw = fmaxf(mw, cw);
+    // Still no key: nothing accumulated yet, keep factor 1 (exp2(-inf - -inf) is NaN).
+    const float as = ns == -INFINITY ? 1.f : exp2f(ms - ns);
+    const float aw = nw == -INFINITY ? 1.f : exp2f(mw - nw);
+    E* p0 = sP0 + ew.er * kLdP + 32 * ew.eh;
+    E* p1 = sP1 + ew.er * kLdP + 32 * ew.eh;
+    float ps = 0.f, pw = 0.f;
+#pragma unroll 4
+    for (int t = 0; t < 32; ++t) {
+      const int k = (t + ew.rot) & 31;
+      const float s = srow[k] * sl2;
+      const float es = ((bs >> k) & 1u) ? exp2f(s - ns) : 0.f;
+      const float eW = ((bw >> k) & 1u) ? exp2f(s - nw) : 0.f;
+      p0[k] = TcElem<T>::from(es);
+      p1[k] = TcElem<T>::from(eW);
+      ps += es;
+      pw += eW;
+    }
+    ps += __shfl_xor_sync(kFullMask, ps, 1);  // commutative: both lanes get the same sum
+    pw += __shfl_xor_sync(kFullMask, pw, 1);
+    ls = ls * as + ps;
+    lw = lw * aw + pw;
+    ms = ns;
+    mw = nw;
+    if (ew.eh == 0) {
+      sRow[ew.er] = as;
+      sRow[kRows + ew.er] = aw;
+    }
+    __syncwarp();  // P rows and factors of this warp's rows
+#pragma unroll
+    for (int f = 0; f < D / 16; ++f) {
+#pragma unroll
+      for (int e = 0; e < NE; ++e) {
+        acc_s[f].x[e] *= sRow[warp * 16 + rid[e]];
+        acc_w[f].x[e] *= sRow[kRows + warp * 16 + rid[e]];
       }
     }
-    if (pass == 0) {
-      // Combine the two halves of each row once (fixed order: half 0 first).
-      if (eh == 1) {
-        sRow[0 * kRows + er] = ms;
-        sRow[1 * kRows + er] = ls;
-        sRow[2 * kRows + er] = mw;
-        sRow[3 * kRows + er] = lw;
-      }
-      __syncthreads();
-      if (eh == 0) {
-        sRow[4 * kRows + er] = combine_lse2(ms, ls, sRow[er], sRow[kRows + er]);
-        sRow[5 * kRows + er] = combine_lse2(mw, lw, sRow[2 * kRows + er], sRow[3 * kRows + er]);
-      }
-      __syncthreads();
-      lse2s = sRow[4 * kRows + er];
-      lse2w = sRow[5 * kRows + er];
+    gemm_pv<D>(sP0, sV, acc_s, warp);
+    gemm_pv<D>(sP1, sV, acc_w, warp);
+    __syncthreads();  // every warp is done with V(c) (and with its factors in sRow)
+    if (c + 1 < n_chunks) {
+      load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, (c + 1) * kKeys + r, g); });
+      cp_async_commit();
     }
   }
 
-  // Outputs: stage o_sel, o_win (K, V, S are free after the last sync), then write.
+  // Normalise (rows with no key: l = 0 -> o = 0, lse = -inf).
+  float* sLse = sRow + 2 * kRows;
+  if (ew.eh == 0) {
+    sRow[ew.er] = ls > 0.f ? 1.f / ls : 0.f;
+    sRow[kRows + ew.er] = lw > 0.f ? 1.f / lw : 0.f;
+    sLse[ew.er] = ms == -INFINITY ? -INFINITY : ms + log2f(ls);
+    sLse[kRows + ew.er] = mw == -INFINITY ? -INFINITY : mw + log2f(lw);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) {
+#pragma unroll
+    for (int e = 0; e < NE; ++e) {
+      acc_s[f].x[e] *= sRow[warp * 16 + rid[e]];
+      acc_w[f].x[e] *= sRow[kRows + warp * 16 + rid[e]];
+    }
+  }
+  // Outputs: stage o_sel, o_win (K, V, S are free after the loop's last sync), then write.
   stage<D>(sOs, acc_s, warp);
   stage<D>(sOw, acc_w, warp);
   __syncthreads();
@@ -454,15 +556,15 @@ __global__ void __launch_bounds__(kThreads)
     const RowId id = row_id(m, b, g, G, QT, q0, tid);
     if (id.live) {
       const int64_t off = (b * L + id.i) * Hq + id.h;
-      p.lse_sel[off] = sRow[4 * kRows + tid] * kLn2;
-      p.lse_win[off] = sRow[5 * kRows + tid] * kLn2;
+      p.lse_sel[off] = sLse[tid] * kLn2;
+      p.lse_win[off] = sLse[kRows + tid] * kLn2;
     }
   }
 }
 
 // ------------------------------------------------------------------------- backward: dQ
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
                     float sl2, float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
@@ -473,13 +575,14 @@ __global__ void __launch_bounds__(kThreads)
   E* sDO = sm.at<E>(Ly::kTile);
   E* sK = sm.at<E>(2 * Ly::kTile);
   E* sV = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);
-  const int small = 4 * Ly::kTile + 2 * Ly::kF + Ly::kP;
+  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
+  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
+  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
   uint64_t* sBits = sm.at<uint64_t>(small);
-  float* sRow = sm.at<float>(small + 2 * kRows * 8);
-  unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+  float* sRow = sm.at<float>(small + Ly::kBits);
+  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int tile = blockIdx.x % n_tiles;
@@ -493,6 +596,8 @@ __global__ void __launch_bounds__(kThreads)
   const int q_end = q0 + QT < L ? q0 + QT : L;
   const int key_end = m.causal ? q_end : L;
   const int n_chunks = (key_end + kKeys - 1) / kKeys;
+  // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
+  const int nc_all = (L + kKeys - 1) / kKeys;
 
   load_rows<D>(sQ, [&](int r) -> const void* {
     const RowId id = row_id(m, b, g, G, QT, q0, r);
@@ -502,6 +607,8 @@ __global__ void __launch_bounds__(kThreads)
     const RowId id = row_id(m, b, g, G, QT, q0, r);
     return id.ok ? static_cast<const void*>(p.grad_out.at(b, id.i, id.h)) : nullptr;
   });
+  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
+  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
   cp_async_commit();
 
   // Per-row gate, deltas and grad_gate (one thread per row, straight from global memory,
@@ -536,7 +643,7 @@ __global__ void __launch_bounds__(kThreads)
         l2s = p.lse_sel[row] * kLog2e;
         l2w = p.lse_win[row] * kLog2e;
       }
-      float4* w = reinterpret_cast<float4*>(ws + row * kWs);
+      float4* w = reinterpret_cast<float4*>(ws + row * kWsFloats);
       w[0] = make_float4(ga, gb, dsel, dwin);
       w[1] = make_float4(l2s, l2w, 0.f, 0.f);
     }
@@ -547,55 +654,69 @@ __global__ void __launch_bounds__(kThreads)
     sRow[4 * kRows + tid] = l2s;
     sRow[5 * kRows + tid] = l2w;
   }
-  // (made visible by the first chunk's sync)
+  build_bits(m, b, g, G, QT, q0, nc_all, sVw, sBits);
+  __syncthreads();
+  // Masks of every chunk to the workspace (zero past the last chunk): one 16-byte store each.
+  for (int x = tid; x < kMaxChunks * kRows; x += kThreads) {
+    const int r = x % kRows, c = x / kRows;
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    if (!id.live) continue;
+    const uint64_t bs = c < nc_all ? sBits[(2 * c) * kRows + r] : 0ull;
+    const uint64_t bw = c < nc_all ? sBits[(2 * c + 1) * kRows + r] : 0ull;
+    ulonglong2* wb = reinterpret_cast<ulonglong2*>(ws + ((b * L + id.i) * Hq + id.h) * kWsFloats + 8);
+    wb[c] = make_ulonglong2(bs, bw);
+  }
 
-  const int er = tid & 63, eh = tid >> 6, rot = tid & 31;
+  const Ew ew = ew_role();
   FragC acc[D / 16];
 #pragma unroll
   for (int f = 0; f < D / 16; ++f) wm::fill_fragment(acc[f], 0.f);
 
   for (int c = 0; c < n_chunks; ++c) {
-    const int j0 = c * kKeys;
-    load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, j0 + r, g); });
-    load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, j0 + r, g); });
-    cp_async_commit();
-    key_valid_words(m, b, j0, sVw);
     cp_async_wait<0>();
-    __syncthreads();
-    if (tid < kRows) {
-      const RowId id = row_id(m, b, g, G, QT, q0, tid);
-      uint64_t bs = 0ull, bw = 0ull;
-      if (id.ok) row_bits(m, b, id.i, g, j0, vbits(sVw), bs, bw);
-      sBits[tid] = bs;
-      sBits[kRows + tid] = bw;
-    }
-    gemm_abt<D>(sQ, sK, sF0, warp);
-    gemm_abt<D>(sDO, sV, sF1, warp);
-    __syncthreads();
+    __syncthreads();  // K(c), V(c) landed (and Q, dO, row data, masks on the first chunk)
     {
-      const float ga = sRow[er], gb = sRow[kRows + er];
-      const float dsel = sRow[2 * kRows + er], dwin = sRow[3 * kRows + er];
-      const float l2s = sRow[4 * kRows + er], l2w = sRow[5 * kRows + er];
-      const uint32_t bs = static_cast<uint32_t>(sBits[er] >> (32 * eh));
-      const uint32_t bw = static_cast<uint32_t>(sBits[kRows + er] >> (32 * eh));
-      const float* srow = sF0 + er * kLdS + 32 * eh;
-      const float* prow = sF1 + er * kLdS + 32 * eh;
-      E* drow = sP0 + er * kLdP + 32 * eh;
-      for (int t = 0; t < 32; ++t) {
-        const int k = (t + rot) & 31;
-        const float s = srow[k] * sl2, dp = prow[k];
-        float ds = 0.f;
-        if ((bs >> k) & 1u) ds += exp2f(s - l2s) * (ga * dp - dsel);
-        if ((bw >> k) & 1u) ds += exp2f(s - l2w) * (gb * dp - dwin);
-        drow[k] = TcElem<T>::from(ds);
+      const uint64_t* bc = sBits + 2 * c * kRows;
+      const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
+      const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
+#pragma unroll 1
+      for (int hk = 0; hk < 2; ++hk) {
+        gemm_abt_half<D>(sQ, sK, sF0, warp, hk);
+        gemm_abt_half<D>(sDO, sV, sF1, warp, hk);
+        __syncwarp();  // S, dP rows of this warp
+        const float ga = sRow[ew.er], gb = sRow[kRows + ew.er];
+        const float dsel = sRow[2 * kRows + ew.er], dwin = sRow[3 * kRows + ew.er];
+        const float l2s = sRow[4 * kRows + ew.er], l2w = sRow[5 * kRows + ew.er];
+        const int kb = kHalf * hk + 16 * ew.eh;  // first key (in the chunk) of this lane
+        const uint32_t bs = static_cast<uint32_t>(bc[ew.er] >> kb);
+        const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> kb);
+        E* drow = sP0 + ew.er * kLdP + kb;
+#pragma unroll 4
+        for (int t = 0; t < 16; ++t) {
+          const int k = (t + ew.rot16) & 15;
+          const float s = srow[k] * sl2, dp = prow[k];
+          float ds = 0.f;
+          if ((bs >> k) & 1u) ds += exp2f(s - l2s) * (ga * dp - dsel);
+          if ((bw >> k) & 1u) ds += exp2f(s - l2w) * (gb * dp - dwin);
+          drow[k] = TcElem<T>::from(ds);
+        }
+        __syncwarp();  // the next half rewrites these S, dP rows
       }
     }
-    __syncthreads();
+    __syncthreads();  // every warp is done with V(c) (and Q, dO of this chunk's products)
+    if (c + 1 < n_chunks) {
+      load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, (c + 1) * kKeys + r, g); });
+      cp_async_commit();
+    }
     gemm_pv<D>(sP0, sK, acc, warp);
-    __syncthreads();  // sK, sV, sP0, sBits are rewritten by the next chunk
+    __syncthreads();  // every warp is done with K(c)
+    if (c + 1 < n_chunks) {
+      load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, (c + 1) * kKeys + r, g); });
+      cp_async_commit();
+    }
   }
 
-  stage<D>(sF0, acc, warp);
+  stage<D>(sStage, acc, warp);
   __syncthreads();
   const float scale = static_cast<float>(p.shape.scale);
   constexpr int kPer = D / 8;
@@ -604,7 +725,7 @@ __global__ void __launch_bounds__(kThreads)
     const RowId id = row_id(m, b, g, G, QT, q0, r);
     if (!id.live) continue;
     float o[kFrag];
-    const float* f = sF0 + r * Ly::kLdO + d0;
+    const float* f = sStage + r * Ly::kLdO + d0;
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) o[e] = scale * f[e];
     store8_aligned(p.grad_q + ((b * L + id.i) * Hq + id.h) * D + d0, o);
@@ -612,10 +733,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------- backward: dK/dV
+// CTA (b, g, key tile, split s of nsplit): the query steps q0 = first + t QT of the key
+// tile with t % nsplit == s. The nsplit CTAs of a key tile form one thread-block cluster
+// (sm_90); each stages its fp32 partial dK, dV in its own shared memory and, after a
+// cluster barrier, CTA s sums the rows r % nsplit == s over the ranks 0, 1, .., nsplit - 1
+// in that order (distributed shared memory): deterministic, no atomics, no global partials.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registers
     short_dkdv_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_ktiles,
-                      float sl2, const float* __restrict__ ws) {
+                      int nsplit, float sl2, const float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
   using Ly = Lay<D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -624,18 +750,20 @@ __global__ void __launch_bounds__(kThreads)
   E* sV = sm.at<E>(Ly::kTile);
   E* sQ = sm.at<E>(2 * Ly::kTile);
   E* sDO = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF);
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF);           // dS
-  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF + Ly::kP);  // a P_sel + b P_win
-  const int small = 4 * Ly::kTile + 2 * Ly::kF + 2 * Ly::kP;
-  uint64_t* sBits = sm.at<uint64_t>(small);
-  float* sRow = sm.at<float>(small + 2 * kRows * 8);
-  unsigned* sVw = sm.at<unsigned>(small + 2 * kRows * 8 + kWs * kRows * 4);
+  float* sF0 = sm.at<float>(4 * Ly::kTile);            // S, one 32-key half
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);           // dS
+  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP);  // a P_sel + b P_win
+  float* sRd = sm.at<float>(4 * Ly::kTile + 2 * Ly::kF2 + 2 * Ly::kP);  // [64][kRowD]
+  // dK, dV partials after the walk, from Q on (static_assert in Lay); same offsets in
+  // every CTA of a cluster, which the reduction relies on.
+  float* sSk = sm.at<float>(2 * Ly::kTile);
+  float* sSv = sSk + kRows * Ly::kLdO;
 
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int kt = blockIdx.x % n_ktiles;
-  const int64_t bg = blockIdx.x / n_ktiles;
+  const int split = static_cast<int>(blockIdx.x % nsplit);
+  const int kt = static_cast<int>((blockIdx.x / nsplit) % n_ktiles);
+  const int64_t bg = blockIdx.x / (int64_t(nsplit) * n_ktiles);
   const int Hk = static_cast<int>(p.shape.kv_heads);
   const int g = static_cast<int>(bg % Hk);
   const int64_t b = bg / Hk;
@@ -646,9 +774,8 @@ __global__ void __launch_bounds__(kThreads)
   load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, k0 + r, g); });
   load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, k0 + r, g); });
   cp_async_commit();
-  key_valid_words(m, b, k0, sVw);  // fixed for the whole CTA
 
-  const int er = tid & 63, eh = tid >> 6, rot = tid & 31;
+  const Ew ew = ew_role();
   FragC acc_k[D / 16], acc_v[D / 16];
 #pragma unroll
   for (int f = 0; f < D / 16; ++f) {
@@ -657,7 +784,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Queries below k0 see no key of this tile when causal.
-  for (int q0 = m.causal ? k0 : 0; q0 < L; q0 += QT) {
+  const int first = m.causal ? k0 : 0;
+  for (int q0 = first + split * QT; q0 < L; q0 += nsplit * QT) {
     load_rows<D>(sQ, [&](int r) -> const void* {
       const RowId id = row_id(m, b, g, G, QT, q0, r);
       return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
@@ -666,91 +794,108 @@ __global__ void __launch_bounds__(kThreads)
       const RowId id = row_id(m, b, g, G, QT, q0, r);
       return id.ok ? static_cast<const void*>(p.grad_out.at(b, id.i, id.h)) : nullptr;
     });
-    cp_async_commit();
-    if (tid < kRows) {
-      const RowId id = row_id(m, b, g, G, QT, q0, tid);
-      float4 w0 = make_float4(0.f, 0.f, 0.f, 0.f), w1 = make_float4(-INFINITY, -INFINITY, 0.f, 0.f);
-      if (id.ok) {
-        const float4* w = reinterpret_cast<const float4*>(ws + ((b * L + id.i) * Hq + id.h) * kWs);
-        w0 = w[0];
-        w1 = w[1];
-      }
-      sRow[0 * kRows + tid] = w0.x;
-      sRow[1 * kRows + tid] = w0.y;
-      sRow[2 * kRows + tid] = w0.z;
-      sRow[3 * kRows + tid] = w0.w;
-      sRow[4 * kRows + tid] = w1.x;
-      sRow[5 * kRows + tid] = w1.y;
+    // Row data from the dQ pass's workspace: (a, b, dsel, dwin), (lse2s, lse2w, -, -), and
+    // this key tile's mask pair; zero for rows that are not valid queries (empty masks).
+    for (int x = tid; x < kRows * 3; x += kThreads) {
+      const int r = x / 3, part = x % 3;
+      const RowId id = row_id(m, b, g, G, QT, q0, r);
+      float* dst = sRd + r * kRowD + part * 4;
+      if (id.ok)
+        cp_async16(dst, ws + ((b * L + id.i) * Hq + id.h) * kWsFloats +
+                            (part < 2 ? part * 4 : 8 + kt * 4));
+      else
+        *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
+    cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    if (tid < kRows) {
-      const RowId id = row_id(m, b, g, G, QT, q0, tid);
-      uint64_t bs = 0ull, bw = 0ull;
-      if (id.ok) row_bits(m, b, id.i, g, k0, vbits(sVw), bs, bw);
-      sBits[tid] = bs;
-      sBits[kRows + tid] = bw;
-    }
-    gemm_abt<D>(sQ, sK, sF0, warp);
-    gemm_abt<D>(sDO, sV, sF1, warp);
-    __syncthreads();
     {
-      const float ga = sRow[er], gb = sRow[kRows + er];
-      const float dsel = sRow[2 * kRows + er], dwin = sRow[3 * kRows + er];
-      const float l2s = sRow[4 * kRows + er], l2w = sRow[5 * kRows + er];
-      const uint32_t bs = static_cast<uint32_t>(sBits[er] >> (32 * eh));
-      const uint32_t bw = static_cast<uint32_t>(sBits[kRows + er] >> (32 * eh));
-      const float* srow = sF0 + er * kLdS + 32 * eh;
-      const float* prow = sF1 + er * kLdS + 32 * eh;
-      E* drow = sP0 + er * kLdP + 32 * eh;
-      E* crow = sP1 + er * kLdP + 32 * eh;
-      for (int t = 0; t < 32; ++t) {
-        const int k = (t + rot) & 31;
-        const float s = srow[k] * sl2, dp = prow[k];
-        float ds = 0.f, pc = 0.f;
-        if ((bs >> k) & 1u) {
-          const float ps = exp2f(s - l2s);
-          ds += ps * (ga * dp - dsel);
-          pc += ga * ps;
+      const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
+      const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
+#pragma unroll 1
+      for (int hk = 0; hk < 2; ++hk) {
+        gemm_abt_half<D>(sQ, sK, sF0, warp, hk);
+        gemm_abt_half<D>(sDO, sV, sF1, warp, hk);
+        __syncwarp();  // S, dP rows of this warp
+        // Row data re-read per half (shared memory) rather than held across the GEMMs.
+        const float* rd = sRd + ew.er * kRowD;
+        const float ga = rd[0], gb = rd[1], dsel = rd[2], dwin = rd[3];
+        const float l2s = rd[4], l2w = rd[5];
+        const uint64_t* rb = reinterpret_cast<const uint64_t*>(rd + 8);
+        const int kb = kHalf * hk + 16 * ew.eh;  // first key (in the tile) of this lane
+        const uint32_t bs = static_cast<uint32_t>(rb[0] >> kb);
+        const uint32_t bw = static_cast<uint32_t>(rb[1] >> kb);
+        E* drow = sP0 + ew.er * kLdP + kb;
+        E* crow = sP1 + ew.er * kLdP + kb;
+#pragma unroll 4
+        for (int t = 0; t < 16; ++t) {
+          const int k = (t + ew.rot16) & 15;
+          const float s = srow[k] * sl2, dp = prow[k];
+          float ds = 0.f, pc = 0.f;
+          if ((bs >> k) & 1u) {
+            const float ps = exp2f(s - l2s);
+            ds += ps * (ga * dp - dsel);
+            pc += ga * ps;
+          }
+          if ((bw >> k) & 1u) {
+            const float pw = exp2f(s - l2w);
+            ds += pw * (gb * dp - dwin);
+            pc += gb * pw;
+          }
+          drow[k] = TcElem<T>::from(ds);
+          crow[k] = TcElem<T>::from(pc);
         }
-        if ((bw >> k) & 1u) {
-          const float pw = exp2f(s - l2w);
-          ds += pw * (gb * dp - dwin);
-          pc += gb * pw;
-        }
-        drow[k] = TcElem<T>::from(ds);
-        crow[k] = TcElem<T>::from(pc);
+        __syncwarp();  // the next half rewrites these S, dP rows
       }
     }
-    __syncthreads();
+    __syncthreads();  // the transposed products read every row
     gemm_ptx<D>(sP1, sDO, acc_v, warp);
     gemm_ptx<D>(sP0, sQ, acc_k, warp);
-    __syncthreads();  // sQ, sDO, sP*, sBits, sRow are rewritten by the next chunk
+    __syncthreads();  // sQ, sDO, sP*, sRd are rewritten by the next step
   }
-  cp_async_wait<0>();  // K/V copies of a CTA that walked no query chunk
+  cp_async_wait<0>();  // K/V copies of a CTA that walked no query step
   __syncthreads();
 
-  stage<D>(sF0, acc_k, warp);
-  stage<D>(sF1, acc_v, warp);
+  stage<D>(sSk, acc_k, warp);
+  stage<D>(sSv, acc_v, warp);
   __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  if (nsplit > 1) cg::this_cluster().sync();  // every partial of the cluster is staged
+#endif
   const float scale = static_cast<float>(p.shape.scale);
   constexpr int kPer = D / 8;
   for (int x = tid; x < kRows * kPer; x += kThreads) {
     const int r = x / kPer, d0 = (x % kPer) * 8;
     const int j = k0 + r;
-    if (j >= L) continue;
+    if (j >= L || r % nsplit != split) continue;
     float dk[kFrag], dv[kFrag];
-    const float* fk = sF0 + r * Ly::kLdO + d0;
-    const float* fv = sF1 + r * Ly::kLdO + d0;
 #pragma unroll
-    for (int e = 0; e < kFrag; ++e) {
-      dk[e] = scale * fk[e];
-      dv[e] = fv[e];
+    for (int e = 0; e < kFrag; ++e) dk[e] = dv[e] = 0.f;
+    for (int s = 0; s < nsplit; ++s) {  // fixed order over the ranks
+      const float* fk = sSk + r * Ly::kLdO + d0;
+      const float* fv = sSv + r * Ly::kLdO + d0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      if (s != split) {
+        fk = cg::this_cluster().map_shared_rank(fk, s);
+        fv = cg::this_cluster().map_shared_rank(fv, s);
+      }
+#endif
+#pragma unroll
+      for (int e = 0; e < kFrag; ++e) {
+        dk[e] += fk[e];
+        dv[e] += fv[e];
+      }
     }
+#pragma unroll
+    for (int e = 0; e < kFrag; ++e) dk[e] *= scale;
     const int64_t off = ((b * L + j) * Hk + g) * D + d0;
     store8_aligned(p.grad_k + off, dk);
     store8_aligned(p.grad_v + off, dv);
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (nsplit > 1) cg::this_cluster().sync();  // keep shared memory alive until read
+#endif
 }
 
 // ------------------------------------------------------------------------- host side
@@ -802,6 +947,51 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   check_launch("blossom_short_fwd");
 }
 
+// CTAs per dK/dV key tile (one cluster). Key tile 0 walks every query step (ceil(L / QT)
+// when causal), so unsplit it is the kernel's critical path; but the CTAs of a cluster
+// hold their SM slots until the slowest one is done, so a wide split wastes slots on the
+// short tiles. Pick the split with the smallest estimate max(critical path, slot-steps /
+// slots), slot-steps counting nsplit x (the longest share) per key tile plus half a step of
+// per-CTA overhead, 3 CTAs per SM. Clusters need sm_90; BLOSSOM_OPS_CUDA_SHORT_SPLIT=n
+// (read once) caps the split (1: off) for A/B runs.
+int dkdv_split(int L, int QT, int n_ktiles, int64_t bg, bool causal) {
+  static const int cap = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_SPLIT");
+    if (e == nullptr || *e == '\0') return kSplitMax;
+    const int v = std::atoi(e);
+    return v < 1 ? 1 : (v > kSplitMax ? kSplitMax : v);
+  }();
+  int dev = 0, major = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error; run unsplit
+    return 1;
+  }
+  if (major < 9 || sms < 1) return 1;
+  const double slots = 3.0 * sms;
+  int best = 1;
+  double best_est = 0.0;
+  for (int s = 1; s <= cap; ++s) {
+    int cp = 0;
+    double slot_steps = 0.0;
+    for (int kt = 0; kt < n_ktiles; ++kt) {
+      const int first = causal ? kt * kKeys : 0;
+      const int steps = (L - first + QT - 1) / QT;
+      const int share = (steps + s - 1) / s;
+      cp = share > cp ? share : cp;
+      slot_steps += s * (share + 0.5);
+    }
+    const double load = slot_steps * static_cast<double>(bg) / slots;
+    const double est = cp > load ? cp : load;
+    if (s == 1 || est < best_est) {
+      best = s;
+      best_est = est;
+    }
+  }
+  return best;
+}
+
 template <typename T, int D>
 void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   const ShortMask m = make_mask(p.shape, p.sel, p.win, p.valid);
@@ -818,9 +1008,33 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   check_launch("blossom_short_bwd (dq)");
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
   auto dkdv = short_dkdv_kernel<T, D>;
-  with_smem(dkdv, Lay<D>::kDkdvBytes);
-  dkdv<<<static_cast<unsigned>(bg * n_ktiles), kThreads, Lay<D>::kDkdvBytes, stream>>>(
-      p, m, G, QT, n_ktiles, sl2, ws);
+  const int bytes = Lay<D>::kDkdvBytes;
+  with_smem(dkdv, bytes);
+  const int nsplit = dkdv_split(static_cast<int>(p.shape.q_len), QT, n_ktiles, bg, m.causal);
+  const unsigned ctas = static_cast<unsigned>(bg * n_ktiles * nsplit);
+  const float* cws = ws;
+  if (nsplit > 1) {
+    // One cluster of nsplit CTAs per key tile (consecutive blockIdx.x): see the kernel.
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(ctas);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(bytes);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(nsplit);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err =
+        cudaLaunchKernelEx(&cfg, dkdv, p, m, G, QT, n_ktiles, nsplit, sl2, cws);
+    TORCH_CHECK(err == cudaSuccess, "blossom_short_bwd (dkdv, cluster of ", nsplit,
+                ") failed to launch: ", cudaGetErrorString(err),
+                " (BLOSSOM_OPS_CUDA_SHORT_SPLIT=1 disables the split)");
+  } else {
+    dkdv<<<ctas, kThreads, bytes, stream>>>(p, m, G, QT, n_ktiles, 1, sl2, cws);
+  }
   check_launch("blossom_short_bwd (dkdv)");
 }
 
@@ -829,6 +1043,7 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
 bool blossom_short_eligible(int64_t seq_len, int64_t head_dim, int64_t group) {
   if (detail::simple_kernels_requested()) return false;
   if (seq_len < 1 || seq_len > short_max_len()) return false;
+  if (seq_len > kMaxLen) return false;  // masks of at most kMaxChunks key chunks per row
   if (group < 1 || group > kRows) return false;
   // D = 128 would need ~255 registers and spills in the dK/dV and forward kernels.
   return head_dim == 16 || head_dim == 32 || head_dim == 64;
@@ -846,7 +1061,7 @@ void blossom_short_fwd(const ShortFwdParams<T>& p, cudaStream_t stream) {
 }
 
 size_t blossom_short_bwd_workspace_bytes(const AttnShape& s) {
-  return static_cast<size_t>(s.batch * s.q_len * s.q_heads) * kWs * sizeof(float);
+  return static_cast<size_t>(s.batch * s.q_len * s.q_heads) * kWsFloats * sizeof(float);
 }
 
 template <typename T>

@@ -52,14 +52,15 @@ struct ShortBwdParams {
 };
 
 // True when the fused path handles this problem: not disabled by BLOSSOM_OPS_CUDA_SIMPLE=1,
-// L <= BLOSSOM_OPS_CUDA_SHORT_MAX_LEN (default 256, read once), D in {16, 32, 64},
+// L <= min(256, BLOSSOM_OPS_CUDA_SHORT_MAX_LEN (default 256, read once)), D in {16, 32, 64},
 // 1 <= G <= 64. dtype and alignment are the binding's part.
 bool blossom_short_eligible(int64_t seq_len, int64_t head_dim, int64_t group);
 
 template <typename T>
 void blossom_short_fwd(const ShortFwdParams<T>& p, cudaStream_t stream);
 
-// Float scratch of the backward: 8 floats per (b, i, query head).
+// Scratch of the backward: 96 bytes per (b, i, query head) (8 floats of row data, then the
+// row's (selected, window) masks of its at most 4 key chunks).
 size_t blossom_short_bwd_workspace_bytes(const AttnShape& shape);
 template <typename T>
 void blossom_short_bwd(const ShortBwdParams<T>& p, void* workspace, size_t workspace_bytes,
