@@ -150,6 +150,21 @@ AttnBwdParams<T, Acc> bwd_params(const BwdInputs& in, const at::Tensor& q, const
   return p;
 }
 
+// The LTIS mask parameters over an int32 [B, L, Hk, n] index tensor whose rows have unit
+// stride (no value checks here).
+inline BlockSparseMask block_sparse_view(const at::Tensor& idx, int64_t block_size,
+                                         bool causal) {
+  BlockSparseMask m;
+  m.idx = idx.data_ptr<int32_t>();
+  m.stride_b = idx.stride(0);
+  m.stride_l = idx.stride(1);
+  m.stride_h = idx.stride(2);
+  m.n = idx.size(3);
+  m.block_size = block_size;
+  m.causal = causal;
+  return m;
+}
+
 // Device scratch a CUDA backward asks for (bytes; uninitialised). Taken from the caching
 // allocator, so it is graph-safe and costs no cudaMalloc in steady state.
 inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {

@@ -49,15 +49,7 @@ BlockSparseMask make_mask(const at::Tensor& idx, int64_t seq_len, int64_t block_
                 num_blocks, ") (ceil(seq / block_size) blocks), got values in [", lo, ", ", hi,
                 "]");
   }
-  BlockSparseMask m;
-  m.idx = idx.data_ptr<int32_t>();
-  m.stride_b = idx.stride(0);
-  m.stride_l = idx.stride(1);
-  m.stride_h = idx.stride(2);
-  m.n = idx.size(3);
-  m.block_size = block_size;
-  m.causal = causal;
-  return m;
+  return attn::block_sparse_view(idx, block_size, causal);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common/checks.h"
+#include "ops/attention_binding.h"
 #include "cuda/blossom_short.h"
 
 namespace blossom {
@@ -36,30 +37,6 @@ at::Tensor index_rows(const at::Tensor& idx, const at::Tensor& q, const at::Tens
               "blossom_attention_backward: block_idx must be int32 (batch, seq, kv_heads, n) "
               "on ", q.device(), ", got ", idx.scalar_type(), " ", idx.sizes());
   return (idx.stride(3) == 1 || idx.size(3) <= 1) ? idx : idx.contiguous();
-}
-
-AttnShape shape_of(const at::Tensor& q, const at::Tensor& k, double scale) {
-  AttnShape s;
-  s.batch = q.size(0);
-  s.q_len = q.size(1);
-  s.kv_len = k.size(1);
-  s.q_heads = q.size(2);
-  s.kv_heads = k.size(2);
-  s.head_dim = q.size(3);
-  s.scale = scale;
-  return s;
-}
-
-BlockSparseMask sel_mask(const at::Tensor& idx, int64_t block_size, bool causal) {
-  BlockSparseMask m;
-  m.idx = idx.data_ptr<int32_t>();
-  m.stride_b = idx.stride(0);
-  m.stride_l = idx.stride(1);
-  m.stride_h = idx.stride(2);
-  m.n = idx.size(3);
-  m.block_size = block_size;
-  m.causal = causal;
-  return m;
 }
 
 SlidingWindowMask win_mask(int64_t window, bool dilated, bool causal) {
@@ -102,12 +79,12 @@ BlossomOutputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   dispatch16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     gpu::ShortFwdParams<T> p;
-    p.shape = shape_of(q, k, scale);
+    p.shape = attn::attn_shape(q, k, scale);
     p.q = bshd_view<const T>(q);
     p.k = bshd_view<const T>(k);
     p.v = bshd_view<const T>(v);
     p.gate = bshd_view<const T>(gate_logits);
-    p.sel = sel_mask(idx, block_size, causal);
+    p.sel = attn::block_sparse_view(idx, block_size, causal);
     p.win = win_mask(window, dilated, causal);
     p.valid = validity_view(ok);
     p.out = out.data_ptr<T>();
@@ -143,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor gk = at::empty(k.sizes(), k.options().memory_format(opts));
   at::Tensor gv = at::empty(v.sizes(), v.options().memory_format(opts));
   at::Tensor gg = at::empty(gate_logits.sizes(), gate_logits.options().memory_format(opts));
-  const AttnShape shape = shape_of(q, k, scale);
+  const AttnShape shape = attn::attn_shape(q, k, scale);
   const size_t ws_bytes = gpu::blossom_short_bwd_workspace_bytes(shape);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   dispatch16(q.scalar_type(), [&](auto tag) {
@@ -159,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     p.o_win = bshd_view<const T>(ow);
     p.lse_sel = ls.data_ptr<float>();
     p.lse_win = lw.data_ptr<float>();
-    p.sel = sel_mask(idx, block_size, causal);
+    p.sel = attn::block_sparse_view(idx, block_size, causal);
     p.win = win_mask(window, dilated, causal);
     p.valid = validity_view(ok);
     p.grad_q = gq.data_ptr<T>();
