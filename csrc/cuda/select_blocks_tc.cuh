@@ -74,7 +74,8 @@
 //     (32.3 ms measured for the previous wmma kernel on an H200).
 //   Resources: 2 x 64 x (DP + 8) x 2 B of K buffers (18 KB at D = 64) + C bytes of block
 //   validity; registers reported by scripts/nvcc_check.sh (PTXAS_VERBOSE=1): 124 at D = 64
-//   G = 4 (4 CTAs = 16 warps per SM), no spills.
+//   G = 4 (4 CTAs = 16 warps per SM; capped at 128 by select_mma_kernel_r128 for
+//   DP <= 32 and DP = 64 with G in 2..8), 154 at D = 64 G = 1 (3 CTAs / SM), no spills.
 //   Coverage: 16-bit inputs, D % 8 == 0 and <= 128, G in {1, 2, 4, 8, 16}, top_n <= 8 and
 //   tpb a power of two <= 64 (the old wmma kernel also took other tpb <= 64; those now run
 //   the generic kernel of select_blocks.cu).
@@ -209,11 +210,10 @@ __device__ __forceinline__ void row_map(int r, int& qw, int& hh) {
   }
 }
 
-// D <= 32: the register cap of 4 CTAs / SM (128) keeps ptxas from its own ~96-register
-// target, which spilled a few words at DP = 16, G = 2 and 4.
+// The kernel body; select_mma_kernel / select_mma_kernel_r128 below only differ in their
+// launch bounds.
 template <typename T, int DP, int G>
-__global__ void __launch_bounds__(kThreads, DP <= 32 ? 4 : 1)
-    select_mma_kernel(const SelectParams<T> p, const int64_t C) {
+__device__ __forceinline__ void select_mma_body(const SelectParams<T>& p, const int64_t C) {
   using E = typename TcElem<T>::type;
   using Lay = TcLayout<DP>;
   constexpr int QW = 16 / G;          // queries per warp
@@ -615,6 +615,22 @@ __global__ void __launch_bounds__(kThreads, DP <= 32 ? 4 : 1)
   }
 }
 
+template <typename T, int DP, int G>
+__global__ void __launch_bounds__(kThreads)
+    select_mma_kernel(const SelectParams<T> p, const int64_t C) {
+  select_mma_body<T, DP, G>(p, C);
+}
+// Same, capped at 128 registers (4 CTAs / SM). Left alone, ptxas aimed at ~96 registers
+// and spilled a few words at DP = 16 (G = 2, 4) and used 138 at DP = 64 with a min-blocks
+// bound of 1; the cap spills at DP = 64 for G = 1 and 16, which keep the plain bounds.
+template <typename T, int DP, int G>
+__global__ void __launch_bounds__(kThreads, 4)
+    select_mma_kernel_r128(const SelectParams<T> p, const int64_t C) {
+  select_mma_body<T, DP, G>(p, C);
+}
+template <int DP, int G>
+constexpr bool kCapRegs = DP <= 32 || (DP == 64 && G >= 2 && G <= 8);
+
 template <int DP, int G, typename T>
 bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   using Lay = TcLayout<DP>;
@@ -626,7 +642,10 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   const AttnShape& s = p.shape;
   const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, 64 / G);
   if (ctas >= (int64_t(1) << 31)) return false;
-  auto kernel = select_mma_kernel<T, DP, G>;
+  // if constexpr: only the chosen variant is instantiated (compile time).
+  void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
+  if constexpr (kCapRegs<DP, G>) kernel = select_mma_kernel_r128<T, DP, G>;
+  else kernel = select_mma_kernel<T, DP, G>;
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(bytes));
