@@ -28,7 +28,17 @@
 //           straddles chunks): tpb 1 -> a column, 2 -> the thread's column pair, 4 -> pair +
 //           xor 1, >= 8 -> n-tiles summed in registers + xor 1, 2. Each block is offered by
 //           exactly one lane of the query's lanes (the duplicates of the head butterfly split
-//           the blocks by index modulo G/2) to that lane's own top-8 list (registers).
+//           the blocks by index modulo G/2) to that lane's own best-first list (registers) of
+//           packed 64-bit keys (importance bits + 1, ~block): an offer costs one 64-bit
+//           compare against the lane's top_n-th key and is inserted (4 or 8 branch-free
+//           compare-exchanges) only when it beats it.
+//   Instruction diet (the kernel is bound by issued SIMT instructions, not by tensor cores,
+//   MUFU or memory; Nsight: IPC 2.1, ALU pipe busiest): chunk loader with hoisted (b, g)
+//   bases and a shift for t / tpb (it had a 64-bit address and an integer division per
+//   16-byte row), a fast path for chunks scored in full (no per-accumulator mask select),
+//   per-lane n-tile picks by selects instead of a branch per n-tile, and the key lists
+//   above (the old float/int lists copied the whole list on every offer and branched per
+//   entry). Static SASS of the D = 64, G = 4 instantiation: 12,672 -> 7,496 instructions.
 //   Masks: the loader publishes a 64-bit scored-token mask per chunk (two ballots); a thread
 //   removes its query's excluded range (own block, and after it when causal) with a few
 //   64-bit ops per chunk and tests constant bit positions per accumulator. Block candidacy
@@ -64,7 +74,8 @@
 //     (32.3 ms measured for the previous wmma kernel on an H200).
 //   Resources: 2 x 64 x (DP + 8) x 2 B of K buffers (18 KB at D = 64) + C bytes of block
 //   validity; registers reported by scripts/nvcc_check.sh (PTXAS_VERBOSE=1): 124 at D = 64
-//   G = 4 (4 CTAs = 16 warps per SM), no spills.
+//   G = 4 (4 CTAs = 16 warps per SM; capped at 128 by select_mma_kernel_r128 for
+//   DP <= 32 and DP = 64 with G in 2..8), 154 at D = 64 G = 1 (3 CTAs / SM), no spills.
 //   Coverage: 16-bit inputs, D % 8 == 0 and <= 128, G in {1, 2, 4, 8, 16}, top_n <= 8 and
 //   tpb a power of two <= 64 (the old wmma kernel also took other tpb <= 64; those now run
 //   the generic kernel of select_blocks.cu).
@@ -138,29 +149,51 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
   }
 }
 
-// (key desc, block asc); block < 0 is an empty slot and loses to everything.
-__device__ __forceinline__ bool better(float ka, int ca, float kb, int cb) {
-  return ca >= 0 && (cb < 0 || ka > kb || (ka == kb && ca < cb));
+// A list entry packs (importance, block) into one unsigned 64-bit key whose integer order
+// is the selection order: high word = importance bits + 1 (an importance is a sum of exp2
+// results, so it is >= +0 and its bits order like an unsigned int; NaN, or anything that is
+// not in [+0, +inf], gets 0, i.e. ranks like the old -inf), low word = ~block (ties go to the
+// lower block). 0 is an empty slot; every candidate key is > 0 (~block >= 2^31 - 2^30).
+// One 64-bit compare replaces the old (importance, block, empty) test chain.
+using Key = unsigned long long;
+__device__ __forceinline__ Key make_key(float imp, int c) {
+  const unsigned u = __float_as_uint(imp + 0.f);  // -0 -> +0 (x + 0 is not folded)
+  const unsigned hi = u <= 0x7f800000u ? u + 1u : 0u;
+  return (static_cast<Key>(hi) << 32) | static_cast<Key>(~static_cast<unsigned>(c));
+}
+__device__ __forceinline__ int key_block(Key k) {  // -1 for an empty slot
+  return k == 0 ? -1 : static_cast<int>(~static_cast<unsigned>(k));
 }
 
-// Offers (key, c) to a best-first list of kMaxTop entries (constant indices only: the list
-// stays in registers). The list always keeps the kMaxTop (>= top_n) best blocks offered.
-__device__ __forceinline__ void list_insert(float (&lv)[kMaxTop], int (&lc)[kMaxTop], float key,
-                                            int c) {
-  if (lc[kMaxTop - 1] >= 0 && !better(key, c, lv[kMaxTop - 1], lc[kMaxTop - 1])) return;
-  float kv = key;
-  int kc = c;
+// One compare-exchange step of an insertion: (hi, lo) = (max, min) of (key, cur) from a
+// single 64-bit compare (written in PTX: left to itself the compiler computes max and min
+// with two compares).
+__device__ __forceinline__ void key_cx(Key& cur, Key& key) {
+  asm("{\n\t.reg .pred p;\n\t.reg .b64 t;\n\t"
+      "setp.gt.u64 p, %1, %0;\n\t"
+      "selp.b64 t, %0, %1, p;\n\t"   // min
+      "selp.b64 %0, %1, %0, p;\n\t"  // cur <- max
+      "mov.b64 %1, t;\n\t"           // key <- min
+      "}"
+      : "+l"(cur), "+l"(key));
+}
+
+// Inserts key into the first N entries of a best-first list (constant indices: the list
+// stays in registers), no branches. N = 4 serves every top_n <= 4: a lane only has to keep
+// its own top_n, so entries top_n.. are never read (they stay 0 when N = 4).
+template <int N>
+__device__ __forceinline__ void key_insert(Key (&lk)[kMaxTop], Key key) {
 #pragma unroll
-  for (int k = 0; k < kMaxTop; ++k) {
-    if (better(kv, kc, lv[k], lc[k])) {
-      const float tv = lv[k];
-      const int tc = lc[k];
-      lv[k] = kv;
-      lc[k] = kc;
-      kv = tv;
-      kc = tc;
-    }
-  }
+  for (int k = 0; k < N; ++k) key_cx(lk[k], key);
+}
+
+// lk[idx] for idx < N (the worst key this lane must keep) by a constant-index select chain.
+template <int N>
+__device__ __forceinline__ Key key_at(const Key (&lk)[kMaxTop], int idx) {
+  Key r = lk[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) r = idx == k ? lk[k] : r;
+  return r;
 }
 
 // Row r (0..15) of a warp's m16 tile -> (query within the warp, head within the group).
@@ -177,9 +210,10 @@ __device__ __forceinline__ void row_map(int r, int& qw, int& hh) {
   }
 }
 
+// The kernel body; select_mma_kernel / select_mma_kernel_r128 below only differ in their
+// launch bounds.
 template <typename T, int DP, int G>
-__global__ void __launch_bounds__(kThreads)
-    select_mma_kernel(const SelectParams<T> p, const int64_t C) {
+__device__ __forceinline__ void select_mma_body(const SelectParams<T>& p, const int64_t C) {
   using E = typename TcElem<T>::type;
   using Lay = TcLayout<DP>;
   constexpr int QW = 16 / G;          // queries per warp
@@ -253,17 +287,29 @@ __global__ void __launch_bounds__(kThreads)
 
   // Chunk loader: rows of unscored tokens are zero (their k_cmp may hold NaN); the chunk's
   // scored-token bits go to tokmask[buf] (warps 0 and 1, one ballot each).
+  // Per-element costs matter here (every thread runs this 4x per chunk at D = 64): the
+  // (b, g) bases are hoisted, t / tpb is a shift (tpb is a power of two), and the 64-bit
+  // address is one multiply-add per row.
+  const int tpb_sh = __ffs(tpb) - 1;
+  const E* kg = reinterpret_cast<const E*>(p.k_cmp.at(b, 0, g));
+  const int64_t k_sl = p.k_cmp.stride_l;
+  const bool* vc = p.valid_cmp.ptr == nullptr ? nullptr : p.valid_cmp.ptr + b * p.valid_cmp.stride_b;
   auto tok_ok = [&](int t) {
-    return t < t_end && p.valid_cmp(b, t) && blockvalid[t / tpb];
+    return t < t_end && (vc == nullptr || vc[t]) && blockvalid[t >> tpb_sh];
   };
+  // Thread tid stages 16 bytes (columns d8 .. d8 + 7) of rows j0, j0 + RPI, ... of a chunk.
+  constexpr int RPI = kThreads / (DP / 8);  // rows per pass of the CTA
+  const int j0 = tid / (DP / 8), d8 = (tid % (DP / 8)) * 8;
+  const int64_t k_step = int64_t(RPI) * k_sl;
   auto load_chunk = [&](int ch, int buf) {
     const int n0 = ch * kCols;
-    E* kb = kbuf + buf * kCols * LDK;
-    for (int idx = tid; idx < kCols * (DP / 8); idx += kThreads) {
-      const int j = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
-      const int t = n0 + j;
-      if (d8 < D && tok_ok(t)) detail::cp_async16<false>(kb + j * LDK + d8, p.k_cmp.at(b, t, g) + d8);
-      else *reinterpret_cast<uint4*>(kb + j * LDK + d8) = make_uint4(0, 0, 0, 0);
+    E* kb = kbuf + (buf * kCols + j0) * LDK + d8;
+    const E* src = kg + int64_t(n0 + j0) * k_sl + d8;
+#pragma unroll
+    for (int it = 0; it < kCols / RPI; ++it) {
+      if (d8 < D && tok_ok(n0 + j0 + it * RPI)) detail::cp_async16<false>(kb + it * RPI * LDK, src);
+      else *reinterpret_cast<uint4*>(kb + it * RPI * LDK) = make_uint4(0, 0, 0, 0);
+      src += k_step;
     }
     detail::cp_async_commit();
     if (warp < 2) {
@@ -302,21 +348,30 @@ __global__ void __launch_bounds__(kThreads)
     l[r] = 0.f;
     lse2[r] = INFINITY;
   }
-  float lv[NS][kMaxTop];  // best blocks, best first
-  int lc[NS][kMaxTop];
+  // Per slot: best keys first. Only the first top_n entries matter (the final merge pops at
+  // most top_n heads per lane), so an offer is inserted only when it beats thr = the
+  // top_n-th entry: one 64-bit compare for the (common) rejected offer.
+  Key lk[NS][kMaxTop], thr[NS];
 #pragma unroll
-  for (int sl = 0; sl < NS; ++sl)
+  for (int sl = 0; sl < NS; ++sl) {
+    thr[sl] = 0;
 #pragma unroll
-    for (int k = 0; k < kMaxTop; ++k) {
-      lv[sl][k] = -INFINITY;
-      lc[sl][k] = -1;
-    }
+    for (int k = 0; k < kMaxTop; ++k) lk[sl][k] = 0;
+  }
 
   // Offers block c (of a chunk) with importance imp to slot sl's list when it is a
   // candidate of that query.
   auto offer = [&](int sl, float imp, int c) {
-    const bool cand = c < climit[sl] && c != cex[sl] && (all_valid || blockvalid[c]);
-    if (cand) list_insert(lv[sl], lc[sl], isnan(imp) ? -INFINITY : imp, c);
+    const Key key = make_key(imp, c);
+    if (key > thr[sl] && c < climit[sl] && c != cex[sl] && (all_valid || blockvalid[c])) {
+      if (top_n <= 4) {  // uniform: half the compare-exchanges
+        key_insert<4>(lk[sl], key);
+        thr[sl] = key_at<4>(lk[sl], top_n - 1);
+      } else {
+        key_insert<kMaxTop>(lk[sl], key);
+        thr[sl] = key_at<kMaxTop>(lk[sl], top_n - 1);
+      }
+    }
   };
   // Bits [lo, hi) of a 64-bit chunk mask (clamped to [0, 64)).
   auto range_bits = [](int lo, int hi) -> unsigned long long {
@@ -373,14 +428,27 @@ __global__ void __launch_bounds__(kThreads)
         okw[sl][0] = static_cast<unsigned>(okm);
         okw[sl][1] = static_cast<unsigned>(okm >> 32);
       }
+      // Most chunks are scored in full for every row of the thread (bits 8 nt' + e, nt' < 4,
+      // e < 2 of both halves): then only the scale multiply is needed.
+      bool full = true;
 #pragma unroll
-      for (int nt = 0; nt < kNt; ++nt)
+      for (int sl = 0; sl < NS; ++sl)
+        full = full && ((okw[sl][0] & okw[sl][1]) & 0x03030303u) == 0x03030303u;
+      if (full) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int sl = NS == 2 ? (e >> 1) : 0;
-          const bool ok = (okw[sl][nt >> 2] >> ((nt & 3) * 8 + (e & 1))) & 1u;
-          acc[nt][e] = ok ? acc[nt][e] * sc : -INFINITY;
-        }
+        for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] *= sc;
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int sl = NS == 2 ? (e >> 1) : 0;
+            const bool ok = (okw[sl][nt >> 2] >> ((nt & 3) * 8 + (e & 1))) & 1u;
+            acc[nt][e] = ok ? acc[nt][e] * sc : -INFINITY;
+          }
+      }
 
       if (pass == 0) {
 #pragma unroll
@@ -421,6 +489,13 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
 
+      // ms[nt0 + hl][e] with constant indices (G2 - 1 selects).
+      auto pick_hl = [&](const float (&m)[kNt][2], int nt0, int e) {
+        float v = m[nt0][e];
+#pragma unroll
+        for (int j = 1; j < G2; ++j) v = hl == j ? m[nt0 + j][e] : v;
+        return v;
+      };
       // Per block: importance (fixed order) offered by exactly one lane of the query.
       auto blocks = [&](auto tpb_c) {
         constexpr int TPB = decltype(tpb_c)::value;
@@ -428,15 +503,18 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int sl = 0; sl < NS; ++sl) {
           if constexpr (TPB == 1) {
+            // n-tile nt = k G2 + hl of each group of G2 (the lane's share), picked by
+            // selects instead of a branch per n-tile.
 #pragma unroll
-            for (int nt = 0; nt < kNt; ++nt)
-              if (nt % G2 == hl)
+            for (int k = 0; k < kNt / G2; ++k)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) offer(sl, ms[sl][nt][e], cb0 + nt * 8 + 2 * q4 + e);
+              for (int e = 0; e < 2; ++e)
+                offer(sl, pick_hl(ms[sl], k * G2, e), cb0 + (k * G2 + hl) * 8 + 2 * q4 + e);
           } else if constexpr (TPB == 2) {
 #pragma unroll
-            for (int nt = 0; nt < kNt; ++nt)
-              if (nt % G2 == hl) offer(sl, ms[sl][nt][0] + ms[sl][nt][1], cb0 + nt * 4 + q4);
+            for (int k = 0; k < kNt / G2; ++k)
+              offer(sl, pick_hl(ms[sl], k * G2, 0) + pick_hl(ms[sl], k * G2, 1),
+                    cb0 + (k * G2 + hl) * 4 + q4);
           } else if constexpr (TPB == 4) {
 #pragma unroll
             for (int nt = 0; nt < kNt; ++nt) {
@@ -498,28 +576,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < kMaxTop; ++r) {
       chosen[r] = -1;
       if (r < top_n) {  // uniform over the warp
-        float bv = lv[sl][0];
-        int bc = lc[sl][0];
+        Key best = lk[sl][0];
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
           if (o >= 4 && (G == 1 || o < 4 * QW)) continue;  // not a lane of this query
-          const float v2 = __shfl_xor_sync(kFullMask, bv, o);
-          const int c2 = __shfl_xor_sync(kFullMask, bc, o);
-          if (better(v2, c2, bv, bc)) {
-            bv = v2;
-            bc = c2;
-          }
+          const Key other = __shfl_xor_sync(kFullMask, best, o);
+          best = other > best ? other : best;
         }
-        if (bc >= 0 && lc[sl][0] == bc) {  // each block is offered by one lane only
+        if (best != 0 && lk[sl][0] == best) {  // each block is offered by one lane only
 #pragma unroll
-          for (int k = 0; k + 1 < kMaxTop; ++k) {
-            lv[sl][k] = lv[sl][k + 1];
-            lc[sl][k] = lc[sl][k + 1];
-          }
-          lv[sl][kMaxTop - 1] = -INFINITY;
-          lc[sl][kMaxTop - 1] = -1;
+          for (int k = 0; k + 1 < kMaxTop; ++k) lk[sl][k] = lk[sl][k + 1];
+          lk[sl][kMaxTop - 1] = 0;
         }
-        chosen[r] = bc;  // -1 once the candidates run out
+        chosen[r] = key_block(best);  // -1 once the candidates run out
       }
     }
     // One lane per query writes: chosen[] is best-first with the -1s at its end; the output
@@ -546,6 +615,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename T, int DP, int G>
+__global__ void __launch_bounds__(kThreads)
+    select_mma_kernel(const SelectParams<T> p, const int64_t C) {
+  select_mma_body<T, DP, G>(p, C);
+}
+// Same, capped at 128 registers (4 CTAs / SM). Left alone, ptxas aimed at ~96 registers
+// and spilled a few words at DP = 16 (G = 2, 4) and used 138 at DP = 64 with a min-blocks
+// bound of 1; the cap spills at DP = 64 for G = 1 and 16, which keep the plain bounds.
+template <typename T, int DP, int G>
+__global__ void __launch_bounds__(kThreads, 4)
+    select_mma_kernel_r128(const SelectParams<T> p, const int64_t C) {
+  select_mma_body<T, DP, G>(p, C);
+}
+template <int DP, int G>
+constexpr bool kCapRegs = DP <= 32 || (DP == 64 && G >= 2 && G <= 8);
+
 template <int DP, int G, typename T>
 bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   using Lay = TcLayout<DP>;
@@ -557,7 +642,10 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   const AttnShape& s = p.shape;
   const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, 64 / G);
   if (ctas >= (int64_t(1) << 31)) return false;
-  auto kernel = select_mma_kernel<T, DP, G>;
+  // if constexpr: only the chosen variant is instantiated (compile time).
+  void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
+  if constexpr (kCapRegs<DP, G>) kernel = select_mma_kernel_r128<T, DP, G>;
+  else kernel = select_mma_kernel<T, DP, G>;
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(bytes));
