@@ -221,16 +221,16 @@ template <typename E>
 using FragBc = wm::fragment<wm::matrix_b, 16, 16, 16, E, wm::col_major>;
 using FragC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
 
-// C[16w .. 16w + 16, 0 .. 64) = A[rows, :D] B[keys, :D]^T (both row-major, ld D + 8), to
-// the float tile C (ld kLdS).
-template <int D, typename E>
+// C[16w .. 16w + 16, 0 .. NC) = A[rows, :D] B[NC keys, :D]^T (both row-major, ld D + 8) to
+// the float tile C (ld LDC): the full 64-key tile (forward) or a 32-key half (backward).
+template <int D, int NC, int LDC, typename E>
 __device__ __forceinline__ void gemm_abt(const E* A, const E* Bm, float* C, int warp) {
   constexpr int ld = Lay<D>::kLdH;
   FragA<E> a[D / 16];
 #pragma unroll
   for (int f = 0; f < D / 16; ++f) wm::load_matrix_sync(a[f], A + warp * 16 * ld + f * 16, ld);
 #pragma unroll
-  for (int nt = 0; nt < kKeys / 16; ++nt) {
+  for (int nt = 0; nt < NC / 16; ++nt) {
     FragC acc;
     wm::fill_fragment(acc, 0.f);
 #pragma unroll
@@ -239,31 +239,15 @@ __device__ __forceinline__ void gemm_abt(const E* A, const E* Bm, float* C, int 
       wm::load_matrix_sync(bf, Bm + nt * 16 * ld + f * 16, ld);
       wm::mma_sync(acc, a[f], bf, acc);
     }
-    wm::store_matrix_sync(C + warp * 16 * kLdS + nt * 16, acc, kLdS, wm::mem_row_major);
+    wm::store_matrix_sync(C + warp * 16 * LDC + nt * 16, acc, LDC, wm::mem_row_major);
   }
 }
 
-// C[16w .. 16w + 16, 0 .. 32) = A[rows, :D] B[keys 32 hk .. 32 hk + 32, :D]^T to the
-// half-width float tile C (ld kHalf).
+// The 32-key half hk of a 64-key tile, to the half-width float tile C (ld kHalf).
 template <int D, typename E>
 __device__ __forceinline__ void gemm_abt_half(const E* A, const E* Bm, float* C, int warp,
                                               int hk) {
-  constexpr int ld = Lay<D>::kLdH;
-  FragA<E> a[D / 16];
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) wm::load_matrix_sync(a[f], A + warp * 16 * ld + f * 16, ld);
-#pragma unroll
-  for (int nt = 0; nt < kHalf / 16; ++nt) {
-    FragC acc;
-    wm::fill_fragment(acc, 0.f);
-#pragma unroll
-    for (int f = 0; f < D / 16; ++f) {
-      FragBc<E> bf;
-      wm::load_matrix_sync(bf, Bm + (hk * kHalf + nt * 16) * ld + f * 16, ld);
-      wm::mma_sync(acc, a[f], bf, acc);
-    }
-    wm::store_matrix_sync(C + warp * 16 * kHalf + nt * 16, acc, kHalf, wm::mem_row_major);
-  }
+  gemm_abt<D, kHalf, kHalf>(A, Bm + hk * kHalf * Lay<D>::kLdH, C, warp);
 }
 
 // acc[16w rows, :D] += P[16w rows, 64 keys] X[64 keys, :D] (P ld kLdP, X ld D + 8).
@@ -443,7 +427,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = 0; c < n_chunks; ++c) {
     cp_async_wait<0>();
     __syncthreads();  // K(c), V(c) (and Q) landed; masks visible
-    gemm_abt<D>(sQ, sK, sF, warp);
+    gemm_abt<D, kKeys, kLdS>(sQ, sK, sF, warp);
     __syncthreads();  // every warp is done with K(c): prefetch K(c + 1) under the softmax
     if (c + 1 < n_chunks) {
       load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, (c + 1) * kKeys + r, g); });
