@@ -316,6 +316,17 @@ __device__ __forceinline__ RowId row_id(const ShortMask& m, int64_t b, int g, in
   return id;
 }
 
+// The 64 query-side rows (query q0 + r / G, head g G + r % G) of x into dst; rows of
+// padded or out-of-range queries are zero-filled.
+template <int D, typename E, typename T>
+__device__ __forceinline__ void load_query_rows(E* dst, const Bshd<const T>& x, const ShortMask& m,
+                                                int64_t b, int g, int G, int QT, int q0) {
+  load_rows<D>(dst, [&](int r) -> const void* {
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    return id.ok ? static_cast<const void*>(x.at(b, id.i, id.h)) : nullptr;
+  });
+}
+
 struct Smem {
   unsigned char* base;
   template <typename X>
@@ -398,10 +409,7 @@ __global__ void __launch_bounds__(kThreads)
   const int key_end = m.causal ? q_end : L;
   const int n_chunks = (key_end + kKeys - 1) / kKeys;
 
-  load_rows<D>(sQ, [&](int r) -> const void* {
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
-  });
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
   load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
   load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
   cp_async_commit();
@@ -583,14 +591,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
   const int nc_all = (L + kKeys - 1) / kKeys;
 
-  load_rows<D>(sQ, [&](int r) -> const void* {
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
-  });
-  load_rows<D>(sDO, [&](int r) -> const void* {
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    return id.ok ? static_cast<const void*>(p.grad_out.at(b, id.i, id.h)) : nullptr;
-  });
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
   load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
   load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
   cp_async_commit();
@@ -770,14 +772,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   // Queries below k0 see no key of this tile when causal.
   const int first = m.causal ? k0 : 0;
   for (int q0 = first + split * QT; q0 < L; q0 += nsplit * QT) {
-    load_rows<D>(sQ, [&](int r) -> const void* {
-      const RowId id = row_id(m, b, g, G, QT, q0, r);
-      return id.ok ? static_cast<const void*>(p.q.at(b, id.i, id.h)) : nullptr;
-    });
-    load_rows<D>(sDO, [&](int r) -> const void* {
-      const RowId id = row_id(m, b, g, G, QT, q0, r);
-      return id.ok ? static_cast<const void*>(p.grad_out.at(b, id.i, id.h)) : nullptr;
-    });
+    load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+    load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
     // Row data from the dQ pass's workspace: (a, b, dsel, dwin), (lse2s, lse2w, -, -), and
     // this key tile's mask pair; zero for rows that are not valid queries (empty masks).
     for (int x = tid; x < kRows * 3; x += kThreads) {
