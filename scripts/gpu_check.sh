@@ -6,7 +6,8 @@
 #
 # Steps: build  pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST, default 9.0)
 #        check  scripts/sanitize_ops.py --check: every op fwd+bwd vs the float64 reference,
-#               bit-identical backward, CUDA-graph capture
+#               bit-identical backward, CUDA-graph capture; then benchmarks/check_select_gpu.py
+#               and benchmarks/check_short_gpu.py (the fast paths' sweeps)
 #        tests  pytest -q -k cuda on each tests/test_*.py in its own process
 #        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
 #        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments), then the
@@ -45,6 +46,12 @@ for step in $STEPS; do
       ;;
     check)
       run_step check "$OUT/check.log" python3 scripts/sanitize_ops.py --check
+      # The fast paths' own sweeps: tensor-core selection (1536 cases) and the fused
+      # short-sequence path (81 cases, then again with the dK/dV cluster split at 2).
+      run_step check_select "$OUT/check.log" python3 benchmarks/check_select_gpu.py check
+      run_step check_short "$OUT/check.log" python3 benchmarks/check_short_gpu.py --quick --no-time
+      run_step check_short_split2 "$OUT/check.log" env BLOSSOM_OPS_CUDA_SHORT_SPLIT=2 \
+        python3 benchmarks/check_short_gpu.py --quick --no-time
       ;;
     tests)
       if [ -d tests ]; then
