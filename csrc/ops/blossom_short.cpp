@@ -47,6 +47,22 @@ SlidingWindowMask win_mask(int64_t window, bool dilated, bool causal) {
   return m;
 }
 
+// The fields the forward and backward parameters share: shape, q / k / v / gate views,
+// both masks and the validity.
+template <typename T, typename P>
+void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& gate_logits, const at::Tensor& ok, const at::Tensor& idx,
+                 int64_t block_size, int64_t window, bool dilated, bool causal, double scale) {
+  p.shape = attn::attn_shape(q, k, scale);
+  p.q = bshd_view<const T>(q);
+  p.k = bshd_view<const T>(k);
+  p.v = bshd_view<const T>(v);
+  p.gate = bshd_view<const T>(gate_logits);
+  p.sel = attn::block_sparse_view(idx, block_size, causal);
+  p.win = win_mask(window, dilated, causal);
+  p.valid = validity_view(ok);
+}
+
 template <typename F>
 void dispatch16(at::ScalarType t, F&& f) {
   if (t == at::kHalf) return f(c10::Half{});
@@ -79,14 +95,7 @@ BlossomOutputs forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   dispatch16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     gpu::ShortFwdParams<T> p;
-    p.shape = attn::attn_shape(q, k, scale);
-    p.q = bshd_view<const T>(q);
-    p.k = bshd_view<const T>(k);
-    p.v = bshd_view<const T>(v);
-    p.gate = bshd_view<const T>(gate_logits);
-    p.sel = attn::block_sparse_view(idx, block_size, causal);
-    p.win = win_mask(window, dilated, causal);
-    p.valid = validity_view(ok);
+    fill_common<T>(p, q, k, v, gate_logits, ok, idx, block_size, window, dilated, causal, scale);
     p.out = out.data_ptr<T>();
     p.o_sel = o_sel.data_ptr<T>();
     p.o_win = o_win.data_ptr<T>();
@@ -120,25 +129,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor gk = at::empty(k.sizes(), k.options().memory_format(opts));
   at::Tensor gv = at::empty(v.sizes(), v.options().memory_format(opts));
   at::Tensor gg = at::empty(gate_logits.sizes(), gate_logits.options().memory_format(opts));
-  const AttnShape shape = attn::attn_shape(q, k, scale);
-  const size_t ws_bytes = gpu::blossom_short_bwd_workspace_bytes(shape);
+  const size_t ws_bytes = gpu::blossom_short_bwd_workspace_bytes(attn::attn_shape(q, k, scale));
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   dispatch16(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     gpu::ShortBwdParams<T> p;
-    p.shape = shape;
-    p.q = bshd_view<const T>(q);
-    p.k = bshd_view<const T>(k);
-    p.v = bshd_view<const T>(v);
+    fill_common<T>(p, q, k, v, gate_logits, ok, idx, block_size, window, dilated, causal, scale);
     p.grad_out = bshd_view<const T>(go);
-    p.gate = bshd_view<const T>(gate_logits);
     p.o_sel = bshd_view<const T>(os);
     p.o_win = bshd_view<const T>(ow);
     p.lse_sel = ls.data_ptr<float>();
     p.lse_win = lw.data_ptr<float>();
-    p.sel = attn::block_sparse_view(idx, block_size, causal);
-    p.win = win_mask(window, dilated, causal);
-    p.valid = validity_view(ok);
     p.grad_q = gq.data_ptr<T>();
     p.grad_k = gk.data_ptr<T>();
     p.grad_v = gv.data_ptr<T>();
