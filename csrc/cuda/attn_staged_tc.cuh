@@ -3,74 +3,58 @@
 // Same Policy interface and numeric conventions as the simple kernels (fp32 accumulation,
 // base-2 softmax with scale * log2(e) folded in, lse in natural log); the key rows of a chunk
 // are gathered into shared memory with cp.async (double-buffered) and the products run on
-// wmma 16x16x16 (bf16/fp16 in, fp32 accumulate).
+// mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) with every intermediate in registers.
 //
-// Why: the simple kernels walk the key list with 4 keys in flight per warp and a dependent
-// chain per key (index -> K/V row -> math), so they are latency bound (~6 TFLOP/s). A first
-// staged version with fp32 SIMT products (removed; 1.7-2x slower than this one on an H200)
-// spent ~2,500 warp-instructions per query (per key ~13 for the scores and ~18 for P.V at
-// HPW=4, D=64) and held ~20 KB of shared memory per warp (10 warps per SM), so its cp.async
-// latency was poorly hidden.
-//
-// Work decomposition: one warp per (b, query i, HPW heads of KV group g), kStageWarps warps
-// per CTA, no CTA barrier. Per chunk of KC keys (16, or 32 for D <= 32):
+// Work decomposition: one warp per (b, query i, HPW heads of KV group g; HPW = 8, 4, 2 or 1
+// dividing G), kStageWarps warps per CTA, no CTA barrier. Each warp has its own key list
+// (the selected blocks of one query), so tiles of queries share no keys: the products are
+// per query, with the keys as the M dimension and the heads, padded to 8, as N.
+// Per chunk of KC keys (16, or 32 for D <= 32):
 //   1. enumerate: lane n computes pol.fwd_key(b, i, g, n0 + n) for the KC slots at once; the
 //      valid keys are compacted (ballot + popc) into kidx[buf][0, cnt); stage: their K and V
 //      rows are copied into shared memory with 16-byte cp.async, double-buffered (chunk c+1
-//      is enumerated and issued before chunk c is computed), rows padded by 16 bytes; the
-//      copy loop gives each lane a fixed (K|V, 16-byte piece) and walks the rows, ~4
-//      instructions per copy.
-//   2. S = Q K^T on tensor cores: Q is a 16 x D tile whose rows >= HPW are zero (A operand,
-//      held in registers for D <= 64), K rows are the col-major B operand read straight from
-//      the staging buffer. One 16 x 16 tile per 16 keys (tiles past cnt skipped), stored fp32.
-//   3. softmax step (forward) or dS (dQ): lanes are split into HPW groups of LPH = 32 / HPW,
-//      group h owns head h and each lane KPL = KC / LPH keys (all heads at once). s = S * scale * log2(e) in fp32;
-//      forward: base-2 online softmax (chunk max by a group butterfly, l from the unrounded
-//      p); P (or dS = exp2(s - lse2) * (dp - delta)) rounded to the input type into a
-//      16 x KC tile whose rows >= HPW stay zero, as FlashAttention-2 does.
-//   4. O += P V (dQ: dQ += dS K) on tensor cores with the accumulator fragments kept in
-//      registers across chunks. The forward's rescale by alpha needs each fragment element's
-//      row: the warp loads a table of row numbers into an accumulator fragment once (so no
-//      assumption about wmma's private layout), and rescales only when some head's max moved.
-//   5. end: fragments stored to shared memory (reusing the K/V buffers), lanes normalise
-//      (1 / l, or * scale for dQ) and write 16-byte rows; lse = (m + log2 l) * ln 2.
+//      is enumerated and issued before chunk c is computed), rows padded by 16 bytes (the 8
+//      rows of an ldmatrix then hit distinct banks).
+//   2. S^T = K Q^T per 16-key tile: A = the K rows (ldmatrix), B = Q^T, held in registers for
+//      the whole query (row gid < HPW of Q, zero for the padding heads). The accumulator
+//      gives lane (gid, tig) the scores of keys gid and gid + 8 for heads 2 tig and 2 tig + 1.
+//   3. forward: base-2 online softmax per head; a head's max over the chunk is a butterfly
+//      over the 8 lanes of its tig (xor 4, 8, 16), l stays a per-lane partial sum of the
+//      unrounded p until the end. dQ: dS^T = exp2(s - lse2) (dP^T - delta), dP^T = V dO^T
+//      the same way as S^T.
+//   4. O^T += V^T P^T (dQ^T += K^T dS^T): P^T, rounded to the input type as FlashAttention-2
+//      does, is in the C layout with keys as rows; movmatrix transposes its two 8x8 halves
+//      into the B fragment (heads as columns); V^T (K^T) is ldmatrix.trans of the same
+//      staged rows. The O^T accumulators stay in registers across chunks; the rescale by
+//      alpha is two multiplies per accumulator (each lane's heads are fixed).
+//   5. end: l summed over the 8 lanes of a head; the accumulators, normalised (1 / l, or
+//      * scale for dQ), go through shared memory (the K/V buffers) so the rows leave as
+//      16-byte stores; lse = (m + log2 l) * ln 2.
 //   Keys of a chunk past cnt: the K/V buffers are zero-filled once per warp, so their rows are
 //   either zeros or an earlier chunk's (finite) rows, and their p / ds is exactly 0; no NaN
 //   can leak through 0 * garbage. Deterministic: fixed reduction orders, no atomics.
 //
-// Shared memory per warp (D=64, HPW=4, KC=16): K/V 2 buffers * 2 * 16 rows * 144 B = 9 KB,
-// S fp32 16 x 24 = 1.5 KB (dQ + dP 1.5 KB), P 0.75 KB, tables/indices 0.25 KB: 11.5 KB fwd,
-// 13 KB dQ (Q/dO tiles alias the K/V buffers before the first copy) -> 18 / 16 warps per SM
-// by shared memory (was 10), registers permitting.
+// History: the previous version used wmma 16x16x16 with the heads as M (padded to 16, 4x
+// the useful tensor work at HPW = 4) and sent S, P (dP, dS) through shared memory; Nsight
+// Compute showed it bound by L1/shared-memory throughput (71-76% of peak) at 2.90 ms (fwd)
+// and 3.27 ms (dQ) for block-sparse D=64 L=4096 B=64 on an H100. Per 16-key tile at D=64 it
+// moved 16x16x4 B of S out and in plus P, and issued 4 + 4 wmma (16 HMMA); now 8 mma.sync
+// (8 HMMA) and no shared-memory traffic besides the K/V rows (2 x 2 KB per tile read once).
 //
-// Count, block-sparse D=64 L=4096 B=64 Hq=8 Hk=2 (524,288 warps; 80 slots = 5 chunks of 16,
-// ~72 valid keys, ~5 tiles per query), warp-instructions per query:
-//   forward, per chunk: enumerate ~40, copies 256 / 32 lanes * ~4 = ~35, S 4 k-steps *
-//     (B load + 2 HMMA) + store ~20, softmax (2 keys per lane) ~35, rescale (when a max
-//     moved) ~45, P.V 4 * (B load + 2 HMMA) + A load ~15, syncs/waits ~10 -> ~200;
-//     5 chunks + prologue (Q tile, fragments, zero fill ~60) + epilogue (~50) = ~1,100
-//     (the removed SIMT version: ~2,500). 524,288 * 1,100 = 0.58 G warp-instr / 1.05 T/s = 0.55 ms of
-//     issue; tensor work 38.7 GFLOP useful, 155 GFLOP issued (rows >= HPW are padding) is
-//     far below the wmma ceiling. Latency bound in practice: predicted 1.5-2.5 ms (5.2 now).
-//   dQ, per chunk ~230 (two score products, no rescale, dS.K like P.V) -> ~1,300 per
-//     query; predicted 1.8-3 ms (5.9 now). Window (1-2 chunks): fwd ~0.8 ms, dQ ~1 ms
-//     (1.8 / 2.1 now).
+// Shared memory per warp (D=64, KC=16): K/V 2 buffers * 2 * 16 rows * 144 B = 9 KB + indices.
 //
 #pragma once
-#include <mma.h>
-
 #include <cstdlib>
 #include <type_traits>
 
 #include "common/params.h"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/mma_frag.cuh"
 
 namespace blossom {
 namespace gpu {
 namespace detail {
-
-namespace tcw = nvcuda::wmma;
 
 constexpr int kStageWarps = 2;  // warps per CTA of the staged kernels
 
@@ -85,48 +69,21 @@ __device__ __forceinline__ float pick(const float (&a)[HPW], int hh) {
 
 constexpr size_t tc_align128(size_t x) { return (x + 127) & ~size_t(127); }
 
-// Row stride (floats) of the S tile: group h of LPH lanes reads row h at consecutive
-// columns, so rows start an odd multiple of LPH banks apart and the HPW groups of one read
-// hit distinct banks.
-constexpr int tc_sld(int KC, int LPH, int HPW) {
-  if (HPW == 1) return KC;
-  int s = LPH;
-  while (s < KC) s += 2 * LPH;
-  return s;
-}
-
-// Compile-time configuration and per-warp shared-memory layout (byte offsets, 128-aligned:
-// wmma needs 32-byte aligned tile starts).
-template <int D, int HPW, bool DQ>
+// Compile-time configuration and per-warp shared-memory layout (byte offsets, 128-aligned).
+template <int D>
 struct TcCfg {
   static constexpr int KC = D <= 32 ? 32 : 16;  // keys per chunk
   static constexpr int KT = KC / 16;            // 16-key tiles per chunk
-  static constexpr int NF = D / 16;             // 16-column fragments of a row
+  static constexpr int NF = D / 16;             // 16-column slices of a row (k steps of S)
   static constexpr int CPR = D / kFrag;         // 16-byte pieces per row
-  static constexpr int RS = D + kFrag;          // K/V/Q row stride (elements): 16 B of padding
-  static constexpr int LPH = 32 / HPW;          // lanes per head in the softmax / dS step
-  static constexpr int KPL = KC > LPH ? KC / LPH : 1;  // keys per lane in that step
-  static constexpr int SLD = tc_sld(KC, LPH, HPW);     // S (and dP) row stride, floats
-  static constexpr int PLD = KC + 8;            // P (dS) row stride, elements
+  static constexpr int RS = D + kFrag;          // K/V row stride (elements): 16 B of padding
   static constexpr int OLD = D + 4;             // output staging row stride, floats
-  static constexpr bool REGA = D <= 64;         // Q (dO) A-fragments live in registers
   static constexpr size_t kv_bytes = size_t(2) * 2 * KC * RS * 2;  // [buf][K|V][KC][RS]
-  static constexpr size_t tile_bytes = size_t(16) * RS * 2;        // one Q or dO tile
-  static constexpr size_t qtiles_bytes = (DQ ? 2 : 1) * tile_bytes;
-  // With register fragments the Q (dO) tiles are only needed before the first copy: they
-  // borrow the K/V buffers.
-  static constexpr size_t q_off = REGA ? 0 : kv_bytes;
-  static constexpr size_t s_off = tc_align128(REGA ? kv_bytes : kv_bytes + qtiles_bytes);
-  static constexpr size_t s_bytes = tc_align128(size_t(16) * SLD * 4);
-  static constexpr size_t p_off = s_off + (DQ ? 2 : 1) * s_bytes;
-  static constexpr size_t tab_off = p_off + tc_align128(size_t(16) * PLD * 2);
-  static constexpr size_t idx_off = tab_off + 128;  // tab: alpha[16], l[16] (forward)
+  static constexpr size_t idx_off = tc_align128(kv_bytes);
   static constexpr size_t warp_bytes = tc_align128(idx_off + size_t(2) * KC * 4);
-  static_assert(D % 16 == 0 && KC % 16 == 0 && HPW <= 16 && 32 % (2 * CPR) == 0,
+  static_assert(D % 16 == 0 && KC % 16 == 0 && 32 % (2 * CPR) == 0,
                 "bad tensor-core staged configuration");
-  static_assert(size_t(16) * OLD * 4 <= kv_bytes, "output staging must fit the K/V buffers");
-  static_assert(!REGA || qtiles_bytes <= kv_bytes, "Q/dO tiles must fit the K/V buffers");
-  static_assert(SLD >= 16 && SLD % 4 == 0 && PLD % 8 == 0, "wmma leading dimensions");
+  static_assert(size_t(8) * OLD * 4 <= kv_bytes, "output staging must fit the K/V buffers");
 };
 
 // Warp coordinates, staging buffers and the enumerate + copy step of one chunk.
@@ -168,20 +125,29 @@ struct TcWarp {
     cp_async_commit();
     return cnt;
   }
-};
 
-// Rows < HPW of a 16 x D tile from global rows h0 .. h0 + HPW - 1 of position i, rows
-// HPW..15 zero (the padding heads of the tensor-core products).
-template <typename T, class C, int HPW>
-__device__ __forceinline__ void tc_load_tile(typename TcElem<T>::type* dst, const Bshd<const T>& x,
-                                             int64_t b, int64_t i, int64_t h0, int lane) {
-  for (int t = lane; t < 16 * C::CPR; t += 32) {
-    const int r = t / C::CPR, c = t % C::CPR;
-    uint4 u = make_uint4(0, 0, 0, 0);
-    if (r < HPW) u = __ldg(reinterpret_cast<const uint4*>(x.at(b, i, h0 + r) + c * kFrag));
-    *reinterpret_cast<uint4*>(dst + r * C::RS + c * kFrag) = u;
+  // Chunk loop with double buffering: body(buf, cnt) runs once per chunk that has valid
+  // keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies are in flight.
+  template <class Body>
+  __device__ __forceinline__ void for_each_chunk(const Policy& pol, Body&& body) {
+    const int64_t n_chunks = (n_slots + C::KC - 1) / C::KC;
+    int cnt = n_chunks > 0 ? issue(pol, 0, 0) : 0;
+    for (int64_t ch = 0; ch < n_chunks; ++ch) {
+      const int buf = static_cast<int>(ch & 1);
+      int cnt_next = 0;
+      if (ch + 1 < n_chunks) {
+        cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncwarp();  // every lane's copies visible to the whole warp
+      if (cnt > 0) body(buf, cnt);
+      __syncwarp();  // buffer `buf` is rewritten by the next iteration's copies
+      cnt = cnt_next;
+    }
   }
-}
+};
 
 template <int BYTES>
 __device__ __forceinline__ void tc_zero(void* p, int lane) {
@@ -190,9 +156,63 @@ __device__ __forceinline__ void tc_zero(void* p, int lane) {
   for (int x = lane; x < BYTES / 16; x += 32) q[x] = make_uint4(0, 0, 0, 0);
 }
 
-// Resident CTAs per SM the register budget must allow up to D = 64: forward 8 (16 warps,
-// <= 128 registers; shared memory allows 9), dQ 7 (<= 144 registers: at 128 the compressed
-// op's dQ spilled 16 bytes). D = 128 is limited by shared memory anyway.
+// B fragments of X^T (k = head dim, n = head) for the rows h0 + gid (< HPW; zero for the
+// padding heads) of position i: xb[f] holds dims 16 f + 2 tig + {0, 1} and + 8.
+template <typename T, int D, int HPW>
+__device__ __forceinline__ void load_head_frags(uint32_t (&xb)[D / 16][2], const Bshd<const T>& x,
+                                                int64_t b, int64_t i, int64_t h0, int lane) {
+  const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) {
+    xb[f][0] = 0u;
+    xb[f][1] = 0u;
+    if (gid < HPW) {
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(x.at(b, i, h0 + gid) + 16 * f);
+      xb[f][0] = __ldg(row + tig);
+      xb[f][1] = __ldg(row + 4 + tig);
+    }
+  }
+}
+
+// Shared-memory byte offsets of this lane's ldmatrix row for a 16 x 16 tile of the staged
+// rows (16 keys x 16 dims): `rows` as the A operand with the keys as M (K for S^T = K Q^T),
+// `cols` through ldmatrix.trans as the A operand with the dims as M (V^T for O^T = V^T P^T).
+template <class C>
+__device__ __forceinline__ int tile_row_offset(int lane) {
+  return ((lane & 7) + ((lane >> 3) & 1) * 8) * C::RS + (lane >> 4) * 8;
+}
+template <class C>
+__device__ __forceinline__ int tile_col_offset(int lane) {
+  return ((lane & 7) + (lane >> 4) * 8) * C::RS + ((lane >> 3) & 1) * 8;
+}
+
+// acc (16 x 8, keys x heads, C layout) rounded to E and transposed into the B fragment of
+// the keys x heads operand of the next product (k = key, n = head).
+template <typename E>
+__device__ __forceinline__ void keys_heads_to_b(const float (&acc)[4], uint32_t& b0, uint32_t& b1) {
+  b0 = movmatrix_trans(pack2<E>(acc[0], acc[1]));
+  b1 = movmatrix_trans(pack2<E>(acc[2], acc[3]));
+}
+
+// Writes the head-major rows of the accumulators (O^T or dQ^T slices, C layout: dims x
+// heads), each head column times mul[j], into the float staging area [8][OLD].
+template <class C>
+__device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF][4],
+                                            const float (&mul)[2], int lane) {
+  const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int f = 0; f < C::NF; ++f) {
+    float* r0 = ost + (2 * tig) * C::OLD + 16 * f + gid;
+    float* r1 = r0 + C::OLD;
+    r0[0] = acc[f][0] * mul[0];
+    r1[0] = acc[f][1] * mul[1];
+    r0[8] = acc[f][2] * mul[0];
+    r1[8] = acc[f][3] * mul[1];
+  }
+}
+
+// Resident CTAs per SM the register budget must allow up to D = 64. D = 128 is limited by
+// shared memory anyway.
 template <int D, bool DQ>
 constexpr int tc_min_ctas() { return D <= 64 ? (DQ ? 7 : 8) : 1; }
 
@@ -200,16 +220,13 @@ constexpr int tc_min_ctas() { return D <= 64 ? (DQ ? 7 : 8) : 1; }
 template <typename T, int D, int HPW, class Policy>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol) {
-  using C = TcCfg<D, HPW, false>;
+  using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
-  using FragA = tcw::fragment<tcw::matrix_a, 16, 16, 16, E, tcw::row_major>;
-  using FragBc = tcw::fragment<tcw::matrix_b, 16, 16, 16, E, tcw::col_major>;
-  using FragBr = tcw::fragment<tcw::matrix_b, 16, 16, 16, E, tcw::row_major>;
-  using FragC = tcw::fragment<tcw::accumulator, 16, 16, 16, float>;
-  constexpr int NE = FragC::num_elements;
+  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads, Hk = s.kv_heads;
   const int64_t G = Hq / Hk, chunks = G / HPW;
@@ -232,164 +249,116 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   w.sv = p.v.stride_l;
   w.b = b; w.i = i; w.g = g;
   w.lane = lane;
-  E* qs = reinterpret_cast<E*>(base + C::q_off);
-  float* ss = reinterpret_cast<float*>(base + C::s_off);
-  E* ps = reinterpret_cast<E*>(base + C::p_off);
-  float* tab = reinterpret_cast<float*>(base + C::tab_off);  // alpha[16], l[16]
-  const int hme = lane / C::LPH, sub = lane % C::LPH;  // this lane's head in the softmax step
 
-  FragC acc[C::NF];
+  // This lane's heads are 2 tig + {0, 1}: running max m, partial sum lp, O^T columns.
+  float o[C::NF][4];
 #pragma unroll
-  for (int f = 0; f < C::NF; ++f) tcw::fill_fragment(acc[f], 0.f);
-  float m = -INFINITY, lp = 0.f;
+  for (int f = 0; f < C::NF; ++f) o[f][0] = o[f][1] = o[f][2] = o[f][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, lp[2] = {0.f, 0.f};
 
   if (pol.query_valid(b, i)) {
-    tc_load_tile<T, C, HPW>(qs, p.q, b, i, h0, lane);
-    // Row-number table in the S tile: loaded as an accumulator, it tells each fragment
-    // element its row (head) for the rescale, whatever wmma's element layout is.
-    for (int x = lane; x < 256; x += 32) ss[(x >> 4) * C::SLD + (x & 15)] = static_cast<float>(x >> 4);
-    __syncwarp();
-    int rid[NE];
-    {
-      FragC rowf;
-      tcw::load_matrix_sync(rowf, ss, C::SLD, tcw::mem_row_major);
-#pragma unroll
-      for (int e = 0; e < NE; ++e) rid[e] = static_cast<int>(rowf.x[e]);
-    }
-    FragA qa[C::REGA ? C::NF : 1];
-    if constexpr (C::REGA) {
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) tcw::load_matrix_sync(qa[f], qs + f * 16, C::RS);
-    }
-    __syncwarp();  // Q tile read before the zero fill may overwrite it
+    uint32_t qb[C::NF][2];
+    load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
     tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    tc_zero<static_cast<int>(C::tab_off - C::p_off)>(ps, lane);
-    if (lane < 16) tab[lane] = 1.f;  // alpha of the padding rows stays 1
     __syncwarp();
-
     const float qsc = static_cast<float>(s.scale) * kLog2e;
+    const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
     w.n_slots = pol.fwd_slots(b, i, g);
-    const int64_t n_chunks = (w.n_slots + C::KC - 1) / C::KC;
-    int cnt = n_chunks > 0 ? w.issue(pol, 0, 0) : 0;
-    for (int64_t ch = 0; ch < n_chunks; ++ch) {
-      const int buf = static_cast<int>(ch & 1);
-      int cnt_next = 0;
-      if (ch + 1 < n_chunks) {
-        cnt_next = w.issue(pol, (ch + 1) * C::KC, buf ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncwarp();  // every lane's copies visible to the whole warp
-      if (cnt > 0) {
-        const E* kb = w.kbuf(buf);
-        const E* vb = w.vbuf(buf);
-        // S = Q K^T, one 16 x 16 tile per 16 keys.
+    w.for_each_chunk(pol, [&](int buf, int cnt) {
+      const E* kb = w.kbuf(buf);
+      const E* vb = w.vbuf(buf);
+      float sc[C::KT][4];
 #pragma unroll
-        for (int t = 0; t < C::KT; ++t) {
-          if (t * 16 < cnt) {
-            FragC sacc;
-            tcw::fill_fragment(sacc, 0.f);
+      for (int t = 0; t < C::KT; ++t) {
+        sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.f;
+        if (t * 16 < cnt) {
 #pragma unroll
-            for (int f = 0; f < C::NF; ++f) {
-              FragBc kf;
-              tcw::load_matrix_sync(kf, kb + t * 16 * C::RS + f * 16, C::RS);
-              if constexpr (C::REGA) {
-                tcw::mma_sync(sacc, qa[f], kf, sacc);
-              } else {
-                FragA a;
-                tcw::load_matrix_sync(a, qs + f * 16, C::RS);
-                tcw::mma_sync(sacc, a, kf, sacc);
-              }
-            }
-            tcw::store_matrix_sync(ss + t * 16, sacc, C::SLD, tcw::mem_row_major);
-          }
-        }
-        __syncwarp();
-        // Online-softmax step of head hme over this lane's keys sub + LPH * e.
-        float x[C::KPL], pr[C::KPL];
-        float cmax = -INFINITY;
-#pragma unroll
-        for (int e = 0; e < C::KPL; ++e) {
-          const int k = sub + C::LPH * e;
-          x[e] = k < cnt ? ss[hme * C::SLD + k] * qsc : -INFINITY;
-          cmax = fmaxf(cmax, x[e]);
-          pr[e] = 0.f;
-        }
-#pragma unroll
-        for (int o = C::LPH / 2; o > 0; o >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(kFullMask, cmax, o));
-        const float mn = fmaxf(m, cmax);
-        float alpha = 1.f, psum = 0.f;
-        if (mn != -INFINITY) {  // uniform per head group
-          alpha = exp2f(m - mn);
-#pragma unroll
-          for (int e = 0; e < C::KPL; ++e) {
-            pr[e] = sub + C::LPH * e < cnt ? exp2f(x[e] - mn) : 0.f;
-            psum += pr[e];
-          }
-        }
-        lp = fmaf(lp, alpha, psum);
-        m = mn;
-#pragma unroll
-        for (int e = 0; e < C::KPL; ++e) {
-          const int k = sub + C::LPH * e;
-          if (k < C::KC) ps[hme * C::PLD + k] = TcElem<T>::from(pr[e]);
-        }
-        if (sub == 0) tab[hme] = alpha;
-        const bool rescale = __any_sync(kFullMask, alpha != 1.f) && ch > 0;
-        __syncwarp();  // P and alpha visible
-        if (rescale) {
-          float a[NE];
-#pragma unroll
-          for (int e = 0; e < NE; ++e) a[e] = tab[rid[e]];
-#pragma unroll
-          for (int f = 0; f < C::NF; ++f)
-#pragma unroll
-            for (int e = 0; e < NE; ++e) acc[f].x[e] *= a[e];
-        }
-        // O += P V.
-#pragma unroll
-        for (int t = 0; t < C::KT; ++t) {
-          if (t * 16 < cnt) {
-            FragA pa;
-            tcw::load_matrix_sync(pa, ps + t * 16, C::PLD);
-#pragma unroll
-            for (int f = 0; f < C::NF; ++f) {
-              FragBr vf;
-              tcw::load_matrix_sync(vf, vb + t * 16 * C::RS + f * 16, C::RS);
-              tcw::mma_sync(acc[f], pa, vf, acc[f]);
-            }
+          for (int f = 0; f < C::NF; ++f) {
+            uint32_t a[4];
+            ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
+            mma16816<E>(sc[t], a, qb[f][0], qb[f][1]);
           }
         }
       }
-      __syncwarp();  // buffer `buf`, S, P and alpha are rewritten by the next iteration
-      cnt = cnt_next;
-    }
+      // Scaled scores (keys past cnt: -inf) and the chunk max of heads 2 tig + {0, 1}.
+      float cmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int t = 0; t < C::KT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = t * 16 + gid + (e >> 1) * 8;
+          const float x = key < cnt ? sc[t][e] * qsc : -INFINITY;
+          sc[t][e] = x;
+          cmax[e & 1] = fmaxf(cmax[e & 1], x);
+        }
+      float alpha[2], msub[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int o2 = 4; o2 < 32; o2 <<= 1)
+          cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
+        const float mn = fmaxf(m[j], cmax[j]);
+        msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
+        alpha[j] = exp2f(m[j] - msub[j]);
+        m[j] = mn;
+        lp[j] *= alpha[j];
+      }
+#pragma unroll
+      for (int f = 0; f < C::NF; ++f) {
+        o[f][0] *= alpha[0];
+        o[f][1] *= alpha[1];
+        o[f][2] *= alpha[0];
+        o[f][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int t = 0; t < C::KT; ++t) {
+        if (t * 16 < cnt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            sc[t][e] = exp2f(sc[t][e] - msub[e & 1]);
+            lp[e & 1] += sc[t][e];
+          }
+          uint32_t pb0, pb1;
+          keys_heads_to_b<E>(sc[t], pb0, pb1);
+#pragma unroll
+          for (int f = 0; f < C::NF; ++f) {
+            uint32_t a[4];
+            ldmatrix_x4_trans(a, vb + t * 16 * C::RS + 16 * f + a_col);
+            mma16816<E>(o[f], a, pb0, pb1);
+          }
+        }
+      }
+    });
   }
 
-  // l of head hme: the group's partial sums, fixed butterfly (same bits in every lane).
-  float l = lp;
+  // l of heads 2 tig + {0, 1}: the 8 lanes' partial sums, fixed butterfly.
+  float l[2], inv[2];
 #pragma unroll
-  for (int o = C::LPH / 2; o > 0; o >>= 1) l += __shfl_xor_sync(kFullMask, l, o);
+  for (int j = 0; j < 2; ++j) {
+    l[j] = lp[j];
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1) l[j] += __shfl_xor_sync(kFullMask, l[j], o2);
+    inv[j] = l[j] > 0.f ? 1.f / l[j] : 0.f;
+  }
   __syncwarp();  // the K/V buffers become the output staging area
   float* ost = reinterpret_cast<float*>(base);
-#pragma unroll
-  for (int f = 0; f < C::NF; ++f) tcw::store_matrix_sync(ost + f * 16, acc[f], C::OLD, tcw::mem_row_major);
-  if (sub == 0) tab[16 + hme] = l;
+  stage_heads<C>(ost, o, inv, lane);
   __syncwarp();
   for (int t = lane; t < HPW * C::CPR; t += 32) {
     const int hh = t / C::CPR, c = t % C::CPR;
-    const float lh = tab[16 + hh];
-    const float inv = lh > 0.f ? 1.f / lh : 0.f;
     const float* src = ost + hh * C::OLD + c * kFrag;
     const float4 a0 = reinterpret_cast<const float4*>(src)[0];
     const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    const float o[kFrag] = {a0.x * inv, a0.y * inv, a0.z * inv, a0.w * inv,
-                            a1.x * inv, a1.y * inv, a1.z * inv, a1.w * inv};
-    store8_aligned(p.out.at(b, i, h0 + hh) + c * kFrag, o);
+    const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store8_aligned(p.out.at(b, i, h0 + hh) + c * kFrag, v8);
   }
-  if (sub == 0 && hme < HPW) {
-    p.lse[(b * L + i) * Hq + h0 + hme] = l > 0.f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+  if (gid == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int hh = 2 * tig + j;
+      if (hh < HPW)
+        p.lse[(b * L + i) * Hq + h0 + hh] = l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
+    }
   }
 }
 
@@ -398,15 +367,13 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 template <typename T, int D, int HPW, class Policy>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta) {
-  using C = TcCfg<D, HPW, true>;
+  using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
-  using FragA = tcw::fragment<tcw::matrix_a, 16, 16, 16, E, tcw::row_major>;
-  using FragBc = tcw::fragment<tcw::matrix_b, 16, 16, 16, E, tcw::col_major>;
-  using FragBr = tcw::fragment<tcw::matrix_b, 16, 16, 16, E, tcw::row_major>;
-  using FragC = tcw::fragment<tcw::accumulator, 16, 16, 16, float>;
+  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads, Hk = s.kv_heads;
   const int64_t G = Hq / Hk, chunks = G / HPW;
@@ -430,30 +397,22 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   w.sv = p.v.stride_l;
   w.b = b; w.i = i; w.g = g;
   w.lane = lane;
-  E* qs = reinterpret_cast<E*>(base + C::q_off);
-  E* dos = qs + 16 * C::RS;
-  float* ss = reinterpret_cast<float*>(base + C::s_off);
-  float* dps = reinterpret_cast<float*>(base + C::s_off + C::s_bytes);
-  E* dss = reinterpret_cast<E*>(base + C::p_off);
-  const int hme = lane / C::LPH, sub = lane % C::LPH;
 
-  FragC dq[C::NF];
+  float dq[C::NF][4];
 #pragma unroll
-  for (int f = 0; f < C::NF; ++f) tcw::fill_fragment(dq[f], 0.f);
+  for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
   if (pol.query_valid(b, i)) {
-    tc_load_tile<T, C, HPW>(qs, p.q, b, i, h0, lane);
-    tc_load_tile<T, C, HPW>(dos, p.grad_out, b, i, h0, lane);
-    __syncwarp();
     // delta: lane-strided partial sums, then a butterfly (fixed order).
-    float lse2[HPW], dlt[HPW];
+    float dlt[HPW], lse2[HPW];
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) {
       const T* orow = p.out.at(b, i, h0 + hh);
+      const T* drow = p.grad_out.at(b, i, h0 + hh);
       float x = 0.f;
-      for (int d = lane; d < D; d += 32) x = fmaf(TcElem<T>::to(dos[hh * C::RS + d]), to_float(orow[d]), x);
+      for (int d = lane; d < D; d += 32) x = fmaf(to_float(drow[d]), to_float(orow[d]), x);
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+      for (int o2 = 16; o2 > 0; o2 >>= 1) x += __shfl_xor_sync(kFullMask, x, o2);
       const float gl = p.grad_lse != nullptr ? p.grad_lse[row + hh] : 0.f;
       dlt[hh] = x - gl;
       lse2[hh] = p.lse[row + hh] * kLog2e;
@@ -462,97 +421,60 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 #pragma unroll
       for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = dlt[hh];
     }
-    const float my_lse2 = pick<HPW>(lse2, hme), my_dlt = pick<HPW>(dlt, hme);
-    FragA qa[C::REGA ? C::NF : 1], oa[C::REGA ? C::NF : 1];
-    if constexpr (C::REGA) {
+    // This lane's heads 2 tig + {0, 1}; the padding heads (>= HPW) get dS = 0.
+    bool real[2];
+    float my_lse2[2], my_dlt[2];
 #pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        tcw::load_matrix_sync(qa[f], qs + f * 16, C::RS);
-        tcw::load_matrix_sync(oa[f], dos + f * 16, C::RS);
-      }
+    for (int j = 0; j < 2; ++j) {
+      real[j] = 2 * tig + j < HPW;
+      my_lse2[j] = pick<HPW>(lse2, 2 * tig + j);
+      my_dlt[j] = pick<HPW>(dlt, 2 * tig + j);
     }
-    __syncwarp();  // Q/dO tiles read before the zero fill may overwrite them
+    uint32_t qb[C::NF][2], ob[C::NF][2];
+    load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
+    load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
     tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    tc_zero<static_cast<int>(C::tab_off - C::p_off)>(dss, lane);
     __syncwarp();
-
     const float qsc = static_cast<float>(s.scale) * kLog2e;
+    const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
     w.n_slots = pol.fwd_slots(b, i, g);
-    const int64_t n_chunks = (w.n_slots + C::KC - 1) / C::KC;
-    int cnt = n_chunks > 0 ? w.issue(pol, 0, 0) : 0;
-    for (int64_t ch = 0; ch < n_chunks; ++ch) {
-      const int buf = static_cast<int>(ch & 1);
-      int cnt_next = 0;
-      if (ch + 1 < n_chunks) {
-        cnt_next = w.issue(pol, (ch + 1) * C::KC, buf ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncwarp();
-      if (cnt > 0) {
-        const E* kb = w.kbuf(buf);
-        const E* vb = w.vbuf(buf);
-        // S = Q K^T and dP = dO V^T.
+    w.for_each_chunk(pol, [&](int buf, int cnt) {
+      const E* kb = w.kbuf(buf);
+      const E* vb = w.vbuf(buf);
 #pragma unroll
-        for (int t = 0; t < C::KT; ++t) {
-          if (t * 16 < cnt) {
-            FragC sacc, pacc;
-            tcw::fill_fragment(sacc, 0.f);
-            tcw::fill_fragment(pacc, 0.f);
+      for (int t = 0; t < C::KT; ++t) {
+        if (t * 16 < cnt) {
+          // S^T = K Q^T and dP^T = V dO^T.
+          float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-            for (int f = 0; f < C::NF; ++f) {
-              FragBc kf, vf;
-              tcw::load_matrix_sync(kf, kb + t * 16 * C::RS + f * 16, C::RS);
-              tcw::load_matrix_sync(vf, vb + t * 16 * C::RS + f * 16, C::RS);
-              if constexpr (C::REGA) {
-                tcw::mma_sync(sacc, qa[f], kf, sacc);
-                tcw::mma_sync(pacc, oa[f], vf, pacc);
-              } else {
-                FragA a;
-                tcw::load_matrix_sync(a, qs + f * 16, C::RS);
-                tcw::mma_sync(sacc, a, kf, sacc);
-                tcw::load_matrix_sync(a, dos + f * 16, C::RS);
-                tcw::mma_sync(pacc, a, vf, pacc);
-              }
-            }
-            tcw::store_matrix_sync(ss + t * 16, sacc, C::SLD, tcw::mem_row_major);
-            tcw::store_matrix_sync(dps + t * 16, pacc, C::SLD, tcw::mem_row_major);
+          for (int f = 0; f < C::NF; ++f) {
+            uint32_t a[4];
+            ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
+            mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+            ldmatrix_x4(a, vb + t * 16 * C::RS + 16 * f + a_row);
+            mma16816<E>(dp, a, ob[f][0], ob[f][1]);
           }
-        }
-        __syncwarp();
-        // dS of head hme for this lane's keys (0 past cnt), rounded to the input type.
+          // dS^T, exactly 0 for keys past cnt and the padding heads.
 #pragma unroll
-        for (int e = 0; e < C::KPL; ++e) {
-          const int k = sub + C::LPH * e;
-          if (k < C::KC) {
-            float dsv = 0.f;
-            if (k < cnt) {
-              const float sv = ss[hme * C::SLD + k] * qsc;
-              dsv = exp2f(sv - my_lse2) * (dps[hme * C::SLD + k] - my_dlt);
-            }
-            dss[hme * C::PLD + k] = TcElem<T>::from(dsv);
+          for (int e = 0; e < 4; ++e) {
+            const int key = t * 16 + gid + (e >> 1) * 8;
+            const int j = e & 1;
+            sc[e] = key < cnt && real[j]
+                        ? exp2f(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                        : 0.f;
           }
-        }
-        __syncwarp();
-        // dQ += dS K.
+          uint32_t db0, db1;
+          keys_heads_to_b<E>(sc, db0, db1);
+          // dQ^T += K^T dS^T.
 #pragma unroll
-        for (int t = 0; t < C::KT; ++t) {
-          if (t * 16 < cnt) {
-            FragA da;
-            tcw::load_matrix_sync(da, dss + t * 16, C::PLD);
-#pragma unroll
-            for (int f = 0; f < C::NF; ++f) {
-              FragBr kf;
-              tcw::load_matrix_sync(kf, kb + t * 16 * C::RS + f * 16, C::RS);
-              tcw::mma_sync(dq[f], da, kf, dq[f]);
-            }
+          for (int f = 0; f < C::NF; ++f) {
+            uint32_t a[4];
+            ldmatrix_x4_trans(a, kb + t * 16 * C::RS + 16 * f + a_col);
+            mma16816<E>(dq[f], a, db0, db1);
           }
         }
       }
-      __syncwarp();
-      cnt = cnt_next;
-    }
+    });
   } else if (lane == 0) {
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = 0.f;
@@ -560,18 +482,17 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 
   __syncwarp();  // the K/V buffers become the output staging area
   float* ost = reinterpret_cast<float*>(base);
-#pragma unroll
-  for (int f = 0; f < C::NF; ++f) tcw::store_matrix_sync(ost + f * 16, dq[f], C::OLD, tcw::mem_row_major);
-  __syncwarp();
   const float sc = static_cast<float>(s.scale);
+  const float mul[2] = {sc, sc};
+  stage_heads<C>(ost, dq, mul, lane);
+  __syncwarp();
   for (int t = lane; t < HPW * C::CPR; t += 32) {
     const int hh = t / C::CPR, c = t % C::CPR;
     const float* src = ost + hh * C::OLD + c * kFrag;
     const float4 a0 = reinterpret_cast<const float4*>(src)[0];
     const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    float o[kFrag] = {a0.x * sc, a0.y * sc, a0.z * sc, a0.w * sc,
-                      a1.x * sc, a1.y * sc, a1.z * sc, a1.w * sc};
-    store8_acc(p.grad_q.at(b, i, h0 + hh) + c * kFrag, o, p.accumulate);
+    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store8_acc(p.grad_q.at(b, i, h0 + hh) + c * kFrag, v8, p.accumulate);
   }
 }
 
@@ -595,9 +516,10 @@ template <class F>
 inline bool dispatch_stage_config(int64_t D, int64_t G, bool vec, F&& f) {
   using std::integral_constant;
   if (!vec || simple_kernels_requested() || G < 1) return false;
-  const int hpw = G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1);
+  const int hpw = G % 8 == 0 ? 8 : (G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1));
   auto with_hpw = [&](auto d_c) {
-    if (hpw == 4) f(d_c, integral_constant<int, 4>{});
+    if (hpw == 8) f(d_c, integral_constant<int, 8>{});
+    else if (hpw == 4) f(d_c, integral_constant<int, 4>{});
     else if (hpw == 2) f(d_c, integral_constant<int, 2>{});
     else f(d_c, integral_constant<int, 1>{});
   };
@@ -627,7 +549,7 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
       const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
-      const size_t bytes = kStageWarps * TcCfg<D, HPW, false>::warp_bytes;
+      const size_t bytes = kStageWarps * TcCfg<D>::warp_bytes;
       auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy>;
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol);
@@ -645,7 +567,7 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
       const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
-      const size_t bytes = kStageWarps * TcCfg<D, HPW, true>::warp_bytes;
+      const size_t bytes = kStageWarps * TcCfg<D>::warp_bytes;
       auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy>;
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta);

@@ -931,9 +931,14 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
 // when causal), so unsplit it is the kernel's critical path; but the CTAs of a cluster
 // hold their SM slots until the slowest one is done, so a wide split wastes slots on the
 // short tiles. Pick the split with the smallest estimate max(critical path, slot-steps /
-// slots), slot-steps counting nsplit x (the longest share) per key tile plus half a step of
-// per-CTA overhead, 3 CTAs per SM. Clusters need sm_90; BLOSSOM_OPS_CUDA_SHORT_SPLIT=n
-// (read once) caps the split (1: off) for A/B runs.
+// slots), slot-steps counting nsplit x (the longest share) per key tile plus kCtaOverhead
+// steps of per-CTA overhead (K/V loads, cluster barrier, reduction), 3 CTAs per SM.
+// kCtaOverhead = 2 is measured, not derived: dK/dV kernel times on an H200, B=64, G=4
+// (ms for split 1 / 2 / 3 / 4): D=64 L=200 0.167 / 0.186 / 0.184 / 0.185, D=16 L=200
+// 0.119 / 0.113 / 0.110 / 0.111, D=64 L=50 0.038 / 0.032 / 0.032 / 0.062. With 2 the
+// estimate picks 1, 1, 2 there (the old 0.5 picked 2, 2, 4). Clusters need sm_90;
+// BLOSSOM_OPS_CUDA_SHORT_SPLIT=n (read once) caps the split (1: off) for A/B runs.
+constexpr double kCtaOverhead = 2.0;
 int dkdv_split(int L, int QT, int n_ktiles, int64_t bg, bool causal) {
   static const int cap = [] {
     const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_SPLIT");
@@ -960,7 +965,7 @@ int dkdv_split(int L, int QT, int n_ktiles, int64_t bg, bool causal) {
       const int steps = (L - first + QT - 1) / QT;
       const int share = (steps + s - 1) / s;
       cp = share > cp ? share : cp;
-      slot_steps += s * (share + 0.5);
+      slot_steps += s * (share + kCtaOverhead);
     }
     const double load = slot_steps * static_cast<double>(bg) / slots;
     const double est = cp > load ? cp : load;
