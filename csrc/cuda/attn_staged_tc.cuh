@@ -211,10 +211,12 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   }
 }
 
-// Resident CTAs per SM the register budget must allow up to D = 64. D = 128 is limited by
-// shared memory anyway.
+// Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
+// dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
 template <int D, bool DQ>
-constexpr int tc_min_ctas() { return D <= 64 ? (DQ ? 7 : 8) : 1; }
+constexpr int tc_min_ctas() {
+  return D <= 64 ? ((DQ ? 14 : 16) + kStageWarps - 1) / kStageWarps : 1;
+}
 
 // ------------------------------------------------------------------------------ forward
 template <typename T, int D, int HPW, class Policy>
