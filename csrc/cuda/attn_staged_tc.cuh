@@ -10,12 +10,11 @@
 // (the selected blocks of one query), so tiles of queries share no keys: the products are
 // per query, with the keys as the M dimension and the heads, padded to 8, as N.
 // Per chunk of KC keys (16, or 32 for D <= 32):
-//   1. enumerate: lane n computes pol.fwd_key(b, i, g, n0 + n) for the KC slots at once, two
-//      chunks ahead (the index loads are the head of a dependent chain); the valid keys are
-//      compacted (ballot + popc) into kidx[buf][0, cnt); stage: their K and V rows are copied
-//      into shared memory with 16-byte cp.async, double-buffered (chunk c+1 is issued before
-//      chunk c is computed), rows padded by 16 bytes (the 8 rows of an ldmatrix then hit
-//      distinct banks).
+//   1. enumerate: lane n computes pol.fwd_key(b, i, g, n0 + n) for the KC slots at once; the
+//      valid keys are compacted (ballot + popc) into kidx[buf][0, cnt); stage: their K and V
+//      rows are copied into shared memory with 16-byte cp.async, double-buffered (chunk c+1
+//      is enumerated and issued before chunk c is computed), rows padded by 16 bytes (the 8
+//      rows of an ldmatrix then hit distinct banks).
 //   2. S^T = K Q^T per 16-key tile: A = the K rows (ldmatrix), B = Q^T, held in registers for
 //      the whole query (row gid < HPW of Q, zero for the padding heads). The accumulator
 //      gives lane (gid, tig) the scores of keys gid and gid + 8 for heads 2 tig and 2 tig + 1.
@@ -102,16 +101,11 @@ struct TcWarp {
   __device__ __forceinline__ E* kbuf(int buf) const { return kv + (buf * 2) * C::KC * C::RS; }
   __device__ __forceinline__ E* vbuf(int buf) const { return kv + (buf * 2 + 1) * C::KC * C::RS; }
 
-  // Key of slot n0 + lane (lanes < KC), or -1: the index loads of a chunk, issued one
-  // chunk ahead of their use so their latency overlaps the previous chunk's copies.
-  __device__ __forceinline__ int64_t fetch(const Policy& pol, int64_t n0) const {
-    const int64_t n = n0 + lane;
-    return (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i, g, n) : -1;
-  }
-
-  // Compacts the valid keys j (one per lane, from fetch) into kidx[buf] and issues the
+  // Enumerates slots [n0, n0 + KC), compacts the valid keys into kidx[buf] and issues the
   // cp.async copies of their K and V rows. Returns the number of valid keys (warp-uniform).
-  __device__ __forceinline__ int stage(int64_t j, int buf) const {
+  __device__ __forceinline__ int issue(const Policy& pol, int64_t n0, int buf) const {
+    const int64_t n = n0 + lane;
+    const int64_t j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i, g, n) : -1;
     const unsigned mask = __ballot_sync(kFullMask, j >= 0);
     int* ki = kidx + buf * C::KC;
     if (j >= 0) ki[__popc(mask & ((1u << lane) - 1u))] = static_cast<int>(j);
@@ -133,20 +127,16 @@ struct TcWarp {
   }
 
   // Chunk loop with double buffering: body(buf, cnt) runs once per chunk that has valid
-  // keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies and chunk ch + 2's
-  // index loads are in flight.
+  // keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies are in flight.
   template <class Body>
   __device__ __forceinline__ void for_each_chunk(const Policy& pol, Body&& body) {
     const int64_t n_chunks = (n_slots + C::KC - 1) / C::KC;
-    if (n_chunks == 0) return;
-    int cnt = stage(fetch(pol, 0), 0);
-    int64_t j = n_chunks > 1 ? fetch(pol, C::KC) : -1;
+    int cnt = n_chunks > 0 ? issue(pol, 0, 0) : 0;
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       const int buf = static_cast<int>(ch & 1);
       int cnt_next = 0;
       if (ch + 1 < n_chunks) {
-        cnt_next = stage(j, buf ^ 1);
-        if (ch + 2 < n_chunks) j = fetch(pol, (ch + 2) * C::KC);
+        cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
