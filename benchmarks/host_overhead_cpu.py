@@ -14,10 +14,12 @@ Timed, per call, in microseconds:
   sdpa step           F.scaled_dot_product_attention(is_causal=True) forward + grad of q, k, v
 
 Each case is warmed up, then timed --rounds times over --iters calls; the median round is
-reported. --profile adds the torch.profiler table of a few steps (self CPU time).
+reported. --clock cpu counts this process's CPU time instead of wall time: on a machine shared
+with other jobs it leaves out the time the process waits to be scheduled. --profile adds the
+torch.profiler table of a few steps (self CPU time).
 
 Usage: python3 benchmarks/host_overhead_cpu.py [--shape 1,4,8,2,16] [--iters 500]
-           [--rounds 5] [--threads 1] [--profile]
+           [--rounds 5] [--threads 1] [--clock wall|cpu] [--profile]
 """
 from __future__ import annotations
 
@@ -60,15 +62,15 @@ def make_cases(B: int, L: int, Hq: int, Hk: int, D: int):
             ("blossom fwd nograd", fwd_nograd), ("sdpa step", sdpa)]
 
 
-def time_us(fn, iters: int, rounds: int, warmup: int = 50) -> list[float]:
+def time_us(fn, iters: int, rounds: int, clock, warmup: int = 50) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(iters):
             fn()
-        out.append((time.perf_counter() - t0) / iters * 1e6)
+        out.append((clock() - t0) / iters * 1e6)
     return out
 
 
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=500, help="calls per timed round")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is shown")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter; cpu: time.process_time (this process only)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the torch.profiler table of 20 steps")
     args = ap.parse_args()
@@ -85,11 +89,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     B, L, Hq, Hk, D = (int(s) for s in args.shape.split(","))
     cases = make_cases(B, L, Hq, Hk, D)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"torch {torch.__version__}, {args.threads} thread(s), B={B} L={L} Hq={Hq} Hk={Hk} "
-          f"D={D}, {args.rounds} rounds x {args.iters} calls")
+          f"D={D}, {args.rounds} rounds x {args.iters} calls, {args.clock} clock")
     print(f"{'case':<20} {'median us':>10}   rounds")
     for name, fn in cases:
-        rs = time_us(fn, args.iters, args.rounds)
+        rs = time_us(fn, args.iters, args.rounds, clock)
         print(f"{name:<20} {statistics.median(rs):10.1f}   "
               + " ".join(f"{r:.1f}" for r in rs))
 
