@@ -52,7 +52,7 @@ def extension():
         if os.environ.get("BLOSSOM_OPS_ASAN") == "1" else []
     sources = sorted(
         glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/ops/*.cpp")
-        + glob.glob("csrc/cpu/*.cpp"))
+        + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
     # torch.utils.cpp_extension picks the C++ standard torch itself needs (C++20 for 2.13).
     cxx = opt + asan + ["-fopenmp", "-DPy_LIMITED_API=0x03090000"] + default_cpu_flags()
     kwargs = dict(

@@ -4,7 +4,8 @@ The schemas live in csrc/schema.cpp, the kernels in csrc/cpu and csrc/cuda. This
 adds, for every operator ``blossom_ops::<op>``:
   * a wrapper ``<op>(...)`` with keyword arguments and DESIGN.md defaults,
   * a fake kernel (shapes only) so torch.compile / FakeTensor can trace it,
-  * an autograd formula whose backward is itself a registered op.
+  * an autograd formula whose backward is itself a registered op (blossom_attention's is
+    in C++, csrc/autograd/blossom_attention_autograd.cpp; the others are registered here).
 Shapes: q [B, L, Hq, D], k/v [B, L, Hk, D], lse [B, L, Hq].
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library: registers the schemas and kernels)
 
 ops = torch.ops.blossom_ops
+_blossom_op = ops.blossom_attention.default
 
 __all__ = [
     "sliding_window_attention",
@@ -131,9 +133,11 @@ def blossom_attention(q: Tensor, k: Tensor, v: Tensor, gate_logits: Tensor, *,
     branch). Returns out [B, L, Hq, D]; with ``return_parts`` also a dict holding
     ``block_idx`` and the per-branch outputs and lse.
     """
-    res = ops.blossom_attention(q, k, v, gate_logits, k_pos, v_pos, lengths, valid, block_len,
-                                stride, block_size, top_n, window, dilated, causal,
-                                _scale(q, scale))
+    # Hot path of every training step: the default scale inline and the overload bound once
+    # at import save two Python calls per step.
+    scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else float(scale)  # _scale
+    res = _blossom_op(q, k, v, gate_logits, k_pos, v_pos, lengths, valid, block_len, stride,
+                      block_size, top_n, window, dilated, causal, scale)
     if not return_parts:
         return res[0]
     out, o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp, idx = res
@@ -333,30 +337,10 @@ torch.library.register_autograd("blossom_ops::gate_fusion", _gate_backward,
                                 setup_context=_gate_setup)
 
 
-def _blossom_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
-    (q, k, v, gate_logits, k_pos, v_pos, lengths, valid, block_len, stride, block_size, top_n,
-     window, dilated, causal, scale) = inputs
-    _, o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp, idx = output
-    ctx.save_for_backward(q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_sel,
-                          o_win, lse_win, o_cmp, lse_cmp, idx)
-    ctx.args = (block_len, stride, block_size, top_n, window, dilated, causal, scale)
-    # The intermediates are returned for the backward and for inspection; gradients flow
-    # only through `out`.
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _blossom_backward(ctx, grad_out, *_unused):
-    (q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_sel, o_win, lse_win, o_cmp,
-     lse_cmp, idx) = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(q)
-    gq, gk, gv, gg, gkp, gvp = ops.blossom_attention_backward(
-        grad_out, q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_sel, o_win,
-        lse_win, o_cmp, lse_cmp, idx, *ctx.args)
-    return (gq, gk, gv, gg, gkp if k_pos is not None else None,
-            gvp if v_pos is not None else None) + (None,) * 10
-
-
-torch.library.register_autograd("blossom_ops::blossom_attention", _blossom_backward,
-                                setup_context=_blossom_setup)
+# blossom_attention's autograd is in C++ (host overhead of a training step):
+# csrc/autograd/blossom_attention_autograd.cpp. A library built before that file existed
+# would silently lose the gradient, hence the check.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("blossom_ops::blossom_attention",
+                                                      "Autograd"):
+    raise ImportError("blossom_ops._C has no autograd kernel for blossom_attention: it was "
+                      "built from older sources; rebuild it (setup.py build_ext)")
