@@ -11,6 +11,10 @@ Timed, per call, in microseconds:
   blossom step        forward + torch.autograd.grad of q, k, v, gate_logits
   blossom fwd grad    forward only, inputs requiring grad (autograd node recorded)
   blossom fwd nograd  forward only under torch.no_grad()
+  parts step          the same mechanism composed from the single ops, as the layer does with a
+                      learnable compressor: block_compress of k and v, select_blocks,
+                      block_sparse / sliding_window / compressed attention, gate_fusion (R = 3),
+                      forward + grad of q, k, v, gate_logits
   sdpa step           F.scaled_dot_product_attention(is_causal=True) forward + grad of q, k, v
 
 Each case is warmed up, then timed --rounds times over --iters calls; the median round is
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import blossom_ops
+from blossom_ops.nn import sparse_attention
 
 
 def make_cases(B: int, L: int, Hq: int, Hk: int, D: int):
@@ -50,6 +55,14 @@ def make_cases(B: int, L: int, Hq: int, Hk: int, D: int):
         with torch.no_grad():
             return blossom_ops.blossom_attention(q, k, v, gl)
 
+    gl3 = mk(B, L, Hq, 3)
+
+    def parts():
+        k_cmp = blossom_ops.block_compress(k, 32, 16)
+        v_cmp = blossom_ops.block_compress(v, 32, 16)
+        o = sparse_attention(q, k, v, gl3, causal=True, k_cmp=k_cmp, v_cmp=v_cmp)
+        return torch.autograd.grad(o, (q, k, v, gl3), go)
+
     # SDPA takes [B, H, L, D]; its keys are expanded to Hq heads (no GQA argument needed).
     qt, kt, vt = mk(B, Hq, L, D), mk(B, Hq, L, D), mk(B, Hq, L, D)
     go_t = go.transpose(1, 2)
@@ -59,7 +72,7 @@ def make_cases(B: int, L: int, Hq: int, Hk: int, D: int):
         return torch.autograd.grad(o, (qt, kt, vt), go_t)
 
     return [("blossom step", step), ("blossom fwd grad", fwd_grad),
-            ("blossom fwd nograd", fwd_nograd), ("sdpa step", sdpa)]
+            ("blossom fwd nograd", fwd_nograd), ("parts step", parts), ("sdpa step", sdpa)]
 
 
 def time_us(fn, iters: int, rounds: int, clock, warmup: int = 50) -> list[float]:

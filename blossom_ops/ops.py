@@ -1,11 +1,11 @@
-"""Python side of the operators: thin wrappers, fake kernels and autograd.
+"""Python side of the operators: thin wrappers and fake kernels.
 
 The schemas live in csrc/schema.cpp, the kernels in csrc/cpu and csrc/cuda. This module
 adds, for every operator ``blossom_ops::<op>``:
   * a wrapper ``<op>(...)`` with keyword arguments and DESIGN.md defaults,
-  * a fake kernel (shapes only) so torch.compile / FakeTensor can trace it,
-  * an autograd formula whose backward is itself a registered op (blossom_attention's is
-    in C++, csrc/autograd/blossom_attention_autograd.cpp; the others are registered here).
+  * a fake kernel (shapes only) so torch.compile / FakeTensor can trace it.
+The autograd of each op is in C++ (csrc/autograd/<op>_autograd.cpp); its backward is itself
+a registered op, ``<op>_backward``.
 Shapes: q [B, L, Hq, D], k/v [B, L, Hk, D], lse [B, L, Hq].
 """
 from __future__ import annotations
@@ -245,102 +245,16 @@ def _(grad_out, q, k, v, gate_logits, k_pos, v_pos, lengths, valid, o_sel, lse_s
 
 
 # =========================================================================== autograd
-# Padding arguments (lengths, valid), integers and flags get no gradient (None).
-
-def _swa_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
-    q, k, v, lengths, valid, window, dilated, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], lengths, valid)
-    ctx.args = (window, dilated, causal, scale)
-
-
-def _swa_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, lengths, valid = ctx.saved_tensors
-    if grad_out is None:  # only lse was used
-        grad_out = torch.zeros_like(out)
-    gq, gk, gv = ops.sliding_window_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, lengths, valid, *ctx.args)
-    return gq, gk, gv, None, None, None, None, None, None
-
-
-torch.library.register_autograd("blossom_ops::sliding_window_attention", _swa_backward,
-                                setup_context=_swa_setup)
-
-
-def _bsa_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
-    q, k, v, block_idx, lengths, valid, block_size, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], block_idx, lengths, valid)
-    ctx.args = (block_size, causal, scale)
-
-
-def _bsa_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, block_idx, lengths, valid = ctx.saved_tensors
-    if grad_out is None:  # only lse was used
-        grad_out = torch.zeros_like(out)
-    gq, gk, gv = ops.block_sparse_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, block_idx, lengths, valid, *ctx.args)
-    return gq, gk, gv, None, None, None, None, None, None
-
-
-torch.library.register_autograd("blossom_ops::block_sparse_attention", _bsa_backward,
-                                setup_context=_bsa_setup)
-
-
-def _cmp_attn_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # unused outputs: None, not full-size zeros
-    q, k_cmp, v_cmp, lengths, valid, block_len, stride, causal, scale = inputs
-    ctx.save_for_backward(q, k_cmp, v_cmp, output[0], output[1], lengths, valid)
-    ctx.args = (block_len, stride, causal, scale)
-
-
-def _cmp_attn_backward(ctx, grad_out, grad_lse):
-    q, k_cmp, v_cmp, out, lse, lengths, valid = ctx.saved_tensors
-    if grad_out is None:  # only lse was used
-        grad_out = torch.zeros_like(out)
-    gq, gk, gv = ops.compressed_attention_backward(
-        grad_out, grad_lse, q, k_cmp, v_cmp, out, lse, lengths, valid, *ctx.args)
-    return gq, gk, gv, None, None, None, None, None, None
-
-
-torch.library.register_autograd("blossom_ops::compressed_attention", _cmp_attn_backward,
-                                setup_context=_cmp_attn_setup)
-
-
-def _compress_setup(ctx, inputs, output):
-    x, pos, lengths, valid, block_len, stride = inputs
-    ctx.save_for_backward(x, pos, lengths, valid)
-    ctx.args = (block_len, stride)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _compress_backward(ctx, grad_out, _grad_valid):
-    x, pos, lengths, valid = ctx.saved_tensors
-    gx, gpos = ops.block_compress_backward(grad_out, x, pos, lengths, valid, *ctx.args)
-    return gx, (gpos if pos is not None else None), None, None, None, None
-
-
-torch.library.register_autograd("blossom_ops::block_compress", _compress_backward,
-                                setup_context=_compress_setup)
-
-
-def _gate_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _gate_backward(ctx, grad_out):
-    branches, gate_logits = ctx.saved_tensors
-    return ops.gate_fusion_backward(grad_out, branches, gate_logits)
-
-
-torch.library.register_autograd("blossom_ops::gate_fusion", _gate_backward,
-                                setup_context=_gate_setup)
-
-
-# blossom_attention's autograd is in C++ (host overhead of a training step):
-# csrc/autograd/blossom_attention_autograd.cpp. A library built before that file existed
-# would silently lose the gradient, hence the check.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("blossom_ops::blossom_attention",
-                                                      "Autograd"):
-    raise ImportError("blossom_ops._C has no autograd kernel for blossom_attention: it was "
+# Every op's autograd is in C++, one file per op in csrc/autograd/ (<op>_autograd.cpp): a
+# torch::autograd::Function on the Autograd key whose backward calls the registered
+# <op>_backward. Python's torch.library.register_autograd cost more host time per step than
+# the kernels of a short sequence (benchmarks/README.md). A library built before those files
+# existed would silently lose the gradients, hence the check.
+_AUTOGRAD_OPS = ("sliding_window_attention", "block_sparse_attention", "compressed_attention",
+                 "block_compress", "gate_fusion", "blossom_attention")
+_missing = [op for op in _AUTOGRAD_OPS
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"blossom_ops::{op}",
+                                                                  "Autograd")]
+if _missing:
+    raise ImportError(f"blossom_ops._C has no autograd kernel for {', '.join(_missing)}: it was "
                       "built from older sources; rebuild it (setup.py build_ext)")

@@ -1,6 +1,6 @@
 // Every operator schema of blossom_ops, written once. Backends only m.impl() them
-// (csrc/cpu/register.cpp, csrc/cuda/register.cpp); fake kernels and autograd live in
-// blossom_ops/ops.py. What each operator computes is defined in DESIGN.md.
+// (csrc/ops/<op>.cpp for CPU and CUDA, csrc/autograd/<op>_autograd.cpp for Autograd); fake
+// kernels live in blossom_ops/ops.py. What each operator computes is defined in DESIGN.md.
 //
 // Conventions shared by all schemas:
 //   * q: [B, L, Hq, D], k/v: [B, L, Hk, D], last dim contiguous, any other strides.

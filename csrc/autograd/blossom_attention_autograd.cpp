@@ -1,38 +1,36 @@
 // Autograd of blossom_ops::blossom_attention, in C++.
 //
-// Why not torch.library.register_autograd in Python: that wrapper costs ~300 us of host time
-// per training step (argument defaulting over the 16-argument schema, a Python
-// autograd.Function, a Python backward node), which on a GPU is more than the kernels of a
-// short-sequence step. Here the same formula is a torch::autograd::Function registered for
-// the Autograd key; forward and backward both go through the dispatcher, so every backend
-// (CPU, CUDA) and the fake kernels (Meta, torch.compile) keep working.
+// Why not torch.library.register_autograd in Python: that wrapper (argument defaulting over
+// the 16-argument schema, a Python autograd.Function, a Python backward node) was half the
+// host time of a small training step (405 -> 203 us per step on the CPU, benchmarks/README.md),
+// and on a GPU host time is what bounds short-sequence steps. Here the same formula is a
+// torch::autograd::Function registered for the Autograd key; forward and backward both go
+// through the dispatcher, so every backend (CPU, CUDA) and the fake kernels (Meta,
+// torch.compile) keep working.
 //
 // Semantics match the former Python registration exactly: outputs 1..7 (per-branch outputs,
 // lse and block_idx) are returned for the backward and for inspection and are not
 // differentiable; an unused `out` (undefined grad) counts as zeros; gradients flow to q, k, v,
 // gate_logits and the optional k_pos / v_pos, none to lengths / valid or the scalars.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "autograd/autograd_util.h"
+
 namespace blossom {
+namespace autograd {
 namespace {
 
 using at::Tensor;
-using OptTensor = c10::optional<Tensor>;
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Argument positions in the schema (csrc/schema.cpp): the backward returns one entry each.
-enum Input { kQ = 0, kK, kV, kGate, kKPos, kVPos, kNumInputs = 16 };
+enum Arg { kQ = 0, kK, kV, kGate, kKPos, kVPos, kNumArgs = 16 };
 
-const c10::TypedOperatorHandle<Outputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       const OptTensor&, const OptTensor&, const OptTensor&,
-                                       const OptTensor&, int64_t, int64_t, int64_t, int64_t,
-                                       int64_t, bool, bool, double)>&
-forward_op() {
+const auto& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("blossom_ops::blossom_attention", "")
                              .typed<Outputs(const Tensor&, const Tensor&, const Tensor&,
@@ -42,12 +40,7 @@ forward_op() {
   return op;
 }
 
-const c10::TypedOperatorHandle<Grads(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-    int64_t, int64_t, int64_t, bool, bool, double)>&
-backward_op() {
+const auto& backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("blossom_ops::blossom_attention_backward", "")
@@ -58,11 +51,6 @@ backward_op() {
                        bool, bool, double)>();
   return op;
 }
-
-// Saved optionals come back as undefined tensors; the backward op takes None for those.
-OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
-
-Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 class BlossomAttentionFunction : public torch::autograd::Function<BlossomAttentionFunction> {
  public:
@@ -107,30 +95,17 @@ class BlossomAttentionFunction : public torch::autograd::Function<BlossomAttenti
         backward_op().call(grad_out, q, k, v, gate, opt(s[4]), opt(s[5]), opt(s[6]), opt(s[7]),
                            s[8], s[9], s[10], s[11], s[12], s[13], s[14], a.get(0), a.get(1),
                            a.get(2), a.get(3), a.get(4), a.get(5) != 0, a.get(6) != 0, scale);
-    // One entry per schema argument; needs_input_grad counts only the tensors that were
-    // given (an absent optional has no edge), so it takes a running index.
-    torch::autograd::variable_list out(kNumInputs);
-    size_t edge = 0;
-    const auto keep = [&](Input i, Tensor& g) {
-      if (ctx->needs_input_grad(edge++)) out[i] = std::move(g);
-    };
-    keep(kQ, gq);
-    keep(kK, gk);
-    keep(kV, gv);
-    keep(kGate, gg);
+    GradSlots slots(ctx, kNumArgs);
+    slots.set(kQ, std::move(gq));
+    slots.set(kK, std::move(gk));
+    slots.set(kV, std::move(gv));
+    slots.set(kGate, std::move(gg));
     // The backward op returns empty placeholders for an absent k_pos / v_pos.
-    if (s[4].defined()) keep(kKPos, gkp);
-    if (s[5].defined()) keep(kVPos, gvp);
-    return out;
+    if (s[4].defined()) slots.set(kKPos, std::move(gkp));
+    if (s[5].defined()) slots.set(kVPos, std::move(gvp));
+    return slots.take();
   }
 };
-
-bool any_requires_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& gate,
-                       const OptTensor& k_pos, const OptTensor& v_pos) {
-  const auto rg = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
-  return q.requires_grad() || k.requires_grad() || v.requires_grad() || gate.requires_grad() ||
-         rg(k_pos) || rg(v_pos);
-}
 
 Outputs blossom_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& gate_logits, const OptTensor& k_pos,
@@ -138,8 +113,7 @@ Outputs blossom_attention_autograd(const Tensor& q, const Tensor& k, const Tenso
                                    const OptTensor& valid, int64_t block_len, int64_t stride,
                                    int64_t block_size, int64_t top_n, int64_t window,
                                    bool dilated, bool causal, double scale) {
-  // No graph to record (inference, or no input needs a gradient): skip building the node.
-  if (!at::GradMode::is_enabled() || !any_requires_grad(q, k, v, gate_logits, k_pos, v_pos)) {
+  if (!records_graph(q, k, v, gate_logits, k_pos, v_pos)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op().call(q, k, v, gate_logits, k_pos, v_pos, lengths, valid, block_len,
                              stride, block_size, top_n, window, dilated, causal, scale);
@@ -151,8 +125,9 @@ Outputs blossom_attention_autograd(const Tensor& q, const Tensor& k, const Tenso
 }
 
 }  // namespace
+}  // namespace autograd
 }  // namespace blossom
 
 TORCH_LIBRARY_IMPL(blossom_ops, Autograd, m) {
-  m.impl("blossom_attention", &blossom::blossom_attention_autograd);
+  m.impl("blossom_attention", &blossom::autograd::blossom_attention_autograd);
 }
