@@ -225,7 +225,7 @@ void launch_attn_dkdv_staged_d(const AttnBwdParams<T, float>& p, const Policy& p
   const AttnShape& s = p.shape;
   const int64_t warps = s.batch * s.kv_heads * s.kv_len;
   const int64_t blocks = ceil_div(warps, kStagedWarps);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
+  BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
   attn_dkdv_staged_kernel<T, D, Policy>
       <<<static_cast<unsigned>(blocks), kStagedWarps * 32, StagedCfg<T, D>::CTA_BYTES,
          stream>>>(p, pol, delta);

@@ -351,7 +351,7 @@ inline bool attn_vec_ok_out(const AttnShape& s, std::initializer_list<Bshd<T>> v
 
 inline unsigned attn_grid(int64_t warps) {
   const int64_t blocks = ceil_div(warps, kAttnWarps);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
+  BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
   return static_cast<unsigned>(blocks);
 }
 
@@ -361,9 +361,9 @@ template <class F>
 inline void dispatch_row_config(int64_t D, int64_t G, bool vec, F&& f) {
   using std::integral_constant;
   // One warp covers at most 32 lanes x 8 elements of a row.
-  TORCH_CHECK(D >= 1 && D <= 32 * kFrag, "blossom_ops CUDA kernels: head_dim must be in [1, ",
+  BLOSSOM_CHECK(D >= 1 && D <= 32 * kFrag, "blossom_ops CUDA kernels: head_dim must be in [1, ",
               32 * kFrag, "], got ", D);
-  TORCH_CHECK(G >= 1, "blossom_ops CUDA kernels: q_heads must be a positive multiple of kv_heads");
+  BLOSSOM_CHECK(G >= 1, "blossom_ops CUDA kernels: q_heads must be a positive multiple of kv_heads");
   if (!vec) {
     f(integral_constant<int, 32>{}, integral_constant<int, 1>{}, std::false_type{});
     return;

@@ -536,7 +536,7 @@ inline bool dispatch_stage_config(int64_t D, int64_t G, bool vec, F&& f) {
 
 inline unsigned stage_grid(int64_t warps) {
   const int64_t blocks = ceil_div(warps, kStageWarps);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
+  BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
   return static_cast<unsigned>(blocks);
 }
 

@@ -191,7 +191,7 @@ IndexLayout index_layout(const AttnShape& s, const BlockSparseMask& m) {
 }
 
 BlockSparsePolicy make_policy(const AttnShape& s, const BlockSparseMask& m, const Validity& v) {
-  TORCH_CHECK(m.block_size >= 1, "block_sparse_attention: block_size must be >= 1");
+  BLOSSOM_CHECK(m.block_size >= 1, "block_sparse_attention: block_size must be >= 1");
   BlockSparsePolicy pol;
   pol.L = s.q_len;
   pol.C = detail::ceil_div(s.q_len, m.block_size);
@@ -220,7 +220,7 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const AttnShape& s = p.shape;
   const IndexLayout lay = index_layout(s, m);
-  TORCH_CHECK(workspace_bytes >= lay.total, "block_sparse_attention_bwd: workspace too small (",
+  BLOSSOM_CHECK(workspace_bytes >= lay.total, "block_sparse_attention_bwd: workspace too small (",
               workspace_bytes, " < ", lay.total, " bytes)");
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
   char* ws = static_cast<char*>(workspace);

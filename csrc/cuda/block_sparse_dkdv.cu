@@ -321,7 +321,7 @@ void launch_d(const AttnBwdParams<T, float>& p, const BlockSparseMask& m, int64_
               cudaStream_t stream) {
   const AttnShape& s = p.shape;
   const int64_t ctas = s.batch * s.kv_heads * C * (m.block_size / kTile);
-  TORCH_CHECK(ctas < (int64_t(1) << 31), "block_sparse_attention_bwd: problem too large");
+  BLOSSOM_CHECK(ctas < (int64_t(1) << 31), "block_sparse_attention_bwd: problem too large");
   constexpr int smem = DkdvLayout<D>::total;
   auto kernel = bs_dkdv_kernel<T, D>;
   if (smem > 48 * 1024)

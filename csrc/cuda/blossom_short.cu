@@ -1014,7 +1014,7 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
     cfg.numAttrs = 1;
     const cudaError_t err =
         cudaLaunchKernelEx(&cfg, dkdv, p, m, G, QT, n_ktiles, nsplit, sl2, cws);
-    TORCH_CHECK(err == cudaSuccess, "blossom_short_bwd (dkdv, cluster of ", nsplit,
+    BLOSSOM_CHECK(err == cudaSuccess, "blossom_short_bwd (dkdv, cluster of ", nsplit,
                 ") failed to launch: ", cudaGetErrorString(err),
                 " (BLOSSOM_OPS_CUDA_SHORT_SPLIT=1 disables the split)");
   } else {
@@ -1041,7 +1041,7 @@ void blossom_short_fwd(const ShortFwdParams<T>& p, cudaStream_t stream) {
     case 16: return fwd_d<T, 16>(p, stream);
     case 32: return fwd_d<T, 32>(p, stream);
     case 64: return fwd_d<T, 64>(p, stream);
-    default: TORCH_CHECK(false, "blossom_short_fwd: unsupported head_dim ", p.shape.head_dim);
+    default: BLOSSOM_CHECK(false, "blossom_short_fwd: unsupported head_dim ", p.shape.head_dim);
   }
 }
 
@@ -1053,14 +1053,14 @@ template <typename T>
 void blossom_short_bwd(const ShortBwdParams<T>& p, void* workspace, size_t workspace_bytes,
                        cudaStream_t stream) {
   if (p.shape.batch == 0 || p.shape.q_len == 0) return;
-  TORCH_CHECK(workspace_bytes >= blossom_short_bwd_workspace_bytes(p.shape),
+  BLOSSOM_CHECK(workspace_bytes >= blossom_short_bwd_workspace_bytes(p.shape),
               "blossom_short_bwd: workspace too small");
   float* ws = static_cast<float*>(workspace);
   switch (p.shape.head_dim) {
     case 16: return bwd_d<T, 16>(p, ws, stream);
     case 32: return bwd_d<T, 32>(p, ws, stream);
     case 64: return bwd_d<T, 64>(p, ws, stream);
-    default: TORCH_CHECK(false, "blossom_short_bwd: unsupported head_dim ", p.shape.head_dim);
+    default: BLOSSOM_CHECK(false, "blossom_short_bwd: unsupported head_dim ", p.shape.head_dim);
   }
 }
 

@@ -12,6 +12,8 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+
+#include "common/message.h"
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -213,7 +215,7 @@ inline bool vec_ok(const void* ptr, int64_t D, int64_t sb, int64_t sl, int64_t s
 
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "blossom_ops CUDA kernel ", what, " failed to launch: ",
+  BLOSSOM_CHECK(err == cudaSuccess, "blossom_ops CUDA kernel ", what, " failed to launch: ",
               cudaGetErrorString(err));
 }
 

@@ -41,7 +41,7 @@ struct CompressedPolicy {
 };
 
 CompressedPolicy make_policy(const AttnShape& s, const CompressedMask& m, const Validity& v) {
-  TORCH_CHECK(m.stride >= 1, "compressed_attention: stride must be >= 1");
+  BLOSSOM_CHECK(m.stride >= 1, "compressed_attention: stride must be >= 1");
   CompressedPolicy pol;
   pol.L = s.q_len;
   pol.T = s.kv_len;
@@ -68,7 +68,7 @@ size_t compressed_attention_bwd_workspace_bytes(const AttnShape& shape, const Co
 template <typename T>
 void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const CompressedMask& m,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  TORCH_CHECK(workspace_bytes >= compressed_attention_bwd_workspace_bytes(p.shape, m),
+  BLOSSOM_CHECK(workspace_bytes >= compressed_attention_bwd_workspace_bytes(p.shape, m),
               "compressed_attention_bwd: workspace too small");
   const auto pol = make_policy(p.shape, m, p.valid);
   float* delta = static_cast<float*>(workspace);

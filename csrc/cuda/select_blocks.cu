@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kSelWarps * 32)
 template <typename T>
 void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   const AttnShape& s = p.shape;
-  TORCH_CHECK(p.stride >= 1 && p.block_size >= p.stride && p.block_size % p.stride == 0,
+  BLOSSOM_CHECK(p.stride >= 1 && p.block_size >= p.stride && p.block_size % p.stride == 0,
               "select_blocks: block_size must be a positive multiple of stride");
   if (s.batch == 0 || s.q_len == 0 || s.kv_heads == 0 || p.top_n == 0) return;
   // Tensor-core path when it covers the call (select_blocks_tc.cuh); this kernel otherwise.
@@ -225,14 +225,14 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   int dev = 0, max_smem = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  TORCH_CHECK(lay.total <= max_smem, "select_blocks: ", C,
+  BLOSSOM_CHECK(lay.total <= max_smem, "select_blocks: ", C,
               " selection blocks need ", lay.total, " bytes of shared memory per CTA, over the "
               "device limit of ", max_smem, "; use a larger block_size");
   const bool vec = vec_ok<T>(p.q.ptr, s.head_dim, p.q.stride_b, p.q.stride_l, p.q.stride_h) &&
                    vec_ok<T>(p.k_cmp.ptr, s.head_dim, p.k_cmp.stride_b, p.k_cmp.stride_l,
                              p.k_cmp.stride_h);
   const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, kRowsPerCta);
-  TORCH_CHECK(ctas < (int64_t(1) << 31), "select_blocks: problem too large for one launch");
+  BLOSSOM_CHECK(ctas < (int64_t(1) << 31), "select_blocks: problem too large for one launch");
   dispatch_row_config(s.head_dim, s.group(), vec, [&](auto tpk, auto hpw, auto v) {
     constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
     constexpr bool VEC = decltype(v)::value;

@@ -27,7 +27,7 @@ void dispatch_cpu(const char* op, at::ScalarType dtype, F&& f) {
     case at::kFloat: return f(Types<float, float>{});
     case at::kDouble: return f(Types<double, double>{});
     case at::kBFloat16: return f(Types<c10::BFloat16, float>{});
-    default: TORCH_CHECK(false, op, ": no CPU kernel for dtype ", dtype);
+    default: BLOSSOM_CHECK(false, op, ": no CPU kernel for dtype ", dtype);
   }
 }
 
@@ -38,7 +38,7 @@ void dispatch_cuda(const char* op, at::ScalarType dtype, F&& f) {
     case at::kFloat: return f(Types<float, float>{});
     case at::kHalf: return f(Types<c10::Half, float>{});
     case at::kBFloat16: return f(Types<c10::BFloat16, float>{});
-    default: TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
+    default: BLOSSOM_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
   }
 }
 
@@ -71,11 +71,11 @@ inline BwdInputs check_backward_inputs(const char* op, const at::Tensor& grad_ou
   const auto acc = acc_dtype(q.scalar_type());
   const std::vector<int64_t> lse_shape{q.size(0), q.size(1), q.size(2)};
   auto check_lse = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ",
+    BLOSSOM_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ",
                 t.device());
-    TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, ", got ",
+    BLOSSOM_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, ", got ",
                 t.scalar_type());
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(lse_shape), op, ": ", name,
+    BLOSSOM_CHECK(t.sizes() == at::IntArrayRef(lse_shape), op, ": ", name,
                 " must have shape (batch, seq, q_heads) = (", lse_shape[0], ", ", lse_shape[1],
                 ", ", lse_shape[2], "), got ", t.sizes());
   };

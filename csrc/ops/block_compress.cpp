@@ -26,11 +26,11 @@ void check_x(const char* op, const at::Tensor& x) {
   const auto d = x.scalar_type();
   const bool ok_dtype = d == at::kFloat || d == at::kBFloat16 ||
                         (d == at::kDouble && x.is_cpu()) || (d == at::kHalf && x.is_cuda());
-  TORCH_CHECK(ok_dtype, op, ": unsupported dtype ", d, " on ", x.device(),
+  BLOSSOM_CHECK(ok_dtype, op, ": unsupported dtype ", d, " on ", x.device(),
               " (float32 and bfloat16 everywhere, float64 on CPU, float16 on CUDA)");
-  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (batch, seq, heads, head_dim), got ",
+  BLOSSOM_CHECK(x.dim() == 4, op, ": x must have shape (batch, seq, heads, head_dim), got ",
               x.sizes());
-  TORCH_CHECK(x.stride(-1) == 1 || x.size(-1) <= 1, op,
+  BLOSSOM_CHECK(x.stride(-1) == 1 || x.size(-1) <= 1, op,
               ": x must have a contiguous last dimension");
 }
 
@@ -39,12 +39,12 @@ at::Tensor check_args(const char* op, const at::Tensor& x, const OptTensor& pos,
                       int64_t block_len, int64_t stride) {
   const bool has_pos = pos.has_value() && pos->defined();
   if (has_pos) {
-    TORCH_CHECK(pos->device() == x.device(), op, ": pos must be on ", x.device(), ", got ",
+    BLOSSOM_CHECK(pos->device() == x.device(), op, ": pos must be on ", x.device(), ", got ",
                 pos->device());
   }
   check_x(op, x);
-  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(block_len >= stride, op, ": block_len (", block_len,
+  BLOSSOM_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  BLOSSOM_CHECK(block_len >= stride, op, ": block_len (", block_len,
               ") must be >= stride (", stride, ")");
   if (!has_pos) return at::Tensor();
   check_like(op, "pos", *pos, x, {x.size(2), block_len, x.size(3)},

@@ -31,7 +31,7 @@ at::Tensor aligned(const at::Tensor& t) {
 
 // block_idx rows are read with unit stride (a strided index is copied).
 at::Tensor index_rows(const at::Tensor& idx, const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(idx.device() == q.device() && idx.scalar_type() == at::kInt && idx.dim() == 4 &&
+  BLOSSOM_CHECK(idx.device() == q.device() && idx.scalar_type() == at::kInt && idx.dim() == 4 &&
                   idx.size(0) == q.size(0) && idx.size(1) == q.size(1) &&
                   idx.size(2) == k.size(2),
               "blossom_attention_backward: block_idx must be int32 (batch, seq, kv_heads, n) "
@@ -66,7 +66,7 @@ void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tenso
 template <typename F>
 void dispatch16(at::ScalarType t, F&& f) {
   if (t == at::kHalf) return f(c10::Half{});
-  TORCH_CHECK(t == at::kBFloat16, "blossom_attention: fused path needs half or bfloat16");
+  BLOSSOM_CHECK(t == at::kBFloat16, "blossom_attention: fused path needs half or bfloat16");
   return f(c10::BFloat16{});
 }
 
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor go = aligned(grad_out), os = aligned(o_sel), ow = aligned(o_win);
   const std::vector<int64_t> lse_shape{q.size(0), q.size(1), q.size(2)};
   for (const at::Tensor* t : {&lse_sel, &lse_win})
-    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kFloat &&
+    BLOSSOM_CHECK(t->device() == q.device() && t->scalar_type() == at::kFloat &&
                     t->sizes() == at::IntArrayRef(lse_shape),
                 "blossom_attention_backward: lse_sel / lse_win must be float32 (batch, seq, "
                 "q_heads) on ", q.device(), ", got ", t->scalar_type(), " ", t->sizes());

@@ -23,7 +23,7 @@ constexpr const char* kOp = "compressed_attention";
 // arguments are checked before the tensors.
 void check_compression_args(int64_t block_len, int64_t stride) {
   check_positive(kOp, "stride", stride);
-  TORCH_CHECK(block_len >= stride, kOp, ": block_len (", block_len,
+  BLOSSOM_CHECK(block_len >= stride, kOp, ": block_len (", block_len,
               ") must be >= stride (", stride, ")");
 }
 

@@ -41,31 +41,31 @@ template <typename T>
 constexpr bool kCudaType = !std::is_same<T, double>::value;
 
 void check_gate_inputs(const char* op, const at::Tensor& branches, const at::Tensor& gate) {
-  TORCH_CHECK(branches.device() == gate.device(), op,
+  BLOSSOM_CHECK(branches.device() == gate.device(), op,
               ": branches and gate_logits must be on the same device, got ", branches.device(),
               ", ", gate.device());
-  TORCH_CHECK(branches.scalar_type() == gate.scalar_type(), op,
+  BLOSSOM_CHECK(branches.scalar_type() == gate.scalar_type(), op,
               ": branches and gate_logits must have the same dtype, got ",
               branches.scalar_type(), ", ", gate.scalar_type());
   const auto d = branches.scalar_type();
   const bool ok_dtype = d == at::kFloat || d == at::kBFloat16 ||
                         (d == at::kDouble && branches.is_cpu()) ||
                         (d == at::kHalf && branches.is_cuda());
-  TORCH_CHECK(ok_dtype, op, ": unsupported dtype ", d, " on ", branches.device(),
+  BLOSSOM_CHECK(ok_dtype, op, ": unsupported dtype ", d, " on ", branches.device(),
               " (float32 and bfloat16 everywhere, float64 on CPU, float16 on CUDA)");
-  TORCH_CHECK(branches.dim() == 5, op,
+  BLOSSOM_CHECK(branches.dim() == 5, op,
               ": branches must have shape (R, batch, seq, q_heads, head_dim), got ",
               branches.sizes());
-  TORCH_CHECK(gate.dim() == 4, op, ": gate_logits must have shape (batch, seq, q_heads, R), got ",
+  BLOSSOM_CHECK(gate.dim() == 4, op, ": gate_logits must have shape (batch, seq, q_heads, R), got ",
               gate.sizes());
-  TORCH_CHECK(branches.stride(-1) == 1 || branches.size(-1) <= 1, op,
+  BLOSSOM_CHECK(branches.stride(-1) == 1 || branches.size(-1) <= 1, op,
               ": branches must have a contiguous last dimension");
-  TORCH_CHECK(gate.stride(-1) == 1 || gate.size(-1) <= 1, op,
+  BLOSSOM_CHECK(gate.stride(-1) == 1 || gate.size(-1) <= 1, op,
               ": gate_logits must have a contiguous last dimension");
   const int64_t R = branches.size(0);
-  TORCH_CHECK(R >= 1, op, ": need at least one branch (R >= 1), got R = ", R);
+  BLOSSOM_CHECK(R >= 1, op, ": need at least one branch (R >= 1), got R = ", R);
   const std::vector<int64_t> want{branches.size(1), branches.size(2), branches.size(3), R};
-  TORCH_CHECK(gate.sizes() == at::IntArrayRef(want), op,
+  BLOSSOM_CHECK(gate.sizes() == at::IntArrayRef(want), op,
               ": gate_logits must have shape (batch, seq, q_heads, R) = ", at::IntArrayRef(want),
               " to match branches ", branches.sizes(), ", got ", gate.sizes());
 }

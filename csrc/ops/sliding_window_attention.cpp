@@ -95,7 +95,7 @@ void backward_into(const char* op, const at::Tensor& grad_out, const OptTensor& 
     return;
   }
 #endif
-  TORCH_CHECK(!add, op, ": accumulating into the gradients is implemented for CUDA only");
+  BLOSSOM_CHECK(!add, op, ": accumulating into the gradients is implemented for CUDA only");
   attn::dispatch_cpu(op, q.scalar_type(), [&](auto types) {
     using T = typename decltype(types)::T;
     using Acc = typename decltype(types)::Acc;
@@ -126,7 +126,7 @@ void sliding_window_attention_backward_add(const at::Tensor& grad_out, const at:
                                            bool causal, double scale, const at::Tensor& grad_q,
                                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const char* op = "sliding_window_attention_backward";
-  TORCH_CHECK(q.is_cuda(), op, ": accumulating into the gradients is implemented for CUDA only");
+  BLOSSOM_CHECK(q.is_cuda(), op, ": accumulating into the gradients is implemented for CUDA only");
   check_like(op, "grad_q", grad_q, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   check_like(op, "grad_k", grad_k, k, k.sizes(), "(batch, seq, kv_heads, head_dim)");
   check_like(op, "grad_v", grad_v, v, v.sizes(), "(batch, seq, kv_heads, head_dim)");
