@@ -1,7 +1,8 @@
 // Input checks and tensor -> parameter-struct views, used by every binding
 // (csrc/ops/*.cpp). Checks run in a fixed order before any work: device, dtype,
-// contiguity of the last dim, shapes, ranges. Every failure is a BLOSSOM_CHECK (common/message.h), so Python
-// sees a RuntimeError with a message naming the argument and the expected shape.
+// contiguity of the last dim, shapes, ranges. Every failure is a BLOSSOM_CHECK
+// (common/message.h), so Python sees a RuntimeError with a message naming the argument and
+// the expected shape.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>

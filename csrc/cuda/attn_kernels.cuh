@@ -362,8 +362,9 @@ inline void dispatch_row_config(int64_t D, int64_t G, bool vec, F&& f) {
   using std::integral_constant;
   // One warp covers at most 32 lanes x 8 elements of a row.
   BLOSSOM_CHECK(D >= 1 && D <= 32 * kFrag, "blossom_ops CUDA kernels: head_dim must be in [1, ",
-              32 * kFrag, "], got ", D);
-  BLOSSOM_CHECK(G >= 1, "blossom_ops CUDA kernels: q_heads must be a positive multiple of kv_heads");
+               32 * kFrag, "], got ", D);
+  BLOSSOM_CHECK(G >= 1,
+                "blossom_ops CUDA kernels: q_heads must be a positive multiple of kv_heads");
   if (!vec) {
     f(integral_constant<int, 32>{}, integral_constant<int, 1>{}, std::false_type{});
     return;

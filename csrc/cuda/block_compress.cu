@@ -156,7 +156,8 @@ unsigned grid_for(int64_t threads, int block) {
 
 template <typename T>
 void block_compress_fwd(const CompressParams<T, float>& p, cudaStream_t stream) {
-  BLOSSOM_CHECK(p.stride >= 1 && p.block_len >= 1, "block_compress: block_len and stride must be >= 1");
+  BLOSSOM_CHECK(p.stride >= 1 && p.block_len >= 1,
+                "block_compress: block_len and stride must be >= 1");
   const int64_t work = p.batch * p.num_tokens * p.heads * ceil_div(p.head_dim, kFrag);
   if (work == 0) return;
   const bool vec = vec_ok<T>(p.x.ptr, p.head_dim, p.x.stride_b, p.x.stride_l, p.x.stride_h) &&
@@ -173,7 +174,8 @@ void block_compress_fwd(const CompressParams<T, float>& p, cudaStream_t stream) 
 template <typename T>
 void block_compress_bwd(const CompressParams<T, float>& p, const T* grad_out, T* grad_x,
                         T* grad_pos, cudaStream_t stream) {
-  BLOSSOM_CHECK(p.stride >= 1 && p.block_len >= 1, "block_compress: block_len and stride must be >= 1");
+  BLOSSOM_CHECK(p.stride >= 1 && p.block_len >= 1,
+                "block_compress: block_len and stride must be >= 1");
   const int64_t nc = ceil_div(p.head_dim, kFrag);
   const bool vec = p.head_dim % kFrag == 0 && aligned16(grad_out) && aligned16(grad_x) &&
                    (grad_pos == nullptr || aligned16(grad_pos));

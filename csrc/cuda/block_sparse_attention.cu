@@ -221,7 +221,7 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
   const AttnShape& s = p.shape;
   const IndexLayout lay = index_layout(s, m);
   BLOSSOM_CHECK(workspace_bytes >= lay.total, "block_sparse_attention_bwd: workspace too small (",
-              workspace_bytes, " < ", lay.total, " bytes)");
+               workspace_bytes, " < ", lay.total, " bytes)");
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
   char* ws = static_cast<char*>(workspace);
   BlockSparsePolicy pol = make_policy(s, m, p.valid);

@@ -1015,8 +1015,8 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
     const cudaError_t err =
         cudaLaunchKernelEx(&cfg, dkdv, p, m, G, QT, n_ktiles, nsplit, sl2, cws);
     BLOSSOM_CHECK(err == cudaSuccess, "blossom_short_bwd (dkdv, cluster of ", nsplit,
-                ") failed to launch: ", cudaGetErrorString(err),
-                " (BLOSSOM_OPS_CUDA_SHORT_SPLIT=1 disables the split)");
+                 ") failed to launch: ", cudaGetErrorString(err),
+                 " (BLOSSOM_OPS_CUDA_SHORT_SPLIT=1 disables the split)");
   } else {
     dkdv<<<ctas, kThreads, bytes, stream>>>(p, m, G, QT, n_ktiles, 1, sl2, cws);
   }
@@ -1054,7 +1054,7 @@ void blossom_short_bwd(const ShortBwdParams<T>& p, void* workspace, size_t works
                        cudaStream_t stream) {
   if (p.shape.batch == 0 || p.shape.q_len == 0) return;
   BLOSSOM_CHECK(workspace_bytes >= blossom_short_bwd_workspace_bytes(p.shape),
-              "blossom_short_bwd: workspace too small");
+               "blossom_short_bwd: workspace too small");
   float* ws = static_cast<float*>(workspace);
   switch (p.shape.head_dim) {
     case 16: return bwd_d<T, 16>(p, ws, stream);

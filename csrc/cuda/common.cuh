@@ -216,7 +216,7 @@ inline bool vec_ok(const void* ptr, int64_t D, int64_t sb, int64_t sl, int64_t s
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   BLOSSOM_CHECK(err == cudaSuccess, "blossom_ops CUDA kernel ", what, " failed to launch: ",
-              cudaGetErrorString(err));
+               cudaGetErrorString(err));
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -69,7 +69,7 @@ template <typename T>
 void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const CompressedMask& m,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   BLOSSOM_CHECK(workspace_bytes >= compressed_attention_bwd_workspace_bytes(p.shape, m),
-              "compressed_attention_bwd: workspace too small");
+               "compressed_attention_bwd: workspace too small");
   const auto pol = make_policy(p.shape, m, p.valid);
   float* delta = static_cast<float*>(workspace);
   // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.

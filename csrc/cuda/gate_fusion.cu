@@ -51,7 +51,7 @@ BranchList<T> stacked(const GateParams<T>& p, T* grad_branches) {
 template <typename T>
 BranchList<T> listed(const GateParams<T>& p, const T* const* branch, T* const* grad_branch) {
   BLOSSOM_CHECK(p.branches <= kListMax, "gate_fusion: at most ", kListMax,
-              " separately stored branches, got ", p.branches);
+               " separately stored branches, got ", p.branches);
   BranchList<T> l;
   for (int r = 0; r < p.branches; ++r) {
     l.in[r] = branch[r];

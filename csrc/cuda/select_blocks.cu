@@ -216,7 +216,7 @@ template <typename T>
 void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   const AttnShape& s = p.shape;
   BLOSSOM_CHECK(p.stride >= 1 && p.block_size >= p.stride && p.block_size % p.stride == 0,
-              "select_blocks: block_size must be a positive multiple of stride");
+               "select_blocks: block_size must be a positive multiple of stride");
   if (s.batch == 0 || s.q_len == 0 || s.kv_heads == 0 || p.top_n == 0) return;
   // Tensor-core path when it covers the call (select_blocks_tc.cuh); this kernel otherwise.
   if (!detail::simple_kernels_requested() && select_blocks_tc_fwd(p, stream)) return;
@@ -226,8 +226,8 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   BLOSSOM_CHECK(lay.total <= max_smem, "select_blocks: ", C,
-              " selection blocks need ", lay.total, " bytes of shared memory per CTA, over the "
-              "device limit of ", max_smem, "; use a larger block_size");
+               " selection blocks need ", lay.total, " bytes of shared memory per CTA, over the "
+               "device limit of ", max_smem, "; use a larger block_size");
   const bool vec = vec_ok<T>(p.q.ptr, s.head_dim, p.q.stride_b, p.q.stride_l, p.q.stride_h) &&
                    vec_ok<T>(p.k_cmp.ptr, s.head_dim, p.k_cmp.stride_b, p.k_cmp.stride_l,
                              p.k_cmp.stride_h);

@@ -84,7 +84,7 @@ template <typename T>
 void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const SlidingWindowMask& m,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   BLOSSOM_CHECK(workspace_bytes >= sliding_window_attention_bwd_workspace_bytes(p.shape, m),
-              "sliding_window_attention_bwd: workspace too small");
+               "sliding_window_attention_bwd: workspace too small");
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
   float* delta = static_cast<float*>(workspace);
   // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.

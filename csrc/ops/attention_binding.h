@@ -72,12 +72,12 @@ inline BwdInputs check_backward_inputs(const char* op, const at::Tensor& grad_ou
   const std::vector<int64_t> lse_shape{q.size(0), q.size(1), q.size(2)};
   auto check_lse = [&](const char* name, const at::Tensor& t) {
     BLOSSOM_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ",
-                t.device());
+                 t.device());
     BLOSSOM_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, ", got ",
-                t.scalar_type());
+                 t.scalar_type());
     BLOSSOM_CHECK(t.sizes() == at::IntArrayRef(lse_shape), op, ": ", name,
-                " must have shape (batch, seq, q_heads) = (", lse_shape[0], ", ", lse_shape[1],
-                ", ", lse_shape[2], "), got ", t.sizes());
+                 " must have shape (batch, seq, q_heads) = (", lse_shape[0], ", ", lse_shape[1],
+                 ", ", lse_shape[2], "), got ", t.sizes());
   };
   check_lse("lse", lse);
   BwdInputs in;

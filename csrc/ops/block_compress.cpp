@@ -27,11 +27,11 @@ void check_x(const char* op, const at::Tensor& x) {
   const bool ok_dtype = d == at::kFloat || d == at::kBFloat16 ||
                         (d == at::kDouble && x.is_cpu()) || (d == at::kHalf && x.is_cuda());
   BLOSSOM_CHECK(ok_dtype, op, ": unsupported dtype ", d, " on ", x.device(),
-              " (float32 and bfloat16 everywhere, float64 on CPU, float16 on CUDA)");
+               " (float32 and bfloat16 everywhere, float64 on CPU, float16 on CUDA)");
   BLOSSOM_CHECK(x.dim() == 4, op, ": x must have shape (batch, seq, heads, head_dim), got ",
-              x.sizes());
+               x.sizes());
   BLOSSOM_CHECK(x.stride(-1) == 1 || x.size(-1) <= 1, op,
-              ": x must have a contiguous last dimension");
+               ": x must have a contiguous last dimension");
 }
 
 // Shared by forward and backward; returns pos made contiguous (or undefined).
@@ -40,12 +40,12 @@ at::Tensor check_args(const char* op, const at::Tensor& x, const OptTensor& pos,
   const bool has_pos = pos.has_value() && pos->defined();
   if (has_pos) {
     BLOSSOM_CHECK(pos->device() == x.device(), op, ": pos must be on ", x.device(), ", got ",
-                pos->device());
+                 pos->device());
   }
   check_x(op, x);
   BLOSSOM_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   BLOSSOM_CHECK(block_len >= stride, op, ": block_len (", block_len,
-              ") must be >= stride (", stride, ")");
+               ") must be >= stride (", stride, ")");
   if (!has_pos) return at::Tensor();
   check_like(op, "pos", *pos, x, {x.size(2), block_len, x.size(3)},
              "(heads, block_len, head_dim)");

@@ -22,13 +22,13 @@ constexpr const char* kOp = "block_sparse_attention";
 // contiguity, shape: checked before the validity tensors, like q/k/v).
 void check_block_idx_layout(const at::Tensor& idx, const at::Tensor& q, const at::Tensor& k) {
   BLOSSOM_CHECK(idx.device() == q.device(), kOp, ": block_idx must be on ", q.device(), ", got ",
-              idx.device());
+               idx.device());
   BLOSSOM_CHECK(idx.scalar_type() == at::kInt, kOp, ": block_idx must be int32, got ",
-              idx.scalar_type());
+               idx.scalar_type());
   BLOSSOM_CHECK(idx.dim() == 4 && idx.size(0) == q.size(0) && idx.size(1) == q.size(1) &&
                   idx.size(2) == k.size(2),
-              kOp, ": block_idx must have shape (batch, seq, kv_heads, n) = (", q.size(0), ", ",
-              q.size(1), ", ", k.size(2), ", n), got ", idx.sizes());
+               kOp, ": block_idx must have shape (batch, seq, kv_heads, n) = (", q.size(0), ", ",
+               q.size(1), ", ", k.size(2), ", n), got ", idx.sizes());
 }
 
 // The kernels read index rows with unit stride; a strided index tensor (small: int32
@@ -46,7 +46,7 @@ BlockSparseMask make_mask(const at::Tensor& idx, int64_t seq_len, int64_t block_
   if (idx.is_cpu() && idx.numel() > 0) {
     const auto lo = idx.min().item<int32_t>(), hi = idx.max().item<int32_t>();
     BLOSSOM_CHECK(lo >= -1 && hi < num_blocks, kOp, ": block_idx entries must lie in [-1, ",
-                num_blocks, ") (ceil(seq / block_size) blocks), got values in [", lo, ", ", hi,
+                 num_blocks, ") (ceil(seq / block_size) blocks), got values in [", lo, ", ", hi,
                 "]");
   }
   return attn::block_sparse_view(idx, block_size, causal);

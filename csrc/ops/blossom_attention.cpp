@@ -40,19 +40,19 @@ int64_t check_config(const char* op, const at::Tensor& q, const at::Tensor& k,
   const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(2);
   BLOSSOM_CHECK(gate_logits.dim() == 4, op,
-              ": gate_logits must have shape (batch, seq, q_heads, R), got ", gate_logits.sizes());
+               ": gate_logits must have shape (batch, seq, q_heads, R), got ", gate_logits.sizes());
   const int64_t R = gate_logits.size(3);
   check_like(op, "gate_logits", gate_logits, q, {B, L, Hq, R}, "(batch, seq, q_heads, R)");
   BLOSSOM_CHECK(R == 2 || R == 3, op,
-              ": gate_logits must have 2 (selected, window) or 3 (+ compressed) branches in its "
-              "last dimension, got ",
-              R);
+               ": gate_logits must have 2 (selected, window) or 3 (+ compressed) branches in its "
+               "last dimension, got ",
+               R);
   BLOSSOM_CHECK(gate_logits.stride(-1) == 1, op, ": gate_logits must have a contiguous last dimension");
   check_positive(op, "stride", stride);
   BLOSSOM_CHECK(block_len >= stride, op, ": block_len (", block_len, ") must be >= stride (",
-              stride, ")");
+               stride, ")");
   BLOSSOM_CHECK(block_size >= stride && block_size % stride == 0, op, ": block_size (",
-              block_size, ") must be a positive multiple of stride (", stride, ")");
+               block_size, ") must be a positive multiple of stride (", stride, ")");
   check_positive(op, "top_n", top_n);
   check_positive(op, "window", window);
   if (present(k_pos))
@@ -217,8 +217,8 @@ BlossomGrads blossom_attention_backward(
   check_like(op, "o_sel", o_sel, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   check_like(op, "o_win", o_win, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   BLOSSOM_CHECK(R == 2 || o_cmp.sizes() == q.sizes(), op,
-              ": o_cmp must have the shape of q when gate_logits has 3 branches, got ",
-              o_cmp.sizes());
+               ": o_cmp must have the shape of q when gate_logits has 3 branches, got ",
+               o_cmp.sizes());
   if (R == 3) check_like(op, "o_cmp", o_cmp, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   const OptTensor ok =
       as_valid(resolve_validity(op, lengths, valid, q.size(0), q.size(1), q));

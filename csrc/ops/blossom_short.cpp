@@ -34,8 +34,8 @@ at::Tensor index_rows(const at::Tensor& idx, const at::Tensor& q, const at::Tens
   BLOSSOM_CHECK(idx.device() == q.device() && idx.scalar_type() == at::kInt && idx.dim() == 4 &&
                   idx.size(0) == q.size(0) && idx.size(1) == q.size(1) &&
                   idx.size(2) == k.size(2),
-              "blossom_attention_backward: block_idx must be int32 (batch, seq, kv_heads, n) "
-              "on ", q.device(), ", got ", idx.scalar_type(), " ", idx.sizes());
+               "blossom_attention_backward: block_idx must be int32 (batch, seq, kv_heads, n) "
+               "on ", q.device(), ", got ", idx.scalar_type(), " ", idx.sizes());
   return (idx.stride(3) == 1 || idx.size(3) <= 1) ? idx : idx.contiguous();
 }
 
@@ -121,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   for (const at::Tensor* t : {&lse_sel, &lse_win})
     BLOSSOM_CHECK(t->device() == q.device() && t->scalar_type() == at::kFloat &&
                     t->sizes() == at::IntArrayRef(lse_shape),
-                "blossom_attention_backward: lse_sel / lse_win must be float32 (batch, seq, "
-                "q_heads) on ", q.device(), ", got ", t->scalar_type(), " ", t->sizes());
+                 "blossom_attention_backward: lse_sel / lse_win must be float32 (batch, seq, "
+                 "q_heads) on ", q.device(), ", got ", t->scalar_type(), " ", t->sizes());
   const at::Tensor ls = lse_sel.contiguous(), lw = lse_win.contiguous();
   const auto opts = at::MemoryFormat::Contiguous;
   at::Tensor gq = at::empty(q.sizes(), q.options().memory_format(opts));

@@ -24,7 +24,7 @@ constexpr const char* kOp = "compressed_attention";
 void check_compression_args(int64_t block_len, int64_t stride) {
   check_positive(kOp, "stride", stride);
   BLOSSOM_CHECK(block_len >= stride, kOp, ": block_len (", block_len,
-              ") must be >= stride (", stride, ")");
+               ") must be >= stride (", stride, ")");
 }
 
 CompressedMask make_mask(const at::Tensor& valid_cmp, int64_t block_len, int64_t stride,

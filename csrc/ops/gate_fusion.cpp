@@ -42,32 +42,32 @@ constexpr bool kCudaType = !std::is_same<T, double>::value;
 
 void check_gate_inputs(const char* op, const at::Tensor& branches, const at::Tensor& gate) {
   BLOSSOM_CHECK(branches.device() == gate.device(), op,
-              ": branches and gate_logits must be on the same device, got ", branches.device(),
-              ", ", gate.device());
+               ": branches and gate_logits must be on the same device, got ", branches.device(),
+               ", ", gate.device());
   BLOSSOM_CHECK(branches.scalar_type() == gate.scalar_type(), op,
-              ": branches and gate_logits must have the same dtype, got ",
-              branches.scalar_type(), ", ", gate.scalar_type());
+               ": branches and gate_logits must have the same dtype, got ",
+               branches.scalar_type(), ", ", gate.scalar_type());
   const auto d = branches.scalar_type();
   const bool ok_dtype = d == at::kFloat || d == at::kBFloat16 ||
                         (d == at::kDouble && branches.is_cpu()) ||
                         (d == at::kHalf && branches.is_cuda());
   BLOSSOM_CHECK(ok_dtype, op, ": unsupported dtype ", d, " on ", branches.device(),
-              " (float32 and bfloat16 everywhere, float64 on CPU, float16 on CUDA)");
+               " (float32 and bfloat16 everywhere, float64 on CPU, float16 on CUDA)");
   BLOSSOM_CHECK(branches.dim() == 5, op,
-              ": branches must have shape (R, batch, seq, q_heads, head_dim), got ",
-              branches.sizes());
+               ": branches must have shape (R, batch, seq, q_heads, head_dim), got ",
+               branches.sizes());
   BLOSSOM_CHECK(gate.dim() == 4, op, ": gate_logits must have shape (batch, seq, q_heads, R), got ",
-              gate.sizes());
+               gate.sizes());
   BLOSSOM_CHECK(branches.stride(-1) == 1 || branches.size(-1) <= 1, op,
-              ": branches must have a contiguous last dimension");
+               ": branches must have a contiguous last dimension");
   BLOSSOM_CHECK(gate.stride(-1) == 1 || gate.size(-1) <= 1, op,
-              ": gate_logits must have a contiguous last dimension");
+               ": gate_logits must have a contiguous last dimension");
   const int64_t R = branches.size(0);
   BLOSSOM_CHECK(R >= 1, op, ": need at least one branch (R >= 1), got R = ", R);
   const std::vector<int64_t> want{branches.size(1), branches.size(2), branches.size(3), R};
   BLOSSOM_CHECK(gate.sizes() == at::IntArrayRef(want), op,
-              ": gate_logits must have shape (batch, seq, q_heads, R) = ", at::IntArrayRef(want),
-              " to match branches ", branches.sizes(), ", got ", gate.sizes());
+               ": gate_logits must have shape (batch, seq, q_heads, R) = ", at::IntArrayRef(want),
+               " to match branches ", branches.sizes(), ", got ", gate.sizes());
 }
 
 template <typename T>

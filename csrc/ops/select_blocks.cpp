@@ -52,17 +52,17 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const Opt
                          int64_t stride, int64_t block_len, bool causal, double scale) {
   BLOSSOM_CHECK(stride >= 1, kOp, ": stride must be >= 1, got ", stride);
   BLOSSOM_CHECK(block_len >= stride, kOp, ": block_len (", block_len, ") must be >= stride (",
-              stride, ")");
+               stride, ")");
   BLOSSOM_CHECK(block_size >= stride && block_size % stride == 0, kOp, ": block_size (",
-              block_size, ") must be a positive multiple of stride (", stride, ")");
+               block_size, ") must be a positive multiple of stride (", stride, ")");
   BLOSSOM_CHECK(top_n >= 1, kOp, ": top_n must be >= 1, got ", top_n);
   BLOSSOM_CHECK(q.dim() == 4, kOp, ": q must have shape (batch, seq, q_heads, head_dim), got ",
-              q.sizes());
+               q.sizes());
   const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t T = num_compressed(L, stride);
   check_attention_inputs(kOp, q, k_cmp, k_cmp, T, "k_cmp", "k_cmp");
   BLOSSOM_CHECK(num_compressed(L, block_size) <= std::numeric_limits<int32_t>::max(), kOp,
-              ": too many blocks for int32 indices");
+               ": too many blocks for int32 indices");
   const int64_t Hk = k_cmp.size(2);
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, B, L, q);
   const at::Tensor ok_cmp = compressed_validity(ok, L, block_len, stride);
