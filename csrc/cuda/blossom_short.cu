@@ -76,10 +76,13 @@
 #include <mma.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/blossom_short.h"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/mma_frag.cuh"
 
 namespace blossom {
 namespace gpu {
@@ -554,6 +557,227 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ------------------------------------------------------------------------- forward (mma.sync)
+// The same forward, FlashAttention-2 style: S, P_sel and P_win never leave registers.
+// Warp w owns rows [16 w, 16 w + 16) (Q as A fragments from shared memory); per 64-key chunk,
+// S = Q K^T is 8 n8 tiles of m16n8k16 (K rows as B through ldmatrix), lane (gid, tig) holds
+// rows 16 w + gid and + 8 at columns 8 nt + 2 tig + {0, 1}; a row's max and sum are
+// butterflies over its 4 lanes (xor 1, 2). The probabilities of two adjacent n8 tiles are
+// exactly the A fragment of the next k16 step of P V (V through ldmatrix.trans), so there is
+// no P tile and no row table. K and V are double-buffered (chunk c + 1 is copied while c is
+// computed). The outputs leave straight from the accumulators as 16-bit pairs.
+// Selected by BLOSSOM_OPS_CUDA_SHORT_FWD=mma (A/B against short_fwd_kernel); NOT YET RUN ON
+// A GPU when written (2026-11-27): test with benchmarks/check_short_gpu.py before trusting it.
+template <int D>
+struct FwdMmaLay {
+  static constexpr int kTile = Lay<D>::kTile;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kTile;          // [2] buffers
+  static constexpr int kV = 3 * kTile;      // [2] buffers
+  static constexpr int kBits = 5 * kTile;   // masks of every key chunk
+  static constexpr int kVw = kBits + Lay<D>::kBits;
+  static constexpr int kBytes = kVw + Lay<D>::kVw;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 3)
+    short_fwd_mma_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT,
+                         int n_tiles, float sl2) {
+  using E = typename TcElem<T>::type;
+  using Ly = FwdMmaLay<D>;
+  constexpr int ld = Lay<D>::kLdH;
+  constexpr int KD = D / 16;       // k16 steps of S = Q K^T
+  constexpr int ND = D / 8;        // n8 tiles of a D-wide output row
+  constexpr int NH = kHalf / 8;    // n8 tiles of a 32-key half chunk
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(Ly::kQ);
+  uint64_t* sBits = sm.at<uint64_t>(Ly::kBits);
+  unsigned* sVw = sm.at<unsigned>(Ly::kVw);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+  auto kbuf = [&](int c) { return sm.at<E>(Ly::kK + (c & 1) * Ly::kTile); };
+  auto vbuf = [&](int c) { return sm.at<E>(Ly::kV + (c & 1) * Ly::kTile); };
+  auto load_chunk = [&](int c) {
+    load_rows<D>(kbuf(c), [&](int r) { return key_ptr(p.k, m, b, c * kKeys + r, g); });
+    load_rows<D>(vbuf(c), [&](int r) { return key_ptr(p.v, m, b, c * kKeys + r, g); });
+  };
+
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+  if (n_chunks > 0) load_chunk(0);
+  cp_async_commit();
+  build_bits(m, b, g, G, QT, q0, n_chunks, sVw, sBits);
+
+  // Lane roles of the ldmatrix addresses (see mma_frag.cuh): A rows / B rows of K (keys x
+  // dims, non-transposed) and B rows of V (keys x dims, transposed).
+  const int a_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int kb_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const int vb_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int r0 = warp * 16 + gid;  // this lane's rows: r0 and r0 + 8
+
+  float os[ND][4], ow[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) os[n][e] = ow[n][e] = 0.f;
+  float ms[2] = {-INFINITY, -INFINITY}, mw[2] = {-INFINITY, -INFINITY};  // log2 domain
+  float ls[2] = {0.f, 0.f}, lw[2] = {0.f, 0.f};  // this lane's partial sums
+
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      load_chunk(c + 1);  // into the buffers chunk c - 1 used (released by the last sync)
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // chunk c (and Q) landed for every thread; masks visible
+    const E* sK = kbuf(c);
+    const E* sV = vbuf(c);
+    const uint64_t* bc = sBits + 2 * c * kRows;
+    // Two online-softmax steps of 32 keys per chunk: half the score registers of one
+    // 64-key step (at D = 64 the whole chunk's S pushed the kernel into spills). Not
+    // unrolled, for the same reason.
+#pragma unroll 1
+    for (int hk = 0; hk < 2; ++hk) {
+      float s[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // Q fragments re-read from shared memory per k step rather than held in registers.
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t qa[4];
+        ldmatrix_x4(qa, sQ + warp * 16 * ld + kk * 16 + a_off);
+#pragma unroll
+        for (int np = 0; np < NH / 2; ++np) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, sK + (hk * kHalf + np * 16) * ld + kk * 16 + kb_off);
+          mma16816<E>(s[2 * np], qa, bf[0], bf[1]);
+          mma16816<E>(s[2 * np + 1], qa, bf[2], bf[3]);
+        }
+      }
+      // Masks of rows r0 (j = 0) and r0 + 8 (j = 1) over this half; bit 8 nt + e & 1 is
+      // column 8 nt + 2 tig + (e & 1) of the half.
+      const int sh = hk * kHalf + 2 * tig;
+      const uint32_t bsel[2] = {static_cast<uint32_t>(bc[r0] >> sh),
+                                static_cast<uint32_t>(bc[r0 + 8] >> sh)};
+      const uint32_t bwin[2] = {static_cast<uint32_t>(bc[kRows + r0] >> sh),
+                                static_cast<uint32_t>(bc[kRows + r0 + 8] >> sh)};
+      float cs[2] = {-INFINITY, -INFINITY}, cw[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = e >> 1, bit = 8 * nt + (e & 1);
+          const float x = s[nt][e] * sl2;
+          s[nt][e] = x;
+          if ((bsel[j] >> bit) & 1u) cs[j] = fmaxf(cs[j], x);
+          if ((bwin[j] >> bit) & 1u) cw[j] = fmaxf(cw[j], x);
+        }
+      float as[2], aw[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+          cs[j] = fmaxf(cs[j], __shfl_xor_sync(kFullMask, cs[j], o));
+          cw[j] = fmaxf(cw[j], __shfl_xor_sync(kFullMask, cw[j], o));
+        }
+        const float ns = fmaxf(ms[j], cs[j]), nw = fmaxf(mw[j], cw[j]);
+        // Still no key: nothing accumulated yet, keep factor 1 (exp2(-inf - -inf) is NaN).
+        as[j] = ns == -INFINITY ? 1.f : exp2f(ms[j] - ns);
+        aw[j] = nw == -INFINITY ? 1.f : exp2f(mw[j] - nw);
+        ms[j] = ns;
+        mw[j] = nw;
+        ls[j] *= as[j];
+        lw[j] *= aw[j];
+      }
+#pragma unroll
+      for (int n = 0; n < ND; ++n) {
+        os[n][0] *= as[0];
+        os[n][1] *= as[0];
+        os[n][2] *= as[1];
+        os[n][3] *= as[1];
+        ow[n][0] *= aw[0];
+        ow[n][1] *= aw[0];
+        ow[n][2] *= aw[1];
+        ow[n][3] *= aw[1];
+      }
+      // P V per k16 step: the probabilities of n8 tiles 2 k and 2 k + 1 are its A fragment
+      // (masked entries exactly 0).
+#pragma unroll
+      for (int k = 0; k < NH / 2; ++k) {
+        uint32_t as4[4], aw4[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int bit = 8 * (2 * k + h);
+            const float* x = &s[2 * k + h][2 * j];
+            const float p0 = ((bsel[j] >> bit) & 1u) ? exp2f(x[0] - ms[j]) : 0.f;
+            const float p1 = ((bsel[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - ms[j]) : 0.f;
+            const float w0 = ((bwin[j] >> bit) & 1u) ? exp2f(x[0] - mw[j]) : 0.f;
+            const float w1 = ((bwin[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - mw[j]) : 0.f;
+            ls[j] += p0 + p1;
+            lw[j] += w0 + w1;
+            as4[2 * h + j] = pack2<E>(p0, p1);
+            aw4[2 * h + j] = pack2<E>(w0, w1);
+          }
+#pragma unroll
+        for (int dp = 0; dp < ND / 2; ++dp) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, sV + (hk * kHalf + k * 16) * ld + dp * 16 + vb_off);
+          mma16816<E>(os[2 * dp], as4, vb[0], vb[1]);
+          mma16816<E>(os[2 * dp + 1], as4, vb[2], vb[3]);
+          mma16816<E>(ow[2 * dp], aw4, vb[0], vb[1]);
+          mma16816<E>(ow[2 * dp + 1], aw4, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with chunk c's buffers before they are refilled
+  }
+
+  // Row sums over the 4 lanes of a row (fixed butterfly), normalise, write.
+  const int64_t Hq = p.shape.q_heads;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      ls[j] += __shfl_xor_sync(kFullMask, ls[j], o);
+      lw[j] += __shfl_xor_sync(kFullMask, lw[j], o);
+    }
+    const RowId id = row_id(m, b, g, G, QT, q0, r0 + 8 * j);
+    if (!id.live) continue;
+    const float is = ls[j] > 0.f ? 1.f / ls[j] : 0.f, iw = lw[j] > 0.f ? 1.f / lw[j] : 0.f;
+    const T* gl = p.gate.at(b, id.i, id.h);
+    const float ga = sigmoidf(to_float(gl[0])), gb = sigmoidf(to_float(gl[1]));
+    const int64_t row = (b * L + id.i) * Hq + id.h;
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+      const float s0 = os[n][2 * j] * is, s1 = os[n][2 * j + 1] * is;
+      const float w0 = ow[n][2 * j] * iw, w1 = ow[n][2 * j + 1] * iw;
+      const int64_t off = row * D + 8 * n + 2 * tig;
+      *reinterpret_cast<uint32_t*>(p.o_sel + off) = pack2<E>(s0, s1);
+      *reinterpret_cast<uint32_t*>(p.o_win + off) = pack2<E>(w0, w1);
+      *reinterpret_cast<uint32_t*>(p.out + off) = pack2<E>(ga * s0 + gb * w0, ga * s1 + gb * w1);
+    }
+    if (tig == 0) {
+      p.lse_sel[row] = ms[j] == -INFINITY ? -INFINITY : (ms[j] + log2f(ls[j])) * kLn2;
+      p.lse_win[row] = mw[j] == -INFINITY ? -INFINITY : (mw[j] + log2f(lw[j])) * kLn2;
+    }
+  }
+}
+
 // ------------------------------------------------------------------------- backward: dQ
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 3)
@@ -920,6 +1144,18 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   const int n_tiles = static_cast<int>((p.shape.q_len + QT - 1) / QT);
   const int64_t ctas = p.shape.batch * p.shape.kv_heads * n_tiles;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
+  static const bool use_mma = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_FWD");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  if (use_mma) {
+    auto kernel = short_fwd_mma_kernel<T, D>;
+    with_smem(kernel, FwdMmaLay<D>::kBytes);
+    kernel<<<static_cast<unsigned>(ctas), kThreads, FwdMmaLay<D>::kBytes, stream>>>(
+        p, m, G, QT, n_tiles, sl2);
+    check_launch("blossom_short_fwd (mma)");
+    return;
+  }
   auto kernel = short_fwd_kernel<T, D>;
   with_smem(kernel, Lay<D>::kFwdBytes);
   kernel<<<static_cast<unsigned>(ctas), kThreads, Lay<D>::kFwdBytes, stream>>>(p, m, G, QT, n_tiles,

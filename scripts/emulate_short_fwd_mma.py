@@ -1,0 +1,178 @@
+"""Replays the lane / fragment index math of short_fwd_mma_kernel (csrc/cuda/blossom_short.cu)
+on the CPU with numpy, for one warp (16 rows) over a few 64-key chunks, and compares its
+outputs with a dense masked softmax per branch. Catches wrong ldmatrix addresses, fragment
+layouts and mask-bit positions without a GPU (it does not model timing, rounding to 16 bits
+or the CTA's other warps).
+
+Fragment semantics (PTX ISA, m16n8k16, 16-bit): see csrc/cuda/mma_frag.cuh.
+Usage: python3 scripts/emulate_short_fwd_mma.py
+"""
+import numpy as np
+
+KH = 32  # keys per online-softmax step (kHalf)
+
+
+def ldmatrix_x4(sm, offs, trans=False):
+    """sm: 2-D array (rows, cols); offs[lane] = (row, col) of the 8 elements lane gives.
+    Returns r[lane][j] = (lo, hi) pair of matrix j."""
+    out = [[None] * 4 for _ in range(32)]
+    for j in range(4):
+        mat = np.stack([sm[offs[8 * j + q][0], offs[8 * j + q][1]:offs[8 * j + q][1] + 8]
+                        for q in range(8)])  # 8 x 8, row q from lane 8j+q
+        if trans:
+            mat = mat.T
+        for t in range(32):
+            out[t][j] = (mat[t // 4, 2 * (t % 4)], mat[t // 4, 2 * (t % 4) + 1])
+    return out
+
+
+def mma(d, a, b0, b1):
+    """d[lane] 4 floats += A (from a[lane] 4 pairs) @ B (from b0/b1[lane] pairs)."""
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for t in range(32):
+        g, tg = t // 4, t % 4
+        for (r, c), (lo, hi) in zip([(g, 0), (g + 8, 0), (g, 8), (g + 8, 8)], a[t]):
+            A[r, c + 2 * tg], A[r, c + 2 * tg + 1] = lo, hi
+        B[2 * tg, g], B[2 * tg + 1, g] = b0[t]
+        B[2 * tg + 8, g], B[2 * tg + 9, g] = b1[t]
+    C = A @ B
+    for t in range(32):
+        g, tg = t // 4, t % 4
+        d[t][0] += C[g, 2 * tg]
+        d[t][1] += C[g, 2 * tg + 1]
+        d[t][2] += C[g + 8, 2 * tg]
+        d[t][3] += C[g + 8, 2 * tg + 1]
+
+
+def emulate(D, n_chunks, rng):
+    KD, ND, NH = D // 16, D // 8, KH // 8
+    Q = rng.standard_normal((16, D))
+    K = rng.standard_normal((64 * n_chunks, D))
+    V = rng.standard_normal((64 * n_chunks, D))
+    sel = rng.random((16, 64 * n_chunks)) < 0.3
+    win = rng.random((16, 64 * n_chunks)) < 0.2
+    sel[3] = False  # a row with no selected key: o = 0
+    bits = [[[int(sum(1 << k for k in range(64) if mk[r, 64 * c + k])) for r in range(16)]
+             for mk in (sel, win)] for c in range(n_chunks)]
+    sl2 = 0.3
+    a_off = [((l & 7) + ((l >> 3) & 1) * 8, (l >> 4) * 8) for l in range(32)]
+    kb_off = [((l & 7) + (l >> 4) * 8, ((l >> 3) & 1) * 8) for l in range(32)]
+    vb_off = [((l & 7) + ((l >> 3) & 1) * 8, (l >> 4) * 8) for l in range(32)]
+    os_ = [[[0.0] * 4 for _ in range(ND)] for _ in range(32)]
+    ow_ = [[[0.0] * 4 for _ in range(ND)] for _ in range(32)]
+    ms = [[-np.inf] * 2 for _ in range(32)]
+    mw = [[-np.inf] * 2 for _ in range(32)]
+    ls = [[0.0] * 2 for _ in range(32)]
+    lw = [[0.0] * 2 for _ in range(32)]
+    for c in range(n_chunks):
+        sK, sV = K[64 * c:64 * c + 64], V[64 * c:64 * c + 64]
+        for hk in range(2):
+            s = [[[0.0] * 4 for _ in range(NH)] for _ in range(32)]
+            for kk in range(KD):
+                qa = ldmatrix_x4(Q, [(r, kk * 16 + cc) for r, cc in a_off])
+                for np_ in range(NH // 2):
+                    bf = ldmatrix_x4(sK, [(hk * KH + np_ * 16 + r, kk * 16 + cc) for r, cc in kb_off])
+                    d0 = [s[t][2 * np_] for t in range(32)]
+                    d1 = [s[t][2 * np_ + 1] for t in range(32)]
+                    mma(d0, qa, [bf[t][0] for t in range(32)], [bf[t][1] for t in range(32)])
+                    mma(d1, qa, [bf[t][2] for t in range(32)], [bf[t][3] for t in range(32)])
+            lane_state = []
+            for t in range(32):
+                g, tg = t // 4, t % 4
+                sh = hk * KH + 2 * tg
+                bsel = [(bits[c][0][g] >> sh) & 0xffffffff, (bits[c][0][g + 8] >> sh) & 0xffffffff]
+                bwin = [(bits[c][1][g] >> sh) & 0xffffffff, (bits[c][1][g + 8] >> sh) & 0xffffffff]
+                cs, cw = [-np.inf] * 2, [-np.inf] * 2
+                for nt in range(NH):
+                    for e in range(4):
+                        j, bit = e >> 1, 8 * nt + (e & 1)
+                        x = s[t][nt][e] * sl2
+                        s[t][nt][e] = x
+                        if (bsel[j] >> bit) & 1: cs[j] = max(cs[j], x)
+                        if (bwin[j] >> bit) & 1: cw[j] = max(cw[j], x)
+                lane_state.append((bsel, bwin, cs, cw))
+            for t in range(32):  # butterflies over the 4 lanes of a row
+                base = t & ~3
+                for j in range(2):
+                    cs = max(lane_state[base + q][2][j] for q in range(4))
+                    cw = max(lane_state[base + q][3][j] for q in range(4))
+                    ns, nw = max(ms[t][j], cs), max(mw[t][j], cw)
+                    a_s = 1.0 if ns == -np.inf else 2.0 ** (ms[t][j] - ns)
+                    a_w = 1.0 if nw == -np.inf else 2.0 ** (mw[t][j] - nw)
+                    ms[t][j], mw[t][j] = ns, nw
+                    ls[t][j] *= a_s
+                    lw[t][j] *= a_w
+                    for n in range(ND):
+                        os_[t][n][2 * j] *= a_s
+                        os_[t][n][2 * j + 1] *= a_s
+                        ow_[t][n][2 * j] *= a_w
+                        ow_[t][n][2 * j + 1] *= a_w
+            for k in range(NH // 2):
+                as4, aw4 = [[None] * 4 for _ in range(32)], [[None] * 4 for _ in range(32)]
+                for t in range(32):
+                    bsel, bwin = lane_state[t][0], lane_state[t][1]
+                    for h in range(2):
+                        for j in range(2):
+                            bit = 8 * (2 * k + h)
+                            x = s[t][2 * k + h][2 * j:2 * j + 2]
+                            p = [2.0 ** (x[u] - ms[t][j]) if (bsel[j] >> (bit + u)) & 1 else 0.0 for u in range(2)]
+                            w = [2.0 ** (x[u] - mw[t][j]) if (bwin[j] >> (bit + u)) & 1 else 0.0 for u in range(2)]
+                            ls[t][j] += sum(p)
+                            lw[t][j] += sum(w)
+                            as4[t][2 * h + j] = tuple(p)
+                            aw4[t][2 * h + j] = tuple(w)
+                for dp in range(ND // 2):
+                    vb = ldmatrix_x4(sV, [(hk * KH + k * 16 + r, dp * 16 + cc) for r, cc in vb_off], trans=True)
+                    b = [[vb[t][q] for t in range(32)] for q in range(4)]
+                    for acc, a in ((os_, as4), (ow_, aw4)):
+                        mma([acc[t][2 * dp] for t in range(32)], a, b[0], b[1])
+                        mma([acc[t][2 * dp + 1] for t in range(32)], a, b[2], b[3])
+    out_s, out_w = np.zeros((16, D)), np.zeros((16, D))
+    lse_s, lse_w = np.zeros(16), np.zeros(16)
+    for t in range(32):
+        g, tg = t // 4, t % 4
+        base = t & ~3
+        for j in range(2):
+            L_s = sum(ls[base + q][j] for q in range(4))
+            L_w = sum(lw[base + q][j] for q in range(4))
+            r = g + 8 * j
+            for n in range(ND):
+                for u in range(2):
+                    out_s[r, 8 * n + 2 * tg + u] = os_[t][n][2 * j + u] / L_s if L_s > 0 else 0
+                    out_w[r, 8 * n + 2 * tg + u] = ow_[t][n][2 * j + u] / L_w if L_w > 0 else 0
+            lse_s[r] = -np.inf if ms[t][j] == -np.inf else (ms[t][j] + np.log2(L_s)) * np.log(2)
+            lse_w[r] = -np.inf if mw[t][j] == -np.inf else (mw[t][j] + np.log2(L_w)) * np.log(2)
+    # Dense reference: scores in natural units are S * sl2 * ln 2.
+    S = Q @ K.T * sl2 * np.log(2)
+    err = 0.0
+    for mk, o, lse in ((sel, out_s, lse_s), (win, out_w, lse_w)):
+        Sm = np.where(mk, S, -np.inf)
+        mx = Sm.max(1, keepdims=True)
+        mx = np.where(np.isfinite(mx), mx, 0)
+        P = np.where(mk, np.exp(Sm - mx), 0)
+        l = P.sum(1, keepdims=True)
+        ref = np.where(l > 0, (P / np.where(l > 0, l, 1)) @ V, 0)
+        ref_lse = np.where(l[:, 0] > 0, mx[:, 0] + np.log(np.where(l[:, 0] > 0, l[:, 0], 1)), -np.inf)
+        err = max(err, np.abs(o - ref).max())
+        fin = np.isfinite(ref_lse)
+        assert np.array_equal(fin, np.isfinite(lse)), "lse finiteness differs"
+        err = max(err, np.abs(lse[fin] - ref_lse[fin]).max())
+    return err
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for D in (16, 32, 64):
+        for n_chunks in (1, 2):
+            e = emulate(D, n_chunks, rng)
+            print(f"D={D} chunks={n_chunks}: max |emulated - dense| = {e:.2e}")
+            worst = max(worst, e)
+    ok = worst < 1e-9
+    print("ok" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
