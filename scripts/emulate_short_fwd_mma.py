@@ -1,4 +1,5 @@
-"""Replays the lane / fragment index math of short_fwd_mma_kernel (csrc/cuda/blossom_short.cu)
+"""Replays the lane / fragment index math of short_fwd_mma_kernel and short_dq_mma_kernel
+(csrc/cuda/blossom_short.cu)
 on the CPU with numpy, for one warp (16 rows) over a few 64-key chunks, and compares its
 outputs with a dense masked softmax per branch. Catches wrong ldmatrix addresses, fragment
 layouts and mask-bit positions without a GPU (it does not model timing, rounding to 16 bits
@@ -161,6 +162,78 @@ def emulate(D, n_chunks, rng):
     return err
 
 
+def emulate_dq(D, n_chunks, rng):
+    KD, ND, NH = D // 16, D // 8, KH // 8
+    n = 64 * n_chunks
+    Q, dO = rng.standard_normal((16, D)), rng.standard_normal((16, D))
+    K, V = rng.standard_normal((n, D)), rng.standard_normal((n, D))
+    sel = rng.random((16, n)) < 0.3
+    win = rng.random((16, n)) < 0.2
+    ga, gb = rng.random(16), rng.random(16)
+    dsel, dwin = rng.standard_normal(16), rng.standard_normal(16)
+    l2s, l2w = rng.standard_normal(16), rng.standard_normal(16)
+    sl2, scale = 0.3, 0.125
+    bits = [[[int(sum(1 << k for k in range(64) if mk[r, 64 * c + k])) for r in range(16)]
+             for mk in (sel, win)] for c in range(n_chunks)]
+    a_off = [((l & 7) + ((l >> 3) & 1) * 8, (l >> 4) * 8) for l in range(32)]
+    kb_off = [((l & 7) + (l >> 4) * 8, ((l >> 3) & 1) * 8) for l in range(32)]
+    kt_off = [((l & 7) + ((l >> 3) & 1) * 8, (l >> 4) * 8) for l in range(32)]
+    dq = [[[0.0] * 4 for _ in range(ND)] for _ in range(32)]
+    for c in range(n_chunks):
+        sK, sV = K[64 * c:64 * c + 64], V[64 * c:64 * c + 64]
+        for hk in range(2):
+            sc = [[[0.0] * 4 for _ in range(NH)] for _ in range(32)]
+            dp = [[[0.0] * 4 for _ in range(NH)] for _ in range(32)]
+            for kk in range(KD):
+                qa = ldmatrix_x4(Q, [(r, kk * 16 + cc) for r, cc in a_off])
+                oa = ldmatrix_x4(dO, [(r, kk * 16 + cc) for r, cc in a_off])
+                for np_ in range(NH // 2):
+                    rows = [(hk * KH + np_ * 16 + r, kk * 16 + cc) for r, cc in kb_off]
+                    kf, vf = ldmatrix_x4(sK, rows), ldmatrix_x4(sV, rows)
+                    for acc, a, f in ((sc, qa, kf), (dp, oa, vf)):
+                        mma([acc[t][2 * np_] for t in range(32)], a,
+                            [f[t][0] for t in range(32)], [f[t][1] for t in range(32)])
+                        mma([acc[t][2 * np_ + 1] for t in range(32)], a,
+                            [f[t][2] for t in range(32)], [f[t][3] for t in range(32)])
+            for k in range(NH // 2):
+                da = [[None] * 4 for _ in range(32)]
+                for t in range(32):
+                    g, tg = t // 4, t % 4
+                    sh = hk * KH + 2 * tg
+                    for h in range(2):
+                        for j in range(2):
+                            r = g + 8 * j
+                            bsel = (bits[c][0][r] >> sh) & 0xffffffff
+                            bwin = (bits[c][1][r] >> sh) & 0xffffffff
+                            d2 = []
+                            for u in range(2):
+                                e, bit = 2 * j + u, 8 * (2 * k + h) + u
+                                x, dpv = sc[t][2 * k + h][e] * sl2, dp[t][2 * k + h][e]
+                                ds = 0.0
+                                if (bsel >> bit) & 1: ds += 2.0 ** (x - l2s[r]) * (ga[r] * dpv - dsel[r])
+                                if (bwin >> bit) & 1: ds += 2.0 ** (x - l2w[r]) * (gb[r] * dpv - dwin[r])
+                                d2.append(ds)
+                            da[t][2 * h + j] = tuple(d2)
+                for dpair in range(ND // 2):
+                    kb = ldmatrix_x4(sK, [(hk * KH + k * 16 + r, dpair * 16 + cc) for r, cc in kt_off], trans=True)
+                    mma([dq[t][2 * dpair] for t in range(32)], da, [kb[t][0] for t in range(32)], [kb[t][1] for t in range(32)])
+                    mma([dq[t][2 * dpair + 1] for t in range(32)], da, [kb[t][2] for t in range(32)], [kb[t][3] for t in range(32)])
+    out = np.zeros((16, D))
+    for t in range(32):
+        g, tg = t // 4, t % 4
+        for j in range(2):
+            for nn in range(ND):
+                for u in range(2):
+                    out[g + 8 * j, 8 * nn + 2 * tg + u] = scale * dq[t][nn][2 * j + u]
+    S = Q @ K.T * sl2
+    dP = dO @ V.T
+    Ps = np.where(sel, 2.0 ** (S - l2s[:, None]), 0)
+    Pw = np.where(win, 2.0 ** (S - l2w[:, None]), 0)
+    dS = Ps * (ga[:, None] * dP - dsel[:, None]) + Pw * (gb[:, None] * dP - dwin[:, None])
+    ref = scale * dS @ K
+    return np.abs(out - ref).max() / max(1.0, np.abs(ref).max())
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     worst = 0.0
@@ -168,6 +241,9 @@ def main() -> int:
         for n_chunks in (1, 2):
             e = emulate(D, n_chunks, rng)
             print(f"D={D} chunks={n_chunks}: max |emulated - dense| = {e:.2e}")
+            worst = max(worst, e)
+            e = emulate_dq(D, n_chunks, rng)
+            print(f"D={D} chunks={n_chunks}: dQ, max relative |emulated - dense| = {e:.2e}")
             worst = max(worst, e)
     ok = worst < 1e-9
     print("ok" if ok else "MISMATCH")

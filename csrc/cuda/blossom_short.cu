@@ -779,50 +779,18 @@ __global__ void __launch_bounds__(kThreads, 3)
 }
 
 // ------------------------------------------------------------------------- backward: dQ
+// dQ prologue shared by both dQ kernels: per-row gate, deltas and grad_gate (one thread per
+// row, straight from global memory, like gate_fusion's backward: rowsum over every live row,
+// valid or not) into sRow and the workspace; every chunk's masks into sBits and the
+// workspace. Ends with a __syncthreads (sRow and sBits visible).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 3)
-    short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
-                    float sl2, float* __restrict__ ws) {
-  using E = typename TcElem<T>::type;
-  using Ly = Lay<D>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem sm{smem_raw};
-  E* sQ = sm.at<E>(0);
-  E* sDO = sm.at<E>(Ly::kTile);
-  E* sK = sm.at<E>(2 * Ly::kTile);
-  E* sV = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
-  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
-  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
-  uint64_t* sBits = sm.at<uint64_t>(small);
-  float* sRow = sm.at<float>(small + Ly::kBits);
-  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
-
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const int tile = blockIdx.x % n_tiles;
-  const int64_t bg = blockIdx.x / n_tiles;
-  const int Hk = static_cast<int>(p.shape.kv_heads);
-  const int g = static_cast<int>(bg % Hk);
-  const int64_t b = bg / Hk;
+__device__ __forceinline__ void dq_rows_and_masks(const ShortBwdParams<T>& p, const ShortMask& m,
+                                                  int64_t b, int g, int G, int QT, int q0,
+                                                  int nc_all, float* __restrict__ ws,
+                                                  float* sRow, unsigned* sVw, uint64_t* sBits) {
   const int L = m.L;
   const int64_t Hq = p.shape.q_heads;
-  const int q0 = tile * QT;
-  const int q_end = q0 + QT < L ? q0 + QT : L;
-  const int key_end = m.causal ? q_end : L;
-  const int n_chunks = (key_end + kKeys - 1) / kKeys;
-  // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
-  const int nc_all = (L + kKeys - 1) / kKeys;
-
-  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
-  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
-  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
-  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
-  cp_async_commit();
-
-  // Per-row gate, deltas and grad_gate (one thread per row, straight from global memory,
-  // like gate_fusion's backward: rowsum over every live row, valid or not).
+  const int tid = threadIdx.x;
   if (tid < kRows) {
     const RowId id = row_id(m, b, g, G, QT, q0, tid);
     float ga = 0.f, gb = 0.f, dsel = 0.f, dwin = 0.f, l2s = -INFINITY, l2w = -INFINITY;
@@ -876,6 +844,51 @@ __global__ void __launch_bounds__(kThreads, 3)
     ulonglong2* wb = reinterpret_cast<ulonglong2*>(ws + ((b * L + id.i) * Hq + id.h) * kWsFloats + 8);
     wb[c] = make_ulonglong2(bs, bw);
   }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 3)
+    short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
+                    float sl2, float* __restrict__ ws) {
+  using E = typename TcElem<T>::type;
+  using Ly = Lay<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(0);
+  E* sDO = sm.at<E>(Ly::kTile);
+  E* sK = sm.at<E>(2 * Ly::kTile);
+  E* sV = sm.at<E>(3 * Ly::kTile);
+  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
+  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
+  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
+  uint64_t* sBits = sm.at<uint64_t>(small);
+  float* sRow = sm.at<float>(small + Ly::kBits);
+  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+  // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
+  const int nc_all = (L + kKeys - 1) / kKeys;
+
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
+  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
+  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
+  cp_async_commit();
+
+  dq_rows_and_masks<T, D>(p, m, b, g, G, QT, q0, nc_all, ws, sRow, sVw, sBits);
 
   const Ew ew = ew_role();
   FragC acc[D / 16];
@@ -939,6 +952,170 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) o[e] = scale * f[e];
     store8_aligned(p.grad_q + ((b * L + id.i) * Hq + id.h) * D + d0, o);
+  }
+}
+
+
+// The same dQ, FlashAttention-2 style (see short_fwd_mma_kernel): per 32-key half, S = Q K^T
+// and dP = dO V^T as n8 tiles in registers, dS from the row data, and dS as the A fragment
+// of dQ += dS K (K through ldmatrix.trans). K and V double-buffered. Selected by
+// BLOSSOM_OPS_CUDA_SHORT_DQ=mma; NOT YET RUN ON A GPU when written (2026-11-27).
+template <int D>
+struct DqMmaLay {
+  static constexpr int kTile = Lay<D>::kTile;
+  static constexpr int kK = 2 * kTile;                     // Q, dO, then K[2], V[2]
+  static constexpr int kV = 4 * kTile;
+  static constexpr int kBits = 6 * kTile;
+  static constexpr int kRow = kBits + Lay<D>::kBits;
+  static constexpr int kVw = kRow + Lay<D>::kRowF;
+  static constexpr int kBytes = kVw + Lay<D>::kVw;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 3)
+    short_dq_mma_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT,
+                        int n_tiles, float sl2, float* __restrict__ ws) {
+  using E = typename TcElem<T>::type;
+  using Ly = DqMmaLay<D>;
+  constexpr int ld = Lay<D>::kLdH;
+  constexpr int KD = D / 16, ND = D / 8, NH = kHalf / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(0);
+  E* sDO = sm.at<E>(Lay<D>::kTile);
+  uint64_t* sBits = sm.at<uint64_t>(Ly::kBits);
+  float* sRow = sm.at<float>(Ly::kRow);
+  unsigned* sVw = sm.at<unsigned>(Ly::kVw);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+  const int nc_all = (L + kKeys - 1) / kKeys;  // the dK/dV kernel reads every chunk's masks
+  auto kbuf = [&](int c) { return sm.at<E>(Ly::kK + (c & 1) * Ly::kTile); };
+  auto vbuf = [&](int c) { return sm.at<E>(Ly::kV + (c & 1) * Ly::kTile); };
+  auto load_chunk = [&](int c) {
+    load_rows<D>(kbuf(c), [&](int r) { return key_ptr(p.k, m, b, c * kKeys + r, g); });
+    load_rows<D>(vbuf(c), [&](int r) { return key_ptr(p.v, m, b, c * kKeys + r, g); });
+  };
+
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
+  if (n_chunks > 0) load_chunk(0);
+  cp_async_commit();
+  dq_rows_and_masks<T, D>(p, m, b, g, G, QT, q0, nc_all, ws, sRow, sVw, sBits);
+
+  const int a_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int kb_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const int kt_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int r0 = warp * 16 + gid;  // this lane's rows: r0 and r0 + 8
+  float ga[2], gb[2], dsel[2], dwin[2], l2s[2], l2w[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int r = r0 + 8 * j;
+    ga[j] = sRow[r];
+    gb[j] = sRow[kRows + r];
+    dsel[j] = sRow[2 * kRows + r];
+    dwin[j] = sRow[3 * kRows + r];
+    l2s[j] = sRow[4 * kRows + r];
+    l2w[j] = sRow[5 * kRows + r];
+  }
+  float dq[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      load_chunk(c + 1);  // into the buffers chunk c - 1 used (released by the last sync)
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // chunk c (and Q, dO) landed for every thread
+    const E* sK = kbuf(c);
+    const E* sV = vbuf(c);
+    const uint64_t* bc = sBits + 2 * c * kRows;
+#pragma unroll 1
+    for (int hk = 0; hk < 2; ++hk) {
+      float sc[NH][4], dp[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t qa[4], oa[4];
+        ldmatrix_x4(qa, sQ + warp * 16 * ld + kk * 16 + a_off);
+        ldmatrix_x4(oa, sDO + warp * 16 * ld + kk * 16 + a_off);
+#pragma unroll
+        for (int np = 0; np < NH / 2; ++np) {
+          uint32_t kf[4], vf[4];
+          ldmatrix_x4(kf, sK + (hk * kHalf + np * 16) * ld + kk * 16 + kb_off);
+          ldmatrix_x4(vf, sV + (hk * kHalf + np * 16) * ld + kk * 16 + kb_off);
+          mma16816<E>(sc[2 * np], qa, kf[0], kf[1]);
+          mma16816<E>(sc[2 * np + 1], qa, kf[2], kf[3]);
+          mma16816<E>(dp[2 * np], oa, vf[0], vf[1]);
+          mma16816<E>(dp[2 * np + 1], oa, vf[2], vf[3]);
+        }
+      }
+      const int sh = hk * kHalf + 2 * tig;
+      const uint32_t bsel[2] = {static_cast<uint32_t>(bc[r0] >> sh),
+                                static_cast<uint32_t>(bc[r0 + 8] >> sh)};
+      const uint32_t bwin[2] = {static_cast<uint32_t>(bc[kRows + r0] >> sh),
+                                static_cast<uint32_t>(bc[kRows + r0 + 8] >> sh)};
+      // dS = P_sel (a dP - delta_sel) + P_win (b dP - delta_win), exactly 0 off both masks;
+      // tiles 2 k and 2 k + 1 form the A fragment of k16 step k of dQ += dS K.
+#pragma unroll
+      for (int k = 0; k < NH / 2; ++k) {
+        uint32_t da[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float d2[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              const int e = 2 * j + u, bit = 8 * (2 * k + h) + u;
+              const float x = sc[2 * k + h][e] * sl2, dpv = dp[2 * k + h][e];
+              float ds = 0.f;
+              if ((bsel[j] >> bit) & 1u) ds += exp2f(x - l2s[j]) * (ga[j] * dpv - dsel[j]);
+              if ((bwin[j] >> bit) & 1u) ds += exp2f(x - l2w[j]) * (gb[j] * dpv - dwin[j]);
+              d2[u] = ds;
+            }
+            da[2 * h + j] = pack2<E>(d2[0], d2[1]);
+          }
+#pragma unroll
+        for (int dpair = 0; dpair < ND / 2; ++dpair) {
+          uint32_t kb[4];
+          ldmatrix_x4_trans(kb, sK + (hk * kHalf + k * 16) * ld + dpair * 16 + kt_off);
+          mma16816<E>(dq[2 * dpair], da, kb[0], kb[1]);
+          mma16816<E>(dq[2 * dpair + 1], da, kb[2], kb[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with chunk c's buffers before they are refilled
+  }
+
+  const float scale = static_cast<float>(p.shape.scale);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const RowId id = row_id(m, b, g, G, QT, q0, r0 + 8 * j);
+    if (!id.live) continue;
+    const int64_t row = (b * L + id.i) * Hq + id.h;
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+      *reinterpret_cast<uint32_t*>(p.grad_q + row * D + 8 * n + 2 * tig) =
+          pack2<E>(scale * dq[n][2 * j], scale * dq[n][2 * j + 1]);
   }
 }
 
@@ -1222,11 +1399,23 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   const int n_ktiles = static_cast<int>((p.shape.q_len + kKeys - 1) / kKeys);
   const int64_t bg = p.shape.batch * p.shape.kv_heads;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
-  auto dq = short_dq_kernel<T, D>;
-  with_smem(dq, Lay<D>::kDqBytes);
-  dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(p, m, G, QT,
-                                                                                 n_tiles, sl2, ws);
-  check_launch("blossom_short_bwd (dq)");
+  static const bool dq_mma = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DQ");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  if (dq_mma) {
+    auto dq = short_dq_mma_kernel<T, D>;
+    with_smem(dq, DqMmaLay<D>::kBytes);
+    dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, DqMmaLay<D>::kBytes, stream>>>(
+        p, m, G, QT, n_tiles, sl2, ws);
+    check_launch("blossom_short_bwd (dq, mma)");
+  } else {
+    auto dq = short_dq_kernel<T, D>;
+    with_smem(dq, Lay<D>::kDqBytes);
+    dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(
+        p, m, G, QT, n_tiles, sl2, ws);
+    check_launch("blossom_short_bwd (dq)");
+  }
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
   auto dkdv = short_dkdv_kernel<T, D>;
   const int bytes = Lay<D>::kDkdvBytes;
