@@ -1,5 +1,5 @@
-"""Replays the lane / fragment index math of short_fwd_mma_kernel and short_dq_mma_kernel
-(csrc/cuda/blossom_short.cu)
+"""Replays the lane / fragment index math of short_fwd_mma_kernel, short_dq_mma_kernel and
+dkdv_step_mma (csrc/cuda/blossom_short.cu)
 on the CPU with numpy, for one warp (16 rows) over a few 64-key chunks, and compares its
 outputs with a dense masked softmax per branch. Catches wrong ldmatrix addresses, fragment
 layouts and mask-bit positions without a GPU (it does not model timing, rounding to 16 bits
@@ -234,6 +234,77 @@ def emulate_dq(D, n_chunks, rng):
     return np.abs(out - ref).max() / max(1.0, np.abs(ref).max())
 
 
+def emulate_dkdv(D, rng):
+    """One query step (64 rows) for warp 0's 16 keys of a 64-key tile."""
+    KD, ND, NH = D // 16, D // 8, KH // 8
+    K, V = rng.standard_normal((16, D)), rng.standard_normal((16, D))
+    Q, dO = rng.standard_normal((64, D)), rng.standard_normal((64, D))
+    sel = rng.random((64, 16)) < 0.3  # [row, key]
+    win = rng.random((64, 16)) < 0.2
+    ga, gb = rng.random(64), rng.random(64)
+    dsel, dwin = rng.standard_normal(64), rng.standard_normal(64)
+    l2s, l2w = rng.standard_normal(64), rng.standard_normal(64)
+    sl2 = 0.3
+    bs = [int(sum(1 << k for k in range(16) if sel[r, k])) for r in range(64)]
+    bw = [int(sum(1 << k for k in range(16) if win[r, k])) for r in range(64)]
+    a_off = [((l & 7) + ((l >> 3) & 1) * 8, (l >> 4) * 8) for l in range(32)]
+    b_off = [((l & 7) + (l >> 4) * 8, ((l >> 3) & 1) * 8) for l in range(32)]
+    t_off = [((l & 7) + ((l >> 3) & 1) * 8, (l >> 4) * 8) for l in range(32)]
+    mk = [[[0.0] * 4 for _ in range(ND)] for _ in range(32)]
+    mv = [[[0.0] * 4 for _ in range(ND)] for _ in range(32)]
+    for hr in range(2):
+        st = [[[0.0] * 4 for _ in range(NH)] for _ in range(32)]
+        dpt = [[[0.0] * 4 for _ in range(NH)] for _ in range(32)]
+        for kk in range(KD):
+            ka = ldmatrix_x4(K, [(r, kk * 16 + c) for r, c in a_off])
+            va = ldmatrix_x4(V, [(r, kk * 16 + c) for r, c in a_off])
+            for np_ in range(NH // 2):
+                rows = [(hr * KH + np_ * 16 + r, kk * 16 + c) for r, c in b_off]
+                qf, of = ldmatrix_x4(Q, rows), ldmatrix_x4(dO, rows)
+                for acc, a, f in ((st, ka, qf), (dpt, va, of)):
+                    mma([acc[t][2 * np_] for t in range(32)], a, [f[t][0] for t in range(32)], [f[t][1] for t in range(32)])
+                    mma([acc[t][2 * np_ + 1] for t in range(32)], a, [f[t][2] for t in range(32)], [f[t][3] for t in range(32)])
+        for k in range(NH // 2):
+            da, ca = [[None] * 4 for _ in range(32)], [[None] * 4 for _ in range(32)]
+            for t in range(32):
+                g, tg = t // 4, t % 4
+                for h in range(2):
+                    ds, pc = [0.0] * 4, [0.0] * 4
+                    for u in range(2):
+                        r = hr * KH + 8 * (2 * k + h) + 2 * tg + u
+                        for j in range(2):
+                            e, key = 2 * j + u, g + 8 * j
+                            x, dp = st[t][2 * k + h][e] * sl2, dpt[t][2 * k + h][e]
+                            if (bs[r] >> key) & 1:
+                                ps = 2.0 ** (x - l2s[r]); ds[e] += ps * (ga[r] * dp - dsel[r]); pc[e] += ga[r] * ps
+                            if (bw[r] >> key) & 1:
+                                pw = 2.0 ** (x - l2w[r]); ds[e] += pw * (gb[r] * dp - dwin[r]); pc[e] += gb[r] * pw
+                    da[t][2 * h], da[t][2 * h + 1] = (ds[0], ds[1]), (ds[2], ds[3])
+                    ca[t][2 * h], ca[t][2 * h + 1] = (pc[0], pc[1]), (pc[2], pc[3])
+            for dp2 in range(ND // 2):
+                rows = [(hr * KH + k * 16 + r, dp2 * 16 + c) for r, c in t_off]
+                qb, ob = ldmatrix_x4(Q, rows, trans=True), ldmatrix_x4(dO, rows, trans=True)
+                for acc, a, f in ((mk, da, qb), (mv, ca, ob)):
+                    mma([acc[t][2 * dp2] for t in range(32)], a, [f[t][0] for t in range(32)], [f[t][1] for t in range(32)])
+                    mma([acc[t][2 * dp2 + 1] for t in range(32)], a, [f[t][2] for t in range(32)], [f[t][3] for t in range(32)])
+    dK, dV = np.zeros((16, D)), np.zeros((16, D))
+    for t in range(32):
+        g, tg = t // 4, t % 4
+        for n in range(ND):
+            for e in range(4):
+                key, d = g + 8 * (e >> 1), 8 * n + 2 * tg + (e & 1)
+                dK[key, d], dV[key, d] = mk[t][n][e], mv[t][n][e]
+    S = Q @ K.T * sl2  # [row, key]
+    dP = dO @ V.T
+    Ps = np.where(sel, 2.0 ** (S - l2s[:, None]), 0)
+    Pw = np.where(win, 2.0 ** (S - l2w[:, None]), 0)
+    dS = Ps * (ga[:, None] * dP - dsel[:, None]) + Pw * (gb[:, None] * dP - dwin[:, None])
+    C = ga[:, None] * Ps + gb[:, None] * Pw
+    refK, refV = dS.T @ Q, C.T @ dO
+    return max(np.abs(dK - refK).max() / max(1, np.abs(refK).max()),
+               np.abs(dV - refV).max() / max(1, np.abs(refV).max()))
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     worst = 0.0
@@ -245,6 +316,10 @@ def main() -> int:
             e = emulate_dq(D, n_chunks, rng)
             print(f"D={D} chunks={n_chunks}: dQ, max relative |emulated - dense| = {e:.2e}")
             worst = max(worst, e)
+    for D in (16, 32, 64):
+        e = emulate_dkdv(D, rng)
+        print(f"D={D}: dK/dV step, max relative |emulated - dense| = {e:.2e}")
+        worst = max(worst, e)
     ok = worst < 1e-9
     print("ok" if ok else "MISMATCH")
     return 0 if ok else 1

@@ -1120,12 +1120,114 @@ __global__ void __launch_bounds__(kThreads, 3)
 }
 
 // ------------------------------------------------------------------------- backward: dK/dV
+// One query step of short_dkdv_kernel<.., kMma = true> (see there): dK (mk) and dV (mv)
+// of warp w's 16 keys += the products with this step's 64 query rows.
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK,
+                                              const typename TcElem<T>::type* sV,
+                                              const typename TcElem<T>::type* sQ,
+                                              const typename TcElem<T>::type* sDO,
+                                              const float* sRd, float sl2, float (&mk)[D / 8][4],
+                                              float (&mv)[D / 8][4]) {
+  using E = typename TcElem<T>::type;
+  constexpr int ld = Lay<D>::kLdH;
+  constexpr int KD = D / 16, ND = D / 8, NH = kHalf / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int a_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int b_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const int t_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int key0 = warp * 16 + gid;  // this lane's keys (in the tile): key0 and key0 + 8
+#pragma unroll 1
+  for (int hr = 0; hr < 2; ++hr) {  // 32 query rows at a time
+    float st[NH][4], dpt[NH][4];
+#pragma unroll
+    for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t ka[4], va[4];
+      ldmatrix_x4(ka, sK + warp * 16 * ld + kk * 16 + a_off);
+      ldmatrix_x4(va, sV + warp * 16 * ld + kk * 16 + a_off);
+#pragma unroll
+      for (int np = 0; np < NH / 2; ++np) {
+        uint32_t qf[4], of[4];
+        ldmatrix_x4(qf, sQ + (hr * kHalf + np * 16) * ld + kk * 16 + b_off);
+        ldmatrix_x4(of, sDO + (hr * kHalf + np * 16) * ld + kk * 16 + b_off);
+        mma16816<E>(st[2 * np], ka, qf[0], qf[1]);
+        mma16816<E>(st[2 * np + 1], ka, qf[2], qf[3]);
+        mma16816<E>(dpt[2 * np], va, of[0], of[1]);
+        mma16816<E>(dpt[2 * np + 1], va, of[2], of[3]);
+      }
+    }
+    // dS^T and (a P_sel + b P_win)^T; tiles 2 k and 2 k + 1 are the A fragment of k16 step k.
+#pragma unroll
+    for (int k = 0; k < NH / 2; ++k) {
+      uint32_t da[4], ca[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float ds[4], pc[4];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int r = hr * kHalf + 8 * (2 * k + h) + 2 * tig + u;  // query row of the step
+          const float* rd = sRd + r * kRowD;
+          const float4 r0 = *reinterpret_cast<const float4*>(rd);      // a, b, dsel, dwin
+          const float2 r1 = *reinterpret_cast<const float2*>(rd + 4);  // lse2 sel, win
+          const uint64_t* rb = reinterpret_cast<const uint64_t*>(rd + 8);
+          const uint64_t bs = rb[0], bw = rb[1];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int e = 2 * j + u, key = key0 + 8 * j;
+            const float x = st[2 * k + h][e] * sl2, dp = dpt[2 * k + h][e];
+            float d = 0.f, c = 0.f;
+            if ((bs >> key) & 1ull) {
+              const float ps = exp2f(x - r1.x);
+              d += ps * (r0.x * dp - r0.z);
+              c += r0.x * ps;
+            }
+            if ((bw >> key) & 1ull) {
+              const float pw = exp2f(x - r1.y);
+              d += pw * (r0.y * dp - r0.w);
+              c += r0.y * pw;
+            }
+            ds[e] = d;
+            pc[e] = c;
+          }
+        }
+        da[2 * h] = pack2<E>(ds[0], ds[1]);
+        da[2 * h + 1] = pack2<E>(ds[2], ds[3]);
+        ca[2 * h] = pack2<E>(pc[0], pc[1]);
+        ca[2 * h + 1] = pack2<E>(pc[2], pc[3]);
+      }
+#pragma unroll
+      for (int dp2 = 0; dp2 < ND / 2; ++dp2) {
+        uint32_t qb[4], ob[4];
+        ldmatrix_x4_trans(qb, sQ + (hr * kHalf + k * 16) * ld + dp2 * 16 + t_off);
+        ldmatrix_x4_trans(ob, sDO + (hr * kHalf + k * 16) * ld + dp2 * 16 + t_off);
+        mma16816<E>(mk[2 * dp2], da, qb[0], qb[1]);
+        mma16816<E>(mk[2 * dp2 + 1], da, qb[2], qb[3]);
+        mma16816<E>(mv[2 * dp2], ca, ob[0], ob[1]);
+        mma16816<E>(mv[2 * dp2 + 1], ca, ob[2], ob[3]);
+      }
+    }
+  }
+}
+
+
 // CTA (b, g, key tile, split s of nsplit): the query steps q0 = first + t QT of the key
 // tile with t % nsplit == s. The nsplit CTAs of a key tile form one thread-block cluster
 // (sm_90); each stages its fp32 partial dK, dV in its own shared memory and, after a
 // cluster barrier, CTA s sums the rows r % nsplit == s over the ranks 0, 1, .., nsplit - 1
 // in that order (distributed shared memory): deterministic, no atomics, no global partials.
-template <typename T, int D>
+// kMma (BLOSSOM_OPS_CUDA_SHORT_DKDV=mma; NOT YET RUN ON A GPU when written, 2026-11-27):
+// the per-step products FlashAttention-2 style on mma.sync instead of wmma through shared
+// memory. Warp w owns keys [16 w, 16 w + 16) of the tile: S^T = K Q^T and dP^T = V dO^T per
+// 32-row half as n8 tiles of query rows in registers (lane (gid, tig): keys 16 w + gid and
+// + 8, rows 8 nt + 2 tig + {0, 1}), each element's row data read from sRd, and dS^T and
+// (a P_sel + b P_win)^T are directly the A fragments of dK += dS^T Q and dV += (..)^T dO
+// (Q, dO through ldmatrix.trans). Loading, staging and the cluster reduction are shared.
+template <typename T, int D, bool kMma>
 __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registers
     short_dkdv_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_ktiles,
                       int nsplit, float sl2, const float* __restrict__ ws) {
@@ -1169,6 +1271,11 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
     wm::fill_fragment(acc_k[f], 0.f);
     wm::fill_fragment(acc_v[f], 0.f);
   }
+  float mk[D / 8][4], mv[D / 8][4];  // kMma accumulators: keys (rows) x head dims, C layout
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mk[n][e] = mv[n][e] = 0.f;
 
   // Queries below k0 see no key of this tile when causal.
   const int first = m.causal ? k0 : 0;
@@ -1190,6 +1297,11 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (kMma) {
+      dkdv_step_mma<T, D>(sK, sV, sQ, sDO, sRd, sl2, mk, mv);
+      __syncthreads();  // sQ, sDO, sRd are rewritten by the next step
+      continue;
+    }
     {
       const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
       const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
@@ -1237,8 +1349,20 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   cp_async_wait<0>();  // K/V copies of a CTA that walked no query step
   __syncthreads();
 
-  stage<D>(sSk, acc_k, warp);
-  stage<D>(sSv, acc_v, warp);
+  if constexpr (kMma) {
+    const int lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int off = (warp * 16 + gid + 8 * (e >> 1)) * Ly::kLdO + 8 * n + 2 * tig + (e & 1);
+        sSk[off] = mk[n][e];
+        sSv[off] = mv[n][e];
+      }
+  } else {
+    stage<D>(sSk, acc_k, warp);
+    stage<D>(sSv, acc_v, warp);
+  }
   __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -1417,7 +1541,11 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
     check_launch("blossom_short_bwd (dq)");
   }
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
-  auto dkdv = short_dkdv_kernel<T, D>;
+  static const bool dkdv_mma = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DKDV");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  auto dkdv = dkdv_mma ? short_dkdv_kernel<T, D, true> : short_dkdv_kernel<T, D, false>;
   const int bytes = Lay<D>::kDkdvBytes;
   with_smem(dkdv, bytes);
   const int nsplit = dkdv_split(static_cast<int>(p.shape.q_len), QT, n_ktiles, bg, m.causal);
