@@ -76,10 +76,13 @@
 #include <mma.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/blossom_short.h"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/mma_frag.cuh"
 
 namespace blossom {
 namespace gpu {
@@ -554,51 +557,240 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ------------------------------------------------------------------------- backward: dQ
+// ------------------------------------------------------------------------- forward (mma.sync)
+// The same forward, FlashAttention-2 style: S, P_sel and P_win never leave registers.
+// Warp w owns rows [16 w, 16 w + 16) (Q as A fragments from shared memory); per 64-key chunk,
+// S = Q K^T is 8 n8 tiles of m16n8k16 (K rows as B through ldmatrix), lane (gid, tig) holds
+// rows 16 w + gid and + 8 at columns 8 nt + 2 tig + {0, 1}; a row's max and sum are
+// butterflies over its 4 lanes (xor 1, 2). The probabilities of two adjacent n8 tiles are
+// exactly the A fragment of the next k16 step of P V (V through ldmatrix.trans), so there is
+// no P tile and no row table. K and V are double-buffered (chunk c + 1 is copied while c is
+// computed). The outputs leave straight from the accumulators as 16-bit pairs.
+// Selected by BLOSSOM_OPS_CUDA_SHORT_FWD=mma (A/B against short_fwd_kernel); NOT YET RUN ON
+// A GPU when written (2026-11-27): test with benchmarks/check_short_gpu.py before trusting it.
+template <int D>
+struct FwdMmaLay {
+  static constexpr int kTile = Lay<D>::kTile;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kTile;          // [2] buffers
+  static constexpr int kV = 3 * kTile;      // [2] buffers
+  static constexpr int kBits = 5 * kTile;   // masks of every key chunk
+  static constexpr int kVw = kBits + Lay<D>::kBits;
+  static constexpr int kBytes = kVw + Lay<D>::kVw;
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 3)
-    short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
-                    float sl2, float* __restrict__ ws) {
+    short_fwd_mma_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT,
+                         int n_tiles, float sl2) {
   using E = typename TcElem<T>::type;
-  using Ly = Lay<D>;
+  using Ly = FwdMmaLay<D>;
+  constexpr int ld = Lay<D>::kLdH;
+  constexpr int KD = D / 16;       // k16 steps of S = Q K^T
+  constexpr int ND = D / 8;        // n8 tiles of a D-wide output row
+  constexpr int NH = kHalf / 8;    // n8 tiles of a 32-key half chunk
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem sm{smem_raw};
-  E* sQ = sm.at<E>(0);
-  E* sDO = sm.at<E>(Ly::kTile);
-  E* sK = sm.at<E>(2 * Ly::kTile);
-  E* sV = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
-  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
-  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
-  uint64_t* sBits = sm.at<uint64_t>(small);
-  float* sRow = sm.at<float>(small + Ly::kBits);
-  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
+  E* sQ = sm.at<E>(Ly::kQ);
+  uint64_t* sBits = sm.at<uint64_t>(Ly::kBits);
+  unsigned* sVw = sm.at<unsigned>(Ly::kVw);
 
-  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gid = lane >> 2, tig = lane & 3;
   const int tile = blockIdx.x % n_tiles;
   const int64_t bg = blockIdx.x / n_tiles;
   const int Hk = static_cast<int>(p.shape.kv_heads);
   const int g = static_cast<int>(bg % Hk);
   const int64_t b = bg / Hk;
   const int L = m.L;
-  const int64_t Hq = p.shape.q_heads;
   const int q0 = tile * QT;
   const int q_end = q0 + QT < L ? q0 + QT : L;
   const int key_end = m.causal ? q_end : L;
   const int n_chunks = (key_end + kKeys - 1) / kKeys;
-  // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
-  const int nc_all = (L + kKeys - 1) / kKeys;
+  auto kbuf = [&](int c) { return sm.at<E>(Ly::kK + (c & 1) * Ly::kTile); };
+  auto vbuf = [&](int c) { return sm.at<E>(Ly::kV + (c & 1) * Ly::kTile); };
+  auto load_chunk = [&](int c) {
+    load_rows<D>(kbuf(c), [&](int r) { return key_ptr(p.k, m, b, c * kKeys + r, g); });
+    load_rows<D>(vbuf(c), [&](int r) { return key_ptr(p.v, m, b, c * kKeys + r, g); });
+  };
 
   load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
-  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
-  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
-  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
+  if (n_chunks > 0) load_chunk(0);
   cp_async_commit();
+  build_bits(m, b, g, G, QT, q0, n_chunks, sVw, sBits);
 
-  // Per-row gate, deltas and grad_gate (one thread per row, straight from global memory,
-  // like gate_fusion's backward: rowsum over every live row, valid or not).
+  // Lane roles of the ldmatrix addresses (see mma_frag.cuh): A rows / B rows of K (keys x
+  // dims, non-transposed) and B rows of V (keys x dims, transposed).
+  const int a_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int kb_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const int vb_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int r0 = warp * 16 + gid;  // this lane's rows: r0 and r0 + 8
+
+  float os[ND][4], ow[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) os[n][e] = ow[n][e] = 0.f;
+  float ms[2] = {-INFINITY, -INFINITY}, mw[2] = {-INFINITY, -INFINITY};  // log2 domain
+  float ls[2] = {0.f, 0.f}, lw[2] = {0.f, 0.f};  // this lane's partial sums
+
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      load_chunk(c + 1);  // into the buffers chunk c - 1 used (released by the last sync)
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // chunk c (and Q) landed for every thread; masks visible
+    const E* sK = kbuf(c);
+    const E* sV = vbuf(c);
+    const uint64_t* bc = sBits + 2 * c * kRows;
+    // Two online-softmax steps of 32 keys per chunk: half the score registers of one
+    // 64-key step (at D = 64 the whole chunk's S pushed the kernel into spills). Not
+    // unrolled, for the same reason.
+#pragma unroll 1
+    for (int hk = 0; hk < 2; ++hk) {
+      float s[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // Q fragments re-read from shared memory per k step rather than held in registers.
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t qa[4];
+        ldmatrix_x4(qa, sQ + warp * 16 * ld + kk * 16 + a_off);
+#pragma unroll
+        for (int np = 0; np < NH / 2; ++np) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, sK + (hk * kHalf + np * 16) * ld + kk * 16 + kb_off);
+          mma16816<E>(s[2 * np], qa, bf[0], bf[1]);
+          mma16816<E>(s[2 * np + 1], qa, bf[2], bf[3]);
+        }
+      }
+      // Masks of rows r0 (j = 0) and r0 + 8 (j = 1) over this half; bit 8 nt + e & 1 is
+      // column 8 nt + 2 tig + (e & 1) of the half.
+      const int sh = hk * kHalf + 2 * tig;
+      const uint32_t bsel[2] = {static_cast<uint32_t>(bc[r0] >> sh),
+                                static_cast<uint32_t>(bc[r0 + 8] >> sh)};
+      const uint32_t bwin[2] = {static_cast<uint32_t>(bc[kRows + r0] >> sh),
+                                static_cast<uint32_t>(bc[kRows + r0 + 8] >> sh)};
+      float cs[2] = {-INFINITY, -INFINITY}, cw[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = e >> 1, bit = 8 * nt + (e & 1);
+          const float x = s[nt][e] * sl2;
+          s[nt][e] = x;
+          if ((bsel[j] >> bit) & 1u) cs[j] = fmaxf(cs[j], x);
+          if ((bwin[j] >> bit) & 1u) cw[j] = fmaxf(cw[j], x);
+        }
+      float as[2], aw[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+          cs[j] = fmaxf(cs[j], __shfl_xor_sync(kFullMask, cs[j], o));
+          cw[j] = fmaxf(cw[j], __shfl_xor_sync(kFullMask, cw[j], o));
+        }
+        const float ns = fmaxf(ms[j], cs[j]), nw = fmaxf(mw[j], cw[j]);
+        // Still no key: nothing accumulated yet, keep factor 1 (exp2(-inf - -inf) is NaN).
+        as[j] = ns == -INFINITY ? 1.f : exp2f(ms[j] - ns);
+        aw[j] = nw == -INFINITY ? 1.f : exp2f(mw[j] - nw);
+        ms[j] = ns;
+        mw[j] = nw;
+        ls[j] *= as[j];
+        lw[j] *= aw[j];
+      }
+#pragma unroll
+      for (int n = 0; n < ND; ++n) {
+        os[n][0] *= as[0];
+        os[n][1] *= as[0];
+        os[n][2] *= as[1];
+        os[n][3] *= as[1];
+        ow[n][0] *= aw[0];
+        ow[n][1] *= aw[0];
+        ow[n][2] *= aw[1];
+        ow[n][3] *= aw[1];
+      }
+      // P V per k16 step: the probabilities of n8 tiles 2 k and 2 k + 1 are its A fragment
+      // (masked entries exactly 0).
+#pragma unroll
+      for (int k = 0; k < NH / 2; ++k) {
+        uint32_t as4[4], aw4[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int bit = 8 * (2 * k + h);
+            const float* x = &s[2 * k + h][2 * j];
+            const float p0 = ((bsel[j] >> bit) & 1u) ? exp2f(x[0] - ms[j]) : 0.f;
+            const float p1 = ((bsel[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - ms[j]) : 0.f;
+            const float w0 = ((bwin[j] >> bit) & 1u) ? exp2f(x[0] - mw[j]) : 0.f;
+            const float w1 = ((bwin[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - mw[j]) : 0.f;
+            ls[j] += p0 + p1;
+            lw[j] += w0 + w1;
+            as4[2 * h + j] = pack2<E>(p0, p1);
+            aw4[2 * h + j] = pack2<E>(w0, w1);
+          }
+#pragma unroll
+        for (int dp = 0; dp < ND / 2; ++dp) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, sV + (hk * kHalf + k * 16) * ld + dp * 16 + vb_off);
+          mma16816<E>(os[2 * dp], as4, vb[0], vb[1]);
+          mma16816<E>(os[2 * dp + 1], as4, vb[2], vb[3]);
+          mma16816<E>(ow[2 * dp], aw4, vb[0], vb[1]);
+          mma16816<E>(ow[2 * dp + 1], aw4, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with chunk c's buffers before they are refilled
+  }
+
+  // Row sums over the 4 lanes of a row (fixed butterfly), normalise, write.
+  const int64_t Hq = p.shape.q_heads;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      ls[j] += __shfl_xor_sync(kFullMask, ls[j], o);
+      lw[j] += __shfl_xor_sync(kFullMask, lw[j], o);
+    }
+    const RowId id = row_id(m, b, g, G, QT, q0, r0 + 8 * j);
+    if (!id.live) continue;
+    const float is = ls[j] > 0.f ? 1.f / ls[j] : 0.f, iw = lw[j] > 0.f ? 1.f / lw[j] : 0.f;
+    const T* gl = p.gate.at(b, id.i, id.h);
+    const float ga = sigmoidf(to_float(gl[0])), gb = sigmoidf(to_float(gl[1]));
+    const int64_t row = (b * L + id.i) * Hq + id.h;
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+      const float s0 = os[n][2 * j] * is, s1 = os[n][2 * j + 1] * is;
+      const float w0 = ow[n][2 * j] * iw, w1 = ow[n][2 * j + 1] * iw;
+      const int64_t off = row * D + 8 * n + 2 * tig;
+      *reinterpret_cast<uint32_t*>(p.o_sel + off) = pack2<E>(s0, s1);
+      *reinterpret_cast<uint32_t*>(p.o_win + off) = pack2<E>(w0, w1);
+      *reinterpret_cast<uint32_t*>(p.out + off) = pack2<E>(ga * s0 + gb * w0, ga * s1 + gb * w1);
+    }
+    if (tig == 0) {
+      p.lse_sel[row] = ms[j] == -INFINITY ? -INFINITY : (ms[j] + log2f(ls[j])) * kLn2;
+      p.lse_win[row] = mw[j] == -INFINITY ? -INFINITY : (mw[j] + log2f(lw[j])) * kLn2;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- backward: dQ
+// dQ prologue shared by both dQ kernels: per-row gate, deltas and grad_gate (one thread per
+// row, straight from global memory, like gate_fusion's backward: rowsum over every live row,
+// valid or not) into sRow and the workspace; every chunk's masks into sBits and the
+// workspace. Ends with a __syncthreads (sRow and sBits visible).
+template <typename T, int D>
+__device__ __forceinline__ void dq_rows_and_masks(const ShortBwdParams<T>& p, const ShortMask& m,
+                                                  int64_t b, int g, int G, int QT, int q0,
+                                                  int nc_all, float* __restrict__ ws,
+                                                  float* sRow, unsigned* sVw, uint64_t* sBits) {
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int tid = threadIdx.x;
   if (tid < kRows) {
     const RowId id = row_id(m, b, g, G, QT, q0, tid);
     float ga = 0.f, gb = 0.f, dsel = 0.f, dwin = 0.f, l2s = -INFINITY, l2w = -INFINITY;
@@ -652,6 +844,51 @@ __global__ void __launch_bounds__(kThreads, 3)
     ulonglong2* wb = reinterpret_cast<ulonglong2*>(ws + ((b * L + id.i) * Hq + id.h) * kWsFloats + 8);
     wb[c] = make_ulonglong2(bs, bw);
   }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 3)
+    short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
+                    float sl2, float* __restrict__ ws) {
+  using E = typename TcElem<T>::type;
+  using Ly = Lay<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(0);
+  E* sDO = sm.at<E>(Ly::kTile);
+  E* sK = sm.at<E>(2 * Ly::kTile);
+  E* sV = sm.at<E>(3 * Ly::kTile);
+  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
+  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
+  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
+  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
+  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
+  uint64_t* sBits = sm.at<uint64_t>(small);
+  float* sRow = sm.at<float>(small + Ly::kBits);
+  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+  // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
+  const int nc_all = (L + kKeys - 1) / kKeys;
+
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
+  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
+  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
+  cp_async_commit();
+
+  dq_rows_and_masks<T, D>(p, m, b, g, G, QT, q0, nc_all, ws, sRow, sVw, sBits);
 
   const Ew ew = ew_role();
   FragC acc[D / 16];
@@ -718,13 +955,279 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
+
+// The same dQ, FlashAttention-2 style (see short_fwd_mma_kernel): per 32-key half, S = Q K^T
+// and dP = dO V^T as n8 tiles in registers, dS from the row data, and dS as the A fragment
+// of dQ += dS K (K through ldmatrix.trans). K and V double-buffered. Selected by
+// BLOSSOM_OPS_CUDA_SHORT_DQ=mma; NOT YET RUN ON A GPU when written (2026-11-27).
+template <int D>
+struct DqMmaLay {
+  static constexpr int kTile = Lay<D>::kTile;
+  static constexpr int kK = 2 * kTile;                     // Q, dO, then K[2], V[2]
+  static constexpr int kV = 4 * kTile;
+  static constexpr int kBits = 6 * kTile;
+  static constexpr int kRow = kBits + Lay<D>::kBits;
+  static constexpr int kVw = kRow + Lay<D>::kRowF;
+  static constexpr int kBytes = kVw + Lay<D>::kVw;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 3)
+    short_dq_mma_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT,
+                        int n_tiles, float sl2, float* __restrict__ ws) {
+  using E = typename TcElem<T>::type;
+  using Ly = DqMmaLay<D>;
+  constexpr int ld = Lay<D>::kLdH;
+  constexpr int KD = D / 16, ND = D / 8, NH = kHalf / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm{smem_raw};
+  E* sQ = sm.at<E>(0);
+  E* sDO = sm.at<E>(Lay<D>::kTile);
+  uint64_t* sBits = sm.at<uint64_t>(Ly::kBits);
+  float* sRow = sm.at<float>(Ly::kRow);
+  unsigned* sVw = sm.at<unsigned>(Ly::kVw);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile = blockIdx.x % n_tiles;
+  const int64_t bg = blockIdx.x / n_tiles;
+  const int Hk = static_cast<int>(p.shape.kv_heads);
+  const int g = static_cast<int>(bg % Hk);
+  const int64_t b = bg / Hk;
+  const int L = m.L;
+  const int64_t Hq = p.shape.q_heads;
+  const int q0 = tile * QT;
+  const int q_end = q0 + QT < L ? q0 + QT : L;
+  const int key_end = m.causal ? q_end : L;
+  const int n_chunks = (key_end + kKeys - 1) / kKeys;
+  const int nc_all = (L + kKeys - 1) / kKeys;  // the dK/dV kernel reads every chunk's masks
+  auto kbuf = [&](int c) { return sm.at<E>(Ly::kK + (c & 1) * Ly::kTile); };
+  auto vbuf = [&](int c) { return sm.at<E>(Ly::kV + (c & 1) * Ly::kTile); };
+  auto load_chunk = [&](int c) {
+    load_rows<D>(kbuf(c), [&](int r) { return key_ptr(p.k, m, b, c * kKeys + r, g); });
+    load_rows<D>(vbuf(c), [&](int r) { return key_ptr(p.v, m, b, c * kKeys + r, g); });
+  };
+
+  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
+  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
+  if (n_chunks > 0) load_chunk(0);
+  cp_async_commit();
+  dq_rows_and_masks<T, D>(p, m, b, g, G, QT, q0, nc_all, ws, sRow, sVw, sBits);
+
+  const int a_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int kb_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const int kt_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int r0 = warp * 16 + gid;  // this lane's rows: r0 and r0 + 8
+  float ga[2], gb[2], dsel[2], dwin[2], l2s[2], l2w[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int r = r0 + 8 * j;
+    ga[j] = sRow[r];
+    gb[j] = sRow[kRows + r];
+    dsel[j] = sRow[2 * kRows + r];
+    dwin[j] = sRow[3 * kRows + r];
+    l2s[j] = sRow[4 * kRows + r];
+    l2w[j] = sRow[5 * kRows + r];
+  }
+  float dq[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      load_chunk(c + 1);  // into the buffers chunk c - 1 used (released by the last sync)
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // chunk c (and Q, dO) landed for every thread
+    const E* sK = kbuf(c);
+    const E* sV = vbuf(c);
+    const uint64_t* bc = sBits + 2 * c * kRows;
+#pragma unroll 1
+    for (int hk = 0; hk < 2; ++hk) {
+      float sc[NH][4], dp[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t qa[4], oa[4];
+        ldmatrix_x4(qa, sQ + warp * 16 * ld + kk * 16 + a_off);
+        ldmatrix_x4(oa, sDO + warp * 16 * ld + kk * 16 + a_off);
+#pragma unroll
+        for (int np = 0; np < NH / 2; ++np) {
+          uint32_t kf[4], vf[4];
+          ldmatrix_x4(kf, sK + (hk * kHalf + np * 16) * ld + kk * 16 + kb_off);
+          ldmatrix_x4(vf, sV + (hk * kHalf + np * 16) * ld + kk * 16 + kb_off);
+          mma16816<E>(sc[2 * np], qa, kf[0], kf[1]);
+          mma16816<E>(sc[2 * np + 1], qa, kf[2], kf[3]);
+          mma16816<E>(dp[2 * np], oa, vf[0], vf[1]);
+          mma16816<E>(dp[2 * np + 1], oa, vf[2], vf[3]);
+        }
+      }
+      const int sh = hk * kHalf + 2 * tig;
+      const uint32_t bsel[2] = {static_cast<uint32_t>(bc[r0] >> sh),
+                                static_cast<uint32_t>(bc[r0 + 8] >> sh)};
+      const uint32_t bwin[2] = {static_cast<uint32_t>(bc[kRows + r0] >> sh),
+                                static_cast<uint32_t>(bc[kRows + r0 + 8] >> sh)};
+      // dS = P_sel (a dP - delta_sel) + P_win (b dP - delta_win), exactly 0 off both masks;
+      // tiles 2 k and 2 k + 1 form the A fragment of k16 step k of dQ += dS K.
+#pragma unroll
+      for (int k = 0; k < NH / 2; ++k) {
+        uint32_t da[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float d2[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              const int e = 2 * j + u, bit = 8 * (2 * k + h) + u;
+              const float x = sc[2 * k + h][e] * sl2, dpv = dp[2 * k + h][e];
+              float ds = 0.f;
+              if ((bsel[j] >> bit) & 1u) ds += exp2f(x - l2s[j]) * (ga[j] * dpv - dsel[j]);
+              if ((bwin[j] >> bit) & 1u) ds += exp2f(x - l2w[j]) * (gb[j] * dpv - dwin[j]);
+              d2[u] = ds;
+            }
+            da[2 * h + j] = pack2<E>(d2[0], d2[1]);
+          }
+#pragma unroll
+        for (int dpair = 0; dpair < ND / 2; ++dpair) {
+          uint32_t kb[4];
+          ldmatrix_x4_trans(kb, sK + (hk * kHalf + k * 16) * ld + dpair * 16 + kt_off);
+          mma16816<E>(dq[2 * dpair], da, kb[0], kb[1]);
+          mma16816<E>(dq[2 * dpair + 1], da, kb[2], kb[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with chunk c's buffers before they are refilled
+  }
+
+  const float scale = static_cast<float>(p.shape.scale);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const RowId id = row_id(m, b, g, G, QT, q0, r0 + 8 * j);
+    if (!id.live) continue;
+    const int64_t row = (b * L + id.i) * Hq + id.h;
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+      *reinterpret_cast<uint32_t*>(p.grad_q + row * D + 8 * n + 2 * tig) =
+          pack2<E>(scale * dq[n][2 * j], scale * dq[n][2 * j + 1]);
+  }
+}
+
 // ------------------------------------------------------------------------- backward: dK/dV
+// One query step of short_dkdv_kernel<.., kMma = true> (see there): dK (mk) and dV (mv)
+// of warp w's 16 keys += the products with this step's 64 query rows.
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK,
+                                              const typename TcElem<T>::type* sV,
+                                              const typename TcElem<T>::type* sQ,
+                                              const typename TcElem<T>::type* sDO,
+                                              const float* sRd, float sl2, float (&mk)[D / 8][4],
+                                              float (&mv)[D / 8][4]) {
+  using E = typename TcElem<T>::type;
+  constexpr int ld = Lay<D>::kLdH;
+  constexpr int KD = D / 16, ND = D / 8, NH = kHalf / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int a_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int b_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const int t_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
+  const int key0 = warp * 16 + gid;  // this lane's keys (in the tile): key0 and key0 + 8
+#pragma unroll 1
+  for (int hr = 0; hr < 2; ++hr) {  // 32 query rows at a time
+    float st[NH][4], dpt[NH][4];
+#pragma unroll
+    for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t ka[4], va[4];
+      ldmatrix_x4(ka, sK + warp * 16 * ld + kk * 16 + a_off);
+      ldmatrix_x4(va, sV + warp * 16 * ld + kk * 16 + a_off);
+#pragma unroll
+      for (int np = 0; np < NH / 2; ++np) {
+        uint32_t qf[4], of[4];
+        ldmatrix_x4(qf, sQ + (hr * kHalf + np * 16) * ld + kk * 16 + b_off);
+        ldmatrix_x4(of, sDO + (hr * kHalf + np * 16) * ld + kk * 16 + b_off);
+        mma16816<E>(st[2 * np], ka, qf[0], qf[1]);
+        mma16816<E>(st[2 * np + 1], ka, qf[2], qf[3]);
+        mma16816<E>(dpt[2 * np], va, of[0], of[1]);
+        mma16816<E>(dpt[2 * np + 1], va, of[2], of[3]);
+      }
+    }
+    // dS^T and (a P_sel + b P_win)^T; tiles 2 k and 2 k + 1 are the A fragment of k16 step k.
+#pragma unroll
+    for (int k = 0; k < NH / 2; ++k) {
+      uint32_t da[4], ca[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float ds[4], pc[4];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int r = hr * kHalf + 8 * (2 * k + h) + 2 * tig + u;  // query row of the step
+          const float* rd = sRd + r * kRowD;
+          const float4 r0 = *reinterpret_cast<const float4*>(rd);      // a, b, dsel, dwin
+          const float2 r1 = *reinterpret_cast<const float2*>(rd + 4);  // lse2 sel, win
+          const uint64_t* rb = reinterpret_cast<const uint64_t*>(rd + 8);
+          const uint64_t bs = rb[0], bw = rb[1];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int e = 2 * j + u, key = key0 + 8 * j;
+            const float x = st[2 * k + h][e] * sl2, dp = dpt[2 * k + h][e];
+            float d = 0.f, c = 0.f;
+            if ((bs >> key) & 1ull) {
+              const float ps = exp2f(x - r1.x);
+              d += ps * (r0.x * dp - r0.z);
+              c += r0.x * ps;
+            }
+            if ((bw >> key) & 1ull) {
+              const float pw = exp2f(x - r1.y);
+              d += pw * (r0.y * dp - r0.w);
+              c += r0.y * pw;
+            }
+            ds[e] = d;
+            pc[e] = c;
+          }
+        }
+        da[2 * h] = pack2<E>(ds[0], ds[1]);
+        da[2 * h + 1] = pack2<E>(ds[2], ds[3]);
+        ca[2 * h] = pack2<E>(pc[0], pc[1]);
+        ca[2 * h + 1] = pack2<E>(pc[2], pc[3]);
+      }
+#pragma unroll
+      for (int dp2 = 0; dp2 < ND / 2; ++dp2) {
+        uint32_t qb[4], ob[4];
+        ldmatrix_x4_trans(qb, sQ + (hr * kHalf + k * 16) * ld + dp2 * 16 + t_off);
+        ldmatrix_x4_trans(ob, sDO + (hr * kHalf + k * 16) * ld + dp2 * 16 + t_off);
+        mma16816<E>(mk[2 * dp2], da, qb[0], qb[1]);
+        mma16816<E>(mk[2 * dp2 + 1], da, qb[2], qb[3]);
+        mma16816<E>(mv[2 * dp2], ca, ob[0], ob[1]);
+        mma16816<E>(mv[2 * dp2 + 1], ca, ob[2], ob[3]);
+      }
+    }
+  }
+}
+
+
 // CTA (b, g, key tile, split s of nsplit): the query steps q0 = first + t QT of the key
 // tile with t % nsplit == s. The nsplit CTAs of a key tile form one thread-block cluster
 // (sm_90); each stages its fp32 partial dK, dV in its own shared memory and, after a
 // cluster barrier, CTA s sums the rows r % nsplit == s over the ranks 0, 1, .., nsplit - 1
 // in that order (distributed shared memory): deterministic, no atomics, no global partials.
-template <typename T, int D>
+// kMma (BLOSSOM_OPS_CUDA_SHORT_DKDV=mma; NOT YET RUN ON A GPU when written, 2026-11-27):
+// the per-step products FlashAttention-2 style on mma.sync instead of wmma through shared
+// memory. Warp w owns keys [16 w, 16 w + 16) of the tile: S^T = K Q^T and dP^T = V dO^T per
+// 32-row half as n8 tiles of query rows in registers (lane (gid, tig): keys 16 w + gid and
+// + 8, rows 8 nt + 2 tig + {0, 1}), each element's row data read from sRd, and dS^T and
+// (a P_sel + b P_win)^T are directly the A fragments of dK += dS^T Q and dV += (..)^T dO
+// (Q, dO through ldmatrix.trans). Loading, staging and the cluster reduction are shared.
+template <typename T, int D, bool kMma>
 __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registers
     short_dkdv_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_ktiles,
                       int nsplit, float sl2, const float* __restrict__ ws) {
@@ -768,6 +1271,11 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
     wm::fill_fragment(acc_k[f], 0.f);
     wm::fill_fragment(acc_v[f], 0.f);
   }
+  float mk[D / 8][4], mv[D / 8][4];  // kMma accumulators: keys (rows) x head dims, C layout
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mk[n][e] = mv[n][e] = 0.f;
 
   // Queries below k0 see no key of this tile when causal.
   const int first = m.causal ? k0 : 0;
@@ -789,6 +1297,11 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (kMma) {
+      dkdv_step_mma<T, D>(sK, sV, sQ, sDO, sRd, sl2, mk, mv);
+      __syncthreads();  // sQ, sDO, sRd are rewritten by the next step
+      continue;
+    }
     {
       const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
       const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
@@ -836,8 +1349,20 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   cp_async_wait<0>();  // K/V copies of a CTA that walked no query step
   __syncthreads();
 
-  stage<D>(sSk, acc_k, warp);
-  stage<D>(sSv, acc_v, warp);
+  if constexpr (kMma) {
+    const int lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int off = (warp * 16 + gid + 8 * (e >> 1)) * Ly::kLdO + 8 * n + 2 * tig + (e & 1);
+        sSk[off] = mk[n][e];
+        sSv[off] = mv[n][e];
+      }
+  } else {
+    stage<D>(sSk, acc_k, warp);
+    stage<D>(sSv, acc_v, warp);
+  }
   __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -920,6 +1445,18 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   const int n_tiles = static_cast<int>((p.shape.q_len + QT - 1) / QT);
   const int64_t ctas = p.shape.batch * p.shape.kv_heads * n_tiles;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
+  static const bool use_mma = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_FWD");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  if (use_mma) {
+    auto kernel = short_fwd_mma_kernel<T, D>;
+    with_smem(kernel, FwdMmaLay<D>::kBytes);
+    kernel<<<static_cast<unsigned>(ctas), kThreads, FwdMmaLay<D>::kBytes, stream>>>(
+        p, m, G, QT, n_tiles, sl2);
+    check_launch("blossom_short_fwd (mma)");
+    return;
+  }
   auto kernel = short_fwd_kernel<T, D>;
   with_smem(kernel, Lay<D>::kFwdBytes);
   kernel<<<static_cast<unsigned>(ctas), kThreads, Lay<D>::kFwdBytes, stream>>>(p, m, G, QT, n_tiles,
@@ -986,13 +1523,29 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   const int n_ktiles = static_cast<int>((p.shape.q_len + kKeys - 1) / kKeys);
   const int64_t bg = p.shape.batch * p.shape.kv_heads;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
-  auto dq = short_dq_kernel<T, D>;
-  with_smem(dq, Lay<D>::kDqBytes);
-  dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(p, m, G, QT,
-                                                                                 n_tiles, sl2, ws);
-  check_launch("blossom_short_bwd (dq)");
+  static const bool dq_mma = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DQ");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  if (dq_mma) {
+    auto dq = short_dq_mma_kernel<T, D>;
+    with_smem(dq, DqMmaLay<D>::kBytes);
+    dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, DqMmaLay<D>::kBytes, stream>>>(
+        p, m, G, QT, n_tiles, sl2, ws);
+    check_launch("blossom_short_bwd (dq, mma)");
+  } else {
+    auto dq = short_dq_kernel<T, D>;
+    with_smem(dq, Lay<D>::kDqBytes);
+    dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(
+        p, m, G, QT, n_tiles, sl2, ws);
+    check_launch("blossom_short_bwd (dq)");
+  }
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
-  auto dkdv = short_dkdv_kernel<T, D>;
+  static const bool dkdv_mma = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DKDV");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  auto dkdv = dkdv_mma ? short_dkdv_kernel<T, D, true> : short_dkdv_kernel<T, D, false>;
   const int bytes = Lay<D>::kDkdvBytes;
   with_smem(dkdv, bytes);
   const int nsplit = dkdv_split(static_cast<int>(p.shape.q_len), QT, n_ktiles, bg, m.causal);
