@@ -214,6 +214,25 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   }
 }
 
+// Warp -> (b, query i, KV group g, first head h0) of the staged kernels; false past the
+// last warp. 32-bit division: stage_grid keeps the warp count below 2^32, and each 64-bit
+// division is a ~70-instruction call (four of them were ~10% of a block-sparse forward warp).
+template <int HPW>
+__device__ __forceinline__ bool stage_coords(const AttnShape& s, int wib, int64_t& b, int64_t& i,
+                                             int64_t& g, int64_t& h0) {
+  const uint32_t G = static_cast<uint32_t>(s.q_heads) / static_cast<uint32_t>(s.kv_heads);
+  const uint32_t chunks = G / HPW, hcs = static_cast<uint32_t>(s.kv_heads) * chunks;
+  const uint32_t L = static_cast<uint32_t>(s.q_len);
+  const uint32_t warp = blockIdx.x * kStageWarps + static_cast<uint32_t>(wib);
+  if (static_cast<int64_t>(warp) >= s.batch * hcs * s.q_len) return false;
+  const uint32_t rest = warp / L, hc = rest % hcs;
+  i = warp - rest * L;
+  b = rest / hcs;
+  g = hc / chunks;
+  h0 = static_cast<int64_t>(g) * G + (hc - static_cast<uint32_t>(g) * chunks) * HPW;
+  return true;
+}
+
 // Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
 // dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
 template <int D, bool DQ>
@@ -233,16 +252,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
-  const int64_t L = s.q_len, Hq = s.q_heads, Hk = s.kv_heads;
-  const int64_t G = Hq / Hk, chunks = G / HPW;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kStageWarps + wib;
-  if (warp >= s.batch * Hk * chunks * L) return;  // uniform per warp
-  const int64_t i = warp % L;
-  const int64_t rest = warp / L;
-  const int64_t hc = rest % (Hk * chunks);
-  const int64_t b = rest / (Hk * chunks);
-  const int64_t g = hc / chunks;
-  const int64_t h0 = g * G + (hc % chunks) * HPW;
+  const int64_t L = s.q_len, Hq = s.q_heads;
+  int64_t b, i, g, h0;
+  if (!stage_coords<HPW>(s, wib, b, i, g, h0)) return;  // uniform per warp
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
   TcWarp<T, C, Policy> w;
@@ -380,16 +392,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
-  const int64_t L = s.q_len, Hq = s.q_heads, Hk = s.kv_heads;
-  const int64_t G = Hq / Hk, chunks = G / HPW;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kStageWarps + wib;
-  if (warp >= s.batch * Hk * chunks * L) return;
-  const int64_t i = warp % L;
-  const int64_t rest = warp / L;
-  const int64_t hc = rest % (Hk * chunks);
-  const int64_t b = rest / (Hk * chunks);
-  const int64_t g = hc / chunks;
-  const int64_t h0 = g * G + (hc % chunks) * HPW;
+  const int64_t L = s.q_len, Hq = s.q_heads;
+  int64_t b, i, g, h0;
+  if (!stage_coords<HPW>(s, wib, b, i, g, h0)) return;  // uniform per warp
   const int64_t row = (b * L + i) * Hq + h0;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
