@@ -52,10 +52,7 @@ for step in $STEPS; do
       run_step check_short "$OUT/check.log" python3 benchmarks/check_short_gpu.py --quick --no-time
       run_step check_short_split2 "$OUT/check.log" env BLOSSOM_OPS_CUDA_SHORT_SPLIT=2 \
         python3 benchmarks/check_short_gpu.py --quick --no-time
-      # The mma.sync versions of the three short-path kernels (opt-in while unproven).
-      run_step check_short_mma "$OUT/check.log" env BLOSSOM_OPS_CUDA_SHORT_FWD=mma \
-        BLOSSOM_OPS_CUDA_SHORT_DQ=mma BLOSSOM_OPS_CUDA_SHORT_DKDV=mma \
-        python3 benchmarks/check_short_gpu.py --quick --no-time
+
       ;;
     tests)
       if [ -d tests ]; then

@@ -1447,7 +1447,7 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
   static const bool use_mma = [] {
     const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_FWD");
-    return e != nullptr && std::strcmp(e, "mma") == 0;
+    return e == nullptr || std::strcmp(e, "wmma") != 0;
   }();
   if (use_mma) {
     auto kernel = short_fwd_mma_kernel<T, D>;
@@ -1525,7 +1525,7 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
   static const bool dq_mma = [] {
     const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DQ");
-    return e != nullptr && std::strcmp(e, "mma") == 0;
+    return e == nullptr || std::strcmp(e, "wmma") != 0;
   }();
   if (dq_mma) {
     auto dq = short_dq_mma_kernel<T, D>;
@@ -1543,7 +1543,7 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
   static const bool dkdv_mma = [] {
     const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DKDV");
-    return e != nullptr && std::strcmp(e, "mma") == 0;
+    return e == nullptr || std::strcmp(e, "wmma") != 0;
   }();
   auto dkdv = dkdv_mma ? short_dkdv_kernel<T, D, true> : short_dkdv_kernel<T, D, false>;
   const int bytes = Lay<D>::kDkdvBytes;
