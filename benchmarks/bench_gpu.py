@@ -10,11 +10,14 @@ triton.testing.do_bench. Peers:
     power-of-two offsets (one softmax over the union; the indices are given, not computed).
     Block-mask construction is not timed.
 Ours includes everything: compression, selection, both branches and the gate.
+Up to --graph-max-len (1024) the fwd+bwd step of ours and of SDPA is also captured in a CUDA
+graph and replayed ("graph" rows): GPU time alone, since short eager steps are bound by the
+host, whose speed differs between machines.
 "GB/s" is the ideal traffic (each input read once, each output written once) over the
 time, and "%bw" compares it to a measured device-to-device copy bandwidth.
 
 Usage: python3 benchmarks/bench_gpu.py [--out DIR] [--lengths 50,200] [--dims 16,64]
-       [--no-flex] [--flex-min-len 1024] [--breakdown]
+       [--no-flex] [--flex-min-len 1024] [--breakdown] [--graph-max-len 1024]
 """
 from __future__ import annotations
 
@@ -102,6 +105,30 @@ def bench_sdpa(q, k, v):
     with torch.no_grad():
         t_f = do_bench(fwd)
     return t_f, do_bench(fwd_bwd)
+
+
+def bench_graphed(q, k, v, gl):
+    """CUDA-graph replay of one fwd+bwd step of ours and of SDPA (same inputs as the eager
+    timings): GPU time only. At short L an eager step is bound by the host (Python, dispatch,
+    launches), whose speed differs between machines; the replay shows the kernels alone."""
+    from host_overhead_gpu import graph_ms  # same directory; the one capture-and-replay timer
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    go = torch.randn_like(q)
+
+    def ours():
+        o = blossom_ops.blossom_attention(q, k, v, gl, **CFG)
+        return torch.autograd.grad(o, (q, k, v, gl), go)
+    G = q.shape[2] // k.shape[2]
+    qt = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kt = k.detach().repeat_interleave(G, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    vt = v.detach().repeat_interleave(G, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    go_t = go.transpose(1, 2).contiguous()
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        return torch.autograd.grad(o, (qt, kt, vt), go_t)
+    return graph_ms(ours), graph_ms(sdpa)
 
 
 def flex_block_mask(block_idx, B, L, Hq, Hk, tile=128):
@@ -212,6 +239,8 @@ def main() -> int:
     ap.add_argument("--flex-min-len", type=int, default=0,
                     help="run FlexAttention only from this L on (each shape costs a compile)")
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--graph-max-len", type=int, default=1024,
+                    help="also time CUDA-graph replays of fwd+bwd (GPU time only) up to this L")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -253,6 +282,15 @@ def main() -> int:
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     traceback.print_exc()
                 torch.cuda.empty_cache()
+            if L <= args.graph_max_len and "ours_fwd_ms" in row:
+                try:
+                    row["ours_graph_fwdbwd_ms"], row["sdpa_graph_fwdbwd_ms"] = bench_graphed(
+                        q, k, v, gl)
+                    row["speedup_vs_sdpa_graph_fwdbwd"] = (row["sdpa_graph_fwdbwd_ms"]
+                                                           / row["ours_graph_fwdbwd_ms"])
+                except Exception as e:
+                    row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    traceback.print_exc()
             if args.breakdown and "ours_fwd_ms" in row:
                 try:
                     row.update({f"stage_{k_}_ms": t for k_, t in bench_breakdown(q, k, v, gl).items()})
@@ -313,6 +351,10 @@ def print_table(rows):
                   f"{fmt(r.get(f'speedup_vs_flex_{mode}'), '.2f'):>7} | "
                   f"{fmt(r.get(f'ours_{mode}_GBps'), '.0f'):>6} "
                   f"{fmt(r.get(f'ours_{mode}_pct_bw'), '.1f'):>5}")
+        if r.get("ours_graph_fwdbwd_ms"):
+            print(f"{r['D']:>3} {r['L']:>6} | graph  | {fmt(r['ours_graph_fwdbwd_ms']):>8} "
+                  f"{fmt(r['sdpa_graph_fwdbwd_ms']):>8} {'-':>8} | "
+                  f"{fmt(r['speedup_vs_sdpa_graph_fwdbwd'], '.2f'):>7} {'-':>7} |")
     errs = [(r["D"], r["L"], k, v) for r in rows for k, v in r.items() if k.endswith("error")]
     for e in errs:
         print("  skipped:", *e)
