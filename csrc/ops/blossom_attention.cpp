@@ -16,6 +16,7 @@
 #include "ops/attention_binding.h"
 #include "ops/blossom_short.h"
 #include "ops/ops.h"
+#include "ops/short_select.h"
 
 #ifdef BLOSSOM_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -171,15 +172,25 @@ BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const
       as_valid(resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q));
   const OptTensor none;
 
+#ifdef BLOSSOM_WITH_CUDA
+  // Short sequences: one fused kernel for both branches and the gate, and (when it covers
+  // the configuration) one for compression + selection. R == 2 there, so nothing else
+  // needs k_cmp (the short backward reads only block_idx).
+  if (short_path::usable(q, k, v, R)) {
+    at::Tensor idx = short_path::select(q, k, k_pos, ok.value_or(at::Tensor()), block_len,
+                                        stride, block_size, top_n, causal, scale);
+    if (!idx.defined()) {
+      const at::Tensor k_cmp = std::get<0>(block_compress(k, k_pos, none, ok, block_len, stride));
+      idx = select_blocks(q, k_cmp, none, ok, top_n, block_size, stride, block_len, causal,
+                          scale);
+    }
+    return short_path::forward(q, k, v, gate_logits, ok.value_or(at::Tensor()), idx, block_size,
+                               window, dilated, causal, scale);
+  }
+#endif
   const at::Tensor k_cmp = std::get<0>(block_compress(k, k_pos, none, ok, block_len, stride));
   const at::Tensor idx = select_blocks(q, k_cmp, none, ok, top_n, block_size, stride, block_len,
                                        causal, scale);
-#ifdef BLOSSOM_WITH_CUDA
-  // Short sequences: one fused kernel for both branches and the gate.
-  if (short_path::usable(q, k, v, R))
-    return short_path::forward(q, k, v, gate_logits, ok.value_or(at::Tensor()), idx, block_size,
-                               window, dilated, causal, scale);
-#endif
   at::Tensor o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp;
   std::tie(o_sel, lse_sel) =
       block_sparse_attention(q, k, v, idx, none, ok, block_size, causal, scale);
