@@ -13,7 +13,7 @@ It does not model timing or 16-bit rounding (products are exact), so agreement i
 `--mutate` re-runs every case with deliberate bugs planted in the replay (one at a time) and
 checks that each is caught: evidence that the comparison can see such errors.
 
-Usage: python3 scripts/emulate_window_dkdv_mma.py [--quick] [--mutate]
+Usage: python3 scripts/emulate_window_dkdv_mma.py [--quick] [--mutate] [--sweep N]
 Fragment semantics (PTX ISA, m16n8k16, 16-bit): see csrc/cuda/mma_frag.cuh.
 """
 from __future__ import annotations
@@ -497,6 +497,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first three cases only")
     ap.add_argument("--mutate", action="store_true", help="check that planted bugs are caught")
+    ap.add_argument("--sweep", type=int, default=0, help="also N random shapes and masks")
     args = ap.parse_args()
     cases = CASES[:3] if args.quick else CASES
     worst = 0.0
@@ -511,6 +512,18 @@ def main() -> int:
                   f"n_pow={pl['n_pow']}: max rel err {err:.2e}")
             worst = max(worst, err)
     VARIANT.clear()
+    rng = np.random.default_rng(1234)
+    for n in range(args.sweep):
+        Hk = int(rng.choice([1, 2]))
+        c = (int(rng.integers(1, 3)), int(rng.integers(1, 81)), Hk * int(rng.choice([1, 2, 3, 4])),
+             Hk, int(rng.choice([16, 16, 32])),
+             int(rng.choice([1, 2, 3, 5, 8, 12, 16, 33, 1000])), bool(rng.integers(2)),
+             bool(rng.integers(2)), [None, "lengths", "random"][int(rng.integers(3))],
+             bool(rng.integers(2)), bool(rng.integers(2)))
+        *shape, inf_rows = c
+        err, pl = run_case(*shape, seed=100 + n, inf_rows=inf_rows)
+        print(f"sweep {c}: nd={pl['nd']} q0={pl['q0']} n_pow={pl['n_pow']}: max rel err {err:.2e}")
+        worst = max(worst, err)
     ok = worst < 1e-9
     print("ok" if ok else "MISMATCH")
     if args.mutate:
