@@ -2,10 +2,13 @@
 // Query i's keys are a band of distances d in [0, window) (both sides when not causal)
 // plus the ~log2(L) distances 2^p >= window when dilated. The mask depends only on |i - j|
 // (and j <= i when causal), so the queries attending to key j are the mirrored set
-// i = j + d: the dK/dV pass enumerates them directly, with no index structure.
+// i = j + d: the dK/dV pass enumerates them directly, with no index structure. Seen from
+// 16 consecutive keys the same mask is a dense block plus one diagonal per large distance,
+// which the dK/dV fast path runs on tensor cores (window_dkdv_tc.cuh).
 #include "cuda/attn_dkdv_staged.cuh"
 #include "cuda/attn_kernels.cuh"
 #include "cuda/launch.h"
+#include "cuda/window_dkdv_tc.cuh"
 
 namespace blossom {
 namespace gpu {
@@ -87,9 +90,16 @@ void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const Slidin
                "sliding_window_attention_bwd: workspace too small");
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
   float* delta = static_cast<float*>(workspace);
-  // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.
+  // dQ writes delta; the dK/dV pass reads it on the same stream: key tiles on tensor cores
+  // (window_dkdv_tc.cuh) where they apply, else the staged per-key kernel
+  // (attn_dkdv_staged.cuh; also under BLOSSOM_OPS_CUDA_WIN_DKDV=old).
   detail::launch_attn_dq(p, pol, delta, stream, "sliding_window_attention_bwd");
-  detail::launch_attn_dkdv_staged(p, pol, delta, stream, "sliding_window_attention_bwd");
+  const detail::WinTilePlan plan =
+      detail::make_win_tile_plan(pol.L, pol.band, pol.p0, pol.n_pow, pol.causal);
+  if (detail::launch_window_dkdv_tc(p, plan, delta, stream))
+    detail::check_launch("sliding_window_attention_bwd (dK/dV tiles)");
+  else
+    detail::launch_attn_dkdv_staged(p, pol, delta, stream, "sliding_window_attention_bwd");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                               \
