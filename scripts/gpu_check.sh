@@ -7,7 +7,8 @@
 # Steps: build  pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST, default 9.0)
 #        check  scripts/sanitize_ops.py --check: every op fwd+bwd vs the float64 reference,
 #               bit-identical backward, CUDA-graph capture; then benchmarks/check_select_gpu.py
-#               and benchmarks/check_short_gpu.py (the fast paths' sweeps)
+#               benchmarks/check_short_gpu.py and check_short_select_gpu.py (the fast paths'
+#               sweeps)
 #        tests  pytest -q -k cuda on each tests/test_*.py in its own process
 #        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
 #        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments), then the
@@ -52,6 +53,8 @@ for step in $STEPS; do
       run_step check_short "$OUT/check.log" python3 benchmarks/check_short_gpu.py --quick --no-time
       run_step check_short_split2 "$OUT/check.log" env BLOSSOM_OPS_CUDA_SHORT_SPLIT=2 \
         python3 benchmarks/check_short_gpu.py --quick --no-time
+      # the short path's fused compression + selection against the two ops it replaces
+      run_step check_short_select "$OUT/check.log" python3 benchmarks/check_short_select_gpu.py check
 
       ;;
     tests)
