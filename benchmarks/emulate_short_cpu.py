@@ -4,7 +4,8 @@ same 64-key chunks and per-row 64-bit masks (row_bits), the forward's two passes
 kernel's per-row workspace and the dK/dV kernel's query walk, compared with autograd of
 blossom_ops.reference on random inputs (block indices with -1 and out-of-range entries,
 lengths padding including an empty sequence, G = 1, 3, 4, 16). It checks the
-decomposition and the algebra, not the CUDA code itself (wmma layouts, shared memory).
+decomposition and the algebra, not the CUDA code itself (fragment layouts, shared memory:
+scripts/emulate_short_fwd_mma.py replays the fragment index math).
 Slow (pure Python loops): about a minute.
 Usage: python3 benchmarks/emulate_short_cpu.py
 """

@@ -24,33 +24,38 @@
 //
 // Decomposition. Rows = (query, head of kv group g) pairs, 64 per tile: QT = 64 / G queries
 // x G heads (row r -> query q0 + r / G, head g G + r % G; rows >= QT G are dead). 128
-// threads = 4 warps; warp w owns rows [16w, 16w + 16) of every 64 x 64 tile, and its lanes
-// do the elementwise work of exactly those rows (two lanes per row, 32 or 16 keys each), so
-// between a warp's S GEMM, its softmax and its P V GEMM only __syncwarp is needed. Tensor
-// cores through nvcuda::wmma 16x16x16, 16-bit in, fp32 accumulate. L <= 256 (kMaxLen): a
-// row's masks over all key chunks are at most 4 (selected, window) uint64 pairs, built
-// once per CTA at the start (no global index loads inside the chunk loops).
-//   fwd:   CTA per (b, g, query tile). Keys [0, last query] (causal) or [0, L) in chunks of
-//          64 through shared memory (cp.async; K(c+1) is fetched under chunk c's softmax and
-//          P V, V(c+1) under the next S GEMM's wait). One pass, online softmax per branch:
-//          the accumulators are rescaled when a row max grows (each accumulator element's
-//          row from a row-number table loaded as an accumulator fragment) and divided by
-//          the row sum at the end.
+// threads = 4 warps. Products on tensor cores through mma.sync m16n8k16 (16-bit in, fp32
+// accumulate; fragment layouts in mma_frag.cuh), FlashAttention-2 style: S, P, dP and dS
+// live in registers only. A lane (gid = lane / 4, tig = lane % 4) of an n8 tile holds rows
+// gid and gid + 8 at columns 2 tig + {0, 1}; the probabilities (or dS) of two adjacent n8
+// tiles are exactly the A fragment of the next k16 step, so nothing is transposed or staged.
+// Each register step covers kHalf = 32 keys (or query rows): a whole 64-wide chunk of S
+// spilled at D = 64. L <= 256 (kMaxLen): a row's masks over all key chunks are at most 4
+// (selected, window) uint64 pairs, built once per CTA at the start (no global index loads
+// inside the chunk loops).
+//   fwd:   CTA per (b, g, query tile); warp w owns rows [16 w, 16 w + 16) (Q as A fragments
+//          through ldmatrix). Keys [0, last query] (causal) or [0, L) in chunks of 64, K and
+//          V double-buffered in shared memory (cp.async: chunk c + 1 copied while c is
+//          computed). Per 32-key step: S = Q K^T (K rows as B fragments), online softmax
+//          per branch (row max and sum are butterflies over the row's 4 lanes, accumulators
+//          rescaled when the max grows), P_sel V and P_win V (V through ldmatrix.trans).
+//          o_sel, o_win, out leave straight from the accumulators as 16-bit pairs.
 //   dQ:    CTA per (b, g, query tile): rowsum(dO o_x), grad_gate, per-row (a, b, delta_x,
 //          lse2_x) and every chunk's masks into the workspace (96 bytes per row); per key
-//          chunk, per 32-key half: S, dP, dS; then dQ += dS K. V(c+1) / K(c+1) prefetched
-//          as soon as every warp is done with V(c) / K(c).
+//          chunk (K, V double-buffered), per 32-key step: S = Q K^T and dP = dO V^T in
+//          registers, dS from the row data, dQ += dS K (K through ldmatrix.trans).
 //   dK/dV: CTA per (b, g, 64-key tile, split s): the key tile's query steps of QT queries
 //          (from the tile's first key when causal) are dealt round robin over nsplit CTAs
 //          (step t to split t % nsplit; nsplit <= 4 from a load estimate, see dkdv_split;
-//          sm_90 only, 1 before).
-//          Each step loads Q, dO and the rows' workspace data (one cp.async round trip),
-//          recomputes S, dP, P_x, dS per 32-key half; dV += (a P_sel + b P_win)^T dO,
-//          dK += dS^T Q in registers. The nsplit CTAs of a key tile are one thread-block
-//          cluster: each stages its fp32 partials in its shared memory, and after a cluster
-//          barrier CTA s sums rows r % nsplit == s over ranks 0, 1, .. in that order through
-//          distributed shared memory. Every output element has one writer and a fixed
-//          summation order: deterministic, no atomics, no global partials.
+//          sm_90 only, 1 before). Each step loads Q, dO and the rows' workspace data (one
+//          cp.async round trip); warp w owns keys [16 w, 16 w + 16): per 32-row step
+//          S^T = K Q^T and dP^T = V dO^T in registers, then dS^T and (a P_sel + b P_win)^T
+//          as A fragments of dK += dS^T Q and dV += (..)^T dO (Q, dO through ldmatrix.trans).
+//          The nsplit CTAs of a key tile are one thread-block cluster: each stages its fp32
+//          partials in its shared memory, and after a cluster barrier CTA s sums rows
+//          r % nsplit == s over ranks 0, 1, .. in that order through distributed shared
+//          memory. Every output element has one writer and a fixed summation order:
+//          deterministic, no atomics, no global partials.
 //
 // Cost at B=64, Hq=8, Hk=2 (G=4), D=64, L=200, causal: 13 query tiles of 16 queries per
 // (b, g), 28 (query tile, 64-key chunk) pairs per (b, g), 128 (b, g):
@@ -58,26 +63,28 @@
 //        tensor work; bytes: q 13 MB + k, v 3.3 MB each (re-read from L2 per tile) + out,
 //        o_sel, o_win 39 MB + lse 0.8 MB ~ 60 MB of DRAM (13 us at 4.8 TB/s). 1664 CTAs.
 //   bwd  dQ: 3 GEMMs per pair; dK/dV: 4 GEMMs per (key tile, query step) pair, 28 steps per
-//        (b, g): key tiles 0..3 walk 13, 9, 5, 1 steps; dkdv_split picks nsplit 2 here on
-//        132 SMs (CTA shares 7/6, 5/4, 3/2, 1/0: critical path 7 steps instead of 13,
-//        ~11.6 slot-steps per slot) -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ 65 MB + k, v,
-//        dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile ~ 100 MB.
-//   Shared memory (bytes) at D = 16 / 32 / 64: fwd 52352 / 58496 / 70784,
-//   dQ 44160 / 52352 / 68736, dK/dV 50176 / 58368 / 74752 -> 3 CTAs (12 warps) per SM at
-//   D = 64 for all three (before: forward 3, backward 2). Registers (sm_90, bf16 / half):
-//   fwd 64 / 96 / 127 (bf16), dQ 68 / 92 / 138, dK/dV 114 / 114 / 138; no spills except
-//   8 bytes in the bf16 D = 32 forward. D = 128 is left to the generic path.
-//   The kernels are latency-bound (dependent load -> mma -> exp chains). Measured before
-//   this layout (H100, D=64): fwd 0.172, dQ 0.175, dK/dV 0.228 ms. Predicted now: fwd
-//   ~0.08-0.09 ms (one pass instead of two), dQ ~0.10-0.12 ms (3 CTAs per SM, no per-chunk
-//   index loads, K/V prefetch), dK/dV ~0.10-0.13 ms (3 CTAs per SM, critical path 7 steps
-//   instead of 13), plus block_compress + select_blocks (unchanged).
+//        (b, g): key tiles 0..3 walk 13, 9, 5, 1 steps (dkdv_split keeps them unsplit at
+//        L = 200 and splits in 2 at L = 50) -> ~13 GFLOP; bytes: q, dO, o_sel, o_win, dQ
+//        65 MB + k, v, dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile
+//        ~ 100 MB.
+//   Shared memory (bytes) at D = 16 / 32 / 64: fwd 19584 / 29824 / 50304, dQ 24704 / 36992 /
+//   61568, dK/dV 16384 / 28672 / 53248. Registers (sm_90, nvcc 13, bf16 and half alike):
+//   fwd 110 / 122 / 128 (48 bytes spilled at D = 64), dQ 92 / 122 / 126, dK/dV 115 / 137 /
+//   167; launch bounds 4 / 4 / 3 CTAs per SM. CTAs per SM (64K registers, 228 KB shared,
+//   1 KB reserved per CTA): fwd 4 / 4 / 4, dQ 5 / 4 / 3 (at D = 64 shared memory allows
+//   only 3), dK/dV 4 / 3 / 3 (registers). D = 128 is left to the generic path.
+//   Measured (H200, 2026-11-27, benchmarks/profile_gpu.py, kernel time per fwd+bwd, B=64
+//   L=200): D=64 0.360 ms = dK/dV 0.113, dQ 0.100, fwd 0.097 + select 0.034, compress
+//   0.016; D=16 0.217 ms = dK/dV 0.073, fwd 0.058, dQ 0.049 + select 0.026, compress 0.012
+//   (the previous wmma kernels, S and P through shared memory: 0.481 and 0.309). Those
+//   numbers are from before the forward and dQ launch bounds went from 3 to 4 CTAs per SM
+//   (D = 64 forward 164 -> 128 registers, dQ 158 -> 126) and the shared-memory carveout to
+//   its maximum: that change is not timed yet. The kernels are latency-bound (dependent
+//   load -> mma -> exp chains), far from the ~13 us DRAM floor of the forward.
 #include <cooperative_groups.h>
-#include <mma.h>
 
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 
 #include "cuda/blossom_short.h"
 #include "cuda/common.cuh"
@@ -89,15 +96,12 @@ namespace gpu {
 namespace {
 
 using namespace detail;
-namespace wm = nvcuda::wmma;
 
 constexpr int kRows = 64;     // (query, head) rows per tile
 constexpr int kKeys = 64;     // keys per chunk (one 64-bit mask per row)
 constexpr int kThreads = 128; // 4 warps, 16 rows each
-constexpr int kLdS = kKeys + 4;  // float score tiles (wmma: ld % 4 == 0)
-constexpr int kLdP = kKeys + 8;  // 16-bit probability tiles (wmma: ld % 8 == 0)
-// Backward float tiles hold one 32-key half of S / dP at a time (less shared memory: 3 CTAs
-// per SM); ld 32 with a per-row rotation of the read order keeps the lanes conflict-free.
+// Keys (forward, dQ) or query rows (dK/dV) per register step: one step's S and dP are
+// kHalf / 8 n8 tiles per lane (a whole 64-wide chunk in registers spills at D = 64).
 constexpr int kHalf = 32;
 constexpr int kMaxChunks = 4;    // L <= 256 (kMaxLen): at most 4 key chunks per row
 constexpr int kMaxLen = kMaxChunks * kKeys;
@@ -112,28 +116,13 @@ constexpr int up128(int x) { return (x + 127) / 128 * 128; }
 template <int D>
 struct Lay {
   static constexpr int kLdH = D + 8;  // 16-bit rows of Q, K, V, dO (padding against conflicts)
-  static constexpr int kLdO = D + 4;  // float staging of D-wide results
+  static constexpr int kLdO = D + 4;  // float staging of D-wide results (dK/dV partials)
   static constexpr int kTile = up128(kRows * kLdH * 2);
-  static constexpr int kF = up128(kRows * (kLdS > kLdO ? kLdS : kLdO) * 4);
-  static constexpr int kF2 = kRows * kHalf * 4;  // half-width float tile (backward)
   static constexpr int kStage = kRows * kLdO * 4;  // one D-wide float staging tile
-  static constexpr int kP = up128(kRows * kLdP * 2);
   static constexpr int kBits = kMaxChunks * 2 * kRows * 8;  // masks of every key chunk
   static constexpr int kRowF = 8 * kRows * 4;               // per-row floats
-  static constexpr int kTab = 16 * 16 * 4;                  // row-number table (forward)
   static constexpr int kVw = 128;                           // key validity words
   static constexpr int kRowDB = kRows * kRowD * 4;          // dK/dV per-step row data
-  // forward: Q, K, V | S | P_sel, P_win | masks, row floats, row table, validity
-  // (the o_sel / o_win staging reuses K, V, S)
-  static constexpr int kFwdBytes = 3 * kTile + kF + 2 * kP + kBits + kRowF + kTab + kVw;
-  // dQ: Q, dO, K, V | S, dP halves | dS | masks, row floats, validity (dQ staged over Q, dO)
-  static constexpr int kDqBytes = 4 * kTile + 2 * kF2 + kP + kBits + kRowF + kVw;
-  // dK/dV: K, V, Q, dO | S, dP halves | dS, a P_sel + b P_win | row data
-  // (dK, dV staged over Q, dO, S, dP, dS, ...)
-  static constexpr int kDkdvBytes = 4 * kTile + 2 * kF2 + 2 * kP + kRowDB;
-  static_assert(2 * kStage <= 2 * kTile + kF, "forward staging must fit in K, V, S");
-  static_assert(kStage <= 2 * kTile, "dQ staging must fit in Q, dO");
-  static_assert(2 * kStage <= 2 * kTile + 2 * kF2 + 2 * kP, "dK/dV staging must fit from Q on");
 };
 
 // Mask parameters of one problem (both branches), as ints: L is short here.
@@ -214,91 +203,6 @@ __device__ __forceinline__ const void* key_ptr(const Bshd<const T>& x, const Sho
   return (j < m.L && m.valid(b, j)) ? static_cast<const void*>(x.at(b, j, g)) : nullptr;
 }
 
-template <typename E>
-using FragA = wm::fragment<wm::matrix_a, 16, 16, 16, E, wm::row_major>;
-template <typename E>
-using FragAc = wm::fragment<wm::matrix_a, 16, 16, 16, E, wm::col_major>;
-template <typename E>
-using FragBr = wm::fragment<wm::matrix_b, 16, 16, 16, E, wm::row_major>;
-template <typename E>
-using FragBc = wm::fragment<wm::matrix_b, 16, 16, 16, E, wm::col_major>;
-using FragC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
-
-// C[16w .. 16w + 16, 0 .. NC) = A[rows, :D] B[NC keys, :D]^T (both row-major, ld D + 8) to
-// the float tile C (ld LDC): the full 64-key tile (forward) or a 32-key half (backward).
-template <int D, int NC, int LDC, typename E>
-__device__ __forceinline__ void gemm_abt(const E* A, const E* Bm, float* C, int warp) {
-  constexpr int ld = Lay<D>::kLdH;
-  FragA<E> a[D / 16];
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) wm::load_matrix_sync(a[f], A + warp * 16 * ld + f * 16, ld);
-#pragma unroll
-  for (int nt = 0; nt < NC / 16; ++nt) {
-    FragC acc;
-    wm::fill_fragment(acc, 0.f);
-#pragma unroll
-    for (int f = 0; f < D / 16; ++f) {
-      FragBc<E> bf;
-      wm::load_matrix_sync(bf, Bm + nt * 16 * ld + f * 16, ld);
-      wm::mma_sync(acc, a[f], bf, acc);
-    }
-    wm::store_matrix_sync(C + warp * 16 * LDC + nt * 16, acc, LDC, wm::mem_row_major);
-  }
-}
-
-// The 32-key half hk of a 64-key tile, to the half-width float tile C (ld kHalf).
-template <int D, typename E>
-__device__ __forceinline__ void gemm_abt_half(const E* A, const E* Bm, float* C, int warp,
-                                              int hk) {
-  gemm_abt<D, kHalf, kHalf>(A, Bm + hk * kHalf * Lay<D>::kLdH, C, warp);
-}
-
-// acc[16w rows, :D] += P[16w rows, 64 keys] X[64 keys, :D] (P ld kLdP, X ld D + 8).
-template <int D, typename E>
-__device__ __forceinline__ void gemm_pv(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
-  constexpr int ld = Lay<D>::kLdH;
-#pragma unroll
-  for (int kt = 0; kt < kKeys / 16; ++kt) {
-    FragA<E> a;
-    wm::load_matrix_sync(a, P + warp * 16 * kLdP + kt * 16, kLdP);
-#pragma unroll
-    for (int nt = 0; nt < D / 16; ++nt) {
-      FragBr<E> bf;
-      wm::load_matrix_sync(bf, X + kt * 16 * ld + nt * 16, ld);
-      wm::mma_sync(acc[nt], a, bf, acc[nt]);
-    }
-  }
-}
-
-// acc[keys 16w .. 16w + 16, :D] += P^T X with P [64 rows, 64 keys] (ld kLdP) and
-// X [64 rows, :D] (ld D + 8): the transposed operand is read as a column-major A.
-template <int D, typename E>
-__device__ __forceinline__ void gemm_ptx(const E* P, const E* X, FragC (&acc)[D / 16], int warp) {
-  constexpr int ld = Lay<D>::kLdH;
-  // Not unrolled over kt: with both dK and dV accumulators live, a full unroll pushes the
-  // dK/dV kernel past its 168-register budget (3 CTAs per SM) into spills.
-#pragma unroll 1
-  for (int kt = 0; kt < kRows / 16; ++kt) {
-    FragAc<E> a;
-    wm::load_matrix_sync(a, P + kt * 16 * kLdP + warp * 16, kLdP);
-#pragma unroll
-    for (int nt = 0; nt < D / 16; ++nt) {
-      FragBr<E> bf;
-      wm::load_matrix_sync(bf, X + kt * 16 * ld + nt * 16, ld);
-      wm::mma_sync(acc[nt], a, bf, acc[nt]);
-    }
-  }
-}
-
-// D-wide fp32 fragments of warp w to the float staging tile (ld D + 4).
-template <int D>
-__device__ __forceinline__ void stage(float* F, FragC (&acc)[D / 16], int warp) {
-#pragma unroll
-  for (int nt = 0; nt < D / 16; ++nt)
-    wm::store_matrix_sync(F + warp * 16 * Lay<D>::kLdO + nt * 16, acc[nt], Lay<D>::kLdO,
-                          wm::mem_row_major);
-}
-
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // Row r of a query-side tile: query q0 + r / G, head g G + r % G. live: the row exists
@@ -336,20 +240,6 @@ struct Smem {
   __device__ X* at(int off) const { return reinterpret_cast<X*>(base + off); }
 };
 
-// Elementwise role: lanes 2 r' and 2 r' + 1 of warp w share row er = 16 w + r' (keys
-// [32 eh, 32 eh + 32) of a chunk each), so the rows a warp's GEMMs produce are the rows its
-// lanes post-process: S -> P -> P V needs only __syncwarp. The rotation rot makes the 32
-// lanes of a float-tile read hit 32 distinct banks (ld 68: bank = 4 (r' % 8) + (k + rot)).
-// Backward (half-width tiles, ld 32, 16 keys per lane): rot16 = r' gives bank
-// 16 eh + (k + r') % 16, again 32 distinct banks.
-struct Ew {
-  int er, eh, rot, rot16;
-};
-__device__ __forceinline__ Ew ew_role() {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  return Ew{warp * 16 + (lane >> 1), lane & 1, (lane & 1) + ((lane >> 4) << 1), lane >> 1};
-}
-
 // Masks of the tile's 64 rows for every key chunk c < nc, once per CTA:
 // sBits[(2 c) * 64 + r] = selected, sBits[(2 c + 1) * 64 + r] = window (0 for rows that are
 // not valid queries). Contains a __syncthreads; the bits are visible after the caller's next.
@@ -373,201 +263,16 @@ __device__ __forceinline__ void build_bits(const ShortMask& m, int64_t b, int g,
 }
 
 // ------------------------------------------------------------------------- forward
-// One pass with online softmax per branch: per chunk the row max grows, the accumulators
-// are rescaled by exp2(m_old - m_new) (the row of each accumulator element comes from a
-// row-number table loaded as an accumulator fragment), and o = acc / l at the end.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
-    short_fwd_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
-                     float sl2) {
-  using E = typename TcElem<T>::type;
-  using Ly = Lay<D>;
-  constexpr int NE = FragC::num_elements;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem sm{smem_raw};
-  E* sQ = sm.at<E>(0);
-  E* sK = sm.at<E>(Ly::kTile);
-  E* sV = sm.at<E>(2 * Ly::kTile);
-  float* sF = sm.at<float>(3 * Ly::kTile);
-  E* sP0 = sm.at<E>(3 * Ly::kTile + Ly::kF);
-  E* sP1 = sm.at<E>(3 * Ly::kTile + Ly::kF + Ly::kP);
-  const int small = 3 * Ly::kTile + Ly::kF + 2 * Ly::kP;
-  uint64_t* sBits = sm.at<uint64_t>(small);
-  float* sRow = sm.at<float>(small + Ly::kBits);  // [0, 64): alpha / 1/l of P_sel, [64, 128) P_win
-  float* sTab = sm.at<float>(small + Ly::kBits + Ly::kRowF);
-  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF + Ly::kTab);
-  // After the key loop: o_sel and o_win staged over K, V, S (static_assert in Lay).
-  float* sOs = sm.at<float>(Ly::kTile);
-  float* sOw = sOs + kRows * Ly::kLdO;
-
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const int tile = blockIdx.x % n_tiles;
-  const int64_t bg = blockIdx.x / n_tiles;
-  const int Hk = static_cast<int>(p.shape.kv_heads);
-  const int g = static_cast<int>(bg % Hk);
-  const int64_t b = bg / Hk;
-  const int L = m.L;
-  const int q0 = tile * QT;
-  const int q_end = q0 + QT < L ? q0 + QT : L;
-  const int key_end = m.causal ? q_end : L;
-  const int n_chunks = (key_end + kKeys - 1) / kKeys;
-
-  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
-  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
-  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
-  cp_async_commit();
-  for (int x = tid; x < 256; x += kThreads) sTab[x] = static_cast<float>(x >> 4);
-  build_bits(m, b, g, G, QT, q0, n_chunks, sVw, sBits);  // its sync publishes sTab
-  int rid[NE];  // row (0..15) of each accumulator element
-  {
-    FragC rowf;
-    wm::load_matrix_sync(rowf, sTab, 16, wm::mem_row_major);
-#pragma unroll
-    for (int e = 0; e < NE; ++e) rid[e] = static_cast<int>(rowf.x[e]);
-  }
-
-  const Ew ew = ew_role();
-  float ms = -INFINITY, ls = 0.f, mw = -INFINITY, lw = 0.f;  // log2 domain, both lanes of a row
-  FragC acc_s[D / 16], acc_w[D / 16];
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) {
-    wm::fill_fragment(acc_s[f], 0.f);
-    wm::fill_fragment(acc_w[f], 0.f);
-  }
-
-  for (int c = 0; c < n_chunks; ++c) {
-    cp_async_wait<0>();
-    __syncthreads();  // K(c), V(c) (and Q) landed; masks visible
-    gemm_abt<D, kKeys, kLdS>(sQ, sK, sF, warp);
-    __syncthreads();  // every warp is done with K(c): prefetch K(c + 1) under the softmax
-    if (c + 1 < n_chunks) {
-      load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, (c + 1) * kKeys + r, g); });
-      cp_async_commit();
-    }
-    const uint64_t* bc = sBits + 2 * c * kRows;
-    const uint32_t bs = static_cast<uint32_t>(bc[ew.er] >> (32 * ew.eh));
-    const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> (32 * ew.eh));
-    const float* srow = sF + ew.er * kLdS + 32 * ew.eh;
-    float cs = -INFINITY, cw = -INFINITY;
-#pragma unroll 4
-    for (int t = 0; t < 32; ++t) {
-      const int k = (t + ew.rot) & 31;
-      const float s = srow[k] * sl2;
-      if ((bs >> k) & 1u) cs = fmaxf(cs, s);
-      if ((bw >> k) & 1u) cw = fmaxf(cw, s);
-    }
-    cs = fmaxf(cs, __shfl_xor_sync(kFullMask, cs, 1));
-    cw = fmaxf(cw, __shfl_xor_sync(kFullMask, cw, 1));
-    const float ns = fmaxf(ms, cs), nw = fmaxf(mw, cw);
-    // Still no key: nothing accumulated yet, keep factor 1 (exp2(-inf - -inf) is NaN).
-    const float as = ns == -INFINITY ? 1.f : exp2f(ms - ns);
-    const float aw = nw == -INFINITY ? 1.f : exp2f(mw - nw);
-    E* p0 = sP0 + ew.er * kLdP + 32 * ew.eh;
-    E* p1 = sP1 + ew.er * kLdP + 32 * ew.eh;
-    float ps = 0.f, pw = 0.f;
-#pragma unroll 4
-    for (int t = 0; t < 32; ++t) {
-      const int k = (t + ew.rot) & 31;
-      const float s = srow[k] * sl2;
-      const float es = ((bs >> k) & 1u) ? exp2f(s - ns) : 0.f;
-      const float eW = ((bw >> k) & 1u) ? exp2f(s - nw) : 0.f;
-      p0[k] = TcElem<T>::from(es);
-      p1[k] = TcElem<T>::from(eW);
-      ps += es;
-      pw += eW;
-    }
-    ps += __shfl_xor_sync(kFullMask, ps, 1);  // commutative: both lanes get the same sum
-    pw += __shfl_xor_sync(kFullMask, pw, 1);
-    ls = ls * as + ps;
-    lw = lw * aw + pw;
-    ms = ns;
-    mw = nw;
-    if (ew.eh == 0) {
-      sRow[ew.er] = as;
-      sRow[kRows + ew.er] = aw;
-    }
-    __syncwarp();  // P rows and factors of this warp's rows
-#pragma unroll
-    for (int f = 0; f < D / 16; ++f) {
-#pragma unroll
-      for (int e = 0; e < NE; ++e) {
-        acc_s[f].x[e] *= sRow[warp * 16 + rid[e]];
-        acc_w[f].x[e] *= sRow[kRows + warp * 16 + rid[e]];
-      }
-    }
-    gemm_pv<D>(sP0, sV, acc_s, warp);
-    gemm_pv<D>(sP1, sV, acc_w, warp);
-    __syncthreads();  // every warp is done with V(c) (and with its factors in sRow)
-    if (c + 1 < n_chunks) {
-      load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, (c + 1) * kKeys + r, g); });
-      cp_async_commit();
-    }
-  }
-
-  // Normalise (rows with no key: l = 0 -> o = 0, lse = -inf).
-  float* sLse = sRow + 2 * kRows;
-  if (ew.eh == 0) {
-    sRow[ew.er] = ls > 0.f ? 1.f / ls : 0.f;
-    sRow[kRows + ew.er] = lw > 0.f ? 1.f / lw : 0.f;
-    sLse[ew.er] = ms == -INFINITY ? -INFINITY : ms + log2f(ls);
-    sLse[kRows + ew.er] = mw == -INFINITY ? -INFINITY : mw + log2f(lw);
-  }
-  __syncwarp();
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) {
-#pragma unroll
-    for (int e = 0; e < NE; ++e) {
-      acc_s[f].x[e] *= sRow[warp * 16 + rid[e]];
-      acc_w[f].x[e] *= sRow[kRows + warp * 16 + rid[e]];
-    }
-  }
-  // Outputs: stage o_sel, o_win (K, V, S are free after the loop's last sync), then write.
-  stage<D>(sOs, acc_s, warp);
-  stage<D>(sOw, acc_w, warp);
-  __syncthreads();
-  const int64_t Hq = p.shape.q_heads;
-  constexpr int kPer = D / 8;
-  for (int x = tid; x < kRows * kPer; x += kThreads) {
-    const int r = x / kPer, d0 = (x % kPer) * 8;
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    if (!id.live) continue;
-    const T* gl = p.gate.at(b, id.i, id.h);
-    const float ga = sigmoidf(to_float(gl[0])), gb = sigmoidf(to_float(gl[1]));
-    float os[kFrag], ow[kFrag], o[kFrag];
-    const float* fs = sOs + r * Ly::kLdO + d0;
-    const float* fw = sOw + r * Ly::kLdO + d0;
-#pragma unroll
-    for (int e = 0; e < kFrag; ++e) {
-      os[e] = fs[e];
-      ow[e] = fw[e];
-      o[e] = ga * os[e] + gb * ow[e];
-    }
-    const int64_t off = ((b * L + id.i) * Hq + id.h) * D + d0;
-    store8_aligned(p.o_sel + off, os);
-    store8_aligned(p.o_win + off, ow);
-    store8_aligned(p.out + off, o);
-  }
-  if (tid < kRows) {
-    const RowId id = row_id(m, b, g, G, QT, q0, tid);
-    if (id.live) {
-      const int64_t off = (b * L + id.i) * Hq + id.h;
-      p.lse_sel[off] = sLse[tid] * kLn2;
-      p.lse_win[off] = sLse[kRows + tid] * kLn2;
-    }
-  }
-}
-
-// ------------------------------------------------------------------------- forward (mma.sync)
-// The same forward, FlashAttention-2 style: S, P_sel and P_win never leave registers.
-// Warp w owns rows [16 w, 16 w + 16) (Q as A fragments from shared memory); per 64-key chunk,
-// S = Q K^T is 8 n8 tiles of m16n8k16 (K rows as B through ldmatrix), lane (gid, tig) holds
-// rows 16 w + gid and + 8 at columns 8 nt + 2 tig + {0, 1}; a row's max and sum are
-// butterflies over its 4 lanes (xor 1, 2). The probabilities of two adjacent n8 tiles are
-// exactly the A fragment of the next k16 step of P V (V through ldmatrix.trans), so there is
-// no P tile and no row table. K and V are double-buffered (chunk c + 1 is copied while c is
-// computed). The outputs leave straight from the accumulators as 16-bit pairs.
-// Selected by BLOSSOM_OPS_CUDA_SHORT_FWD=mma (A/B against short_fwd_kernel); NOT YET RUN ON
-// A GPU when written (2026-11-27): test with benchmarks/check_short_gpu.py before trusting it.
+// One pass, online softmax per branch, FlashAttention-2 style: S, P_sel and P_win never
+// leave registers.
+// Warp w owns rows [16 w, 16 w + 16) (Q as A fragments from shared memory); per 32-key half
+// of a 64-key chunk, S = Q K^T is 4 n8 tiles of m16n8k16 (K rows as B through ldmatrix),
+// lane (gid, tig) holds rows 16 w + gid and + 8 at columns 8 nt + 2 tig + {0, 1}; a row's
+// max and sum are butterflies over its 4 lanes (xor 1, 2). The probabilities of two adjacent
+// n8 tiles are exactly the A fragment of the next k16 step of P V (V through
+// ldmatrix.trans), so P never goes through shared memory. K and V are double-buffered (chunk
+// c + 1 is copied while c is computed). The outputs leave straight from the accumulators as
+// 16-bit pairs.
 template <int D>
 struct FwdMmaLay {
   static constexpr int kTile = Lay<D>::kTile;
@@ -580,7 +285,7 @@ struct FwdMmaLay {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, 4)
     short_fwd_mma_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT,
                          int n_tiles, float sl2) {
   using E = typename TcElem<T>::type;
@@ -779,10 +484,10 @@ __global__ void __launch_bounds__(kThreads, 3)
 }
 
 // ------------------------------------------------------------------------- backward: dQ
-// dQ prologue shared by both dQ kernels: per-row gate, deltas and grad_gate (one thread per
-// row, straight from global memory, like gate_fusion's backward: rowsum over every live row,
-// valid or not) into sRow and the workspace; every chunk's masks into sBits and the
-// workspace. Ends with a __syncthreads (sRow and sBits visible).
+// dQ prologue: per-row gate, deltas and grad_gate (one thread per row, straight from global
+// memory, like gate_fusion's backward: rowsum over every live row, valid or not) into sRow
+// and the workspace; every chunk's masks into sBits and the workspace. Ends with a
+// __syncthreads (sRow and sBits visible).
 template <typename T, int D>
 __device__ __forceinline__ void dq_rows_and_masks(const ShortBwdParams<T>& p, const ShortMask& m,
                                                   int64_t b, int g, int G, int QT, int q0,
@@ -846,120 +551,9 @@ __device__ __forceinline__ void dq_rows_and_masks(const ShortBwdParams<T>& p, co
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 3)
-    short_dq_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_tiles,
-                    float sl2, float* __restrict__ ws) {
-  using E = typename TcElem<T>::type;
-  using Ly = Lay<D>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem sm{smem_raw};
-  E* sQ = sm.at<E>(0);
-  E* sDO = sm.at<E>(Ly::kTile);
-  E* sK = sm.at<E>(2 * Ly::kTile);
-  E* sV = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);          // S, one 32-key half
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);       // dS, all 64 keys
-  const int small = 4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP;
-  float* sStage = sm.at<float>(0);  // dQ after the loop, over Q and dO
-  uint64_t* sBits = sm.at<uint64_t>(small);
-  float* sRow = sm.at<float>(small + Ly::kBits);
-  unsigned* sVw = sm.at<unsigned>(small + Ly::kBits + Ly::kRowF);
-
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const int tile = blockIdx.x % n_tiles;
-  const int64_t bg = blockIdx.x / n_tiles;
-  const int Hk = static_cast<int>(p.shape.kv_heads);
-  const int g = static_cast<int>(bg % Hk);
-  const int64_t b = bg / Hk;
-  const int L = m.L;
-  const int64_t Hq = p.shape.q_heads;
-  const int q0 = tile * QT;
-  const int q_end = q0 + QT < L ? q0 + QT : L;
-  const int key_end = m.causal ? q_end : L;
-  const int n_chunks = (key_end + kKeys - 1) / kKeys;
-  // The dK/dV kernel reads every chunk's masks of these rows from the workspace.
-  const int nc_all = (L + kKeys - 1) / kKeys;
-
-  load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
-  load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
-  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, r, g); });
-  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, r, g); });
-  cp_async_commit();
-
-  dq_rows_and_masks<T, D>(p, m, b, g, G, QT, q0, nc_all, ws, sRow, sVw, sBits);
-
-  const Ew ew = ew_role();
-  FragC acc[D / 16];
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) wm::fill_fragment(acc[f], 0.f);
-
-  for (int c = 0; c < n_chunks; ++c) {
-    cp_async_wait<0>();
-    __syncthreads();  // K(c), V(c) landed (and Q, dO, row data, masks on the first chunk)
-    {
-      const uint64_t* bc = sBits + 2 * c * kRows;
-      const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
-      const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
-#pragma unroll 1
-      for (int hk = 0; hk < 2; ++hk) {
-        gemm_abt_half<D>(sQ, sK, sF0, warp, hk);
-        gemm_abt_half<D>(sDO, sV, sF1, warp, hk);
-        __syncwarp();  // S, dP rows of this warp
-        const float ga = sRow[ew.er], gb = sRow[kRows + ew.er];
-        const float dsel = sRow[2 * kRows + ew.er], dwin = sRow[3 * kRows + ew.er];
-        const float l2s = sRow[4 * kRows + ew.er], l2w = sRow[5 * kRows + ew.er];
-        const int kb = kHalf * hk + 16 * ew.eh;  // first key (in the chunk) of this lane
-        const uint32_t bs = static_cast<uint32_t>(bc[ew.er] >> kb);
-        const uint32_t bw = static_cast<uint32_t>(bc[kRows + ew.er] >> kb);
-        E* drow = sP0 + ew.er * kLdP + kb;
-#pragma unroll 4
-        for (int t = 0; t < 16; ++t) {
-          const int k = (t + ew.rot16) & 15;
-          const float s = srow[k] * sl2, dp = prow[k];
-          float ds = 0.f;
-          if ((bs >> k) & 1u) ds += exp2f(s - l2s) * (ga * dp - dsel);
-          if ((bw >> k) & 1u) ds += exp2f(s - l2w) * (gb * dp - dwin);
-          drow[k] = TcElem<T>::from(ds);
-        }
-        __syncwarp();  // the next half rewrites these S, dP rows
-      }
-    }
-    __syncthreads();  // every warp is done with V(c) (and Q, dO of this chunk's products)
-    if (c + 1 < n_chunks) {
-      load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, (c + 1) * kKeys + r, g); });
-      cp_async_commit();
-    }
-    gemm_pv<D>(sP0, sK, acc, warp);
-    __syncthreads();  // every warp is done with K(c)
-    if (c + 1 < n_chunks) {
-      load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, (c + 1) * kKeys + r, g); });
-      cp_async_commit();
-    }
-  }
-
-  stage<D>(sStage, acc, warp);
-  __syncthreads();
-  const float scale = static_cast<float>(p.shape.scale);
-  constexpr int kPer = D / 8;
-  for (int x = tid; x < kRows * kPer; x += kThreads) {
-    const int r = x / kPer, d0 = (x % kPer) * 8;
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    if (!id.live) continue;
-    float o[kFrag];
-    const float* f = sStage + r * Ly::kLdO + d0;
-#pragma unroll
-    for (int e = 0; e < kFrag; ++e) o[e] = scale * f[e];
-    store8_aligned(p.grad_q + ((b * L + id.i) * Hq + id.h) * D + d0, o);
-  }
-}
-
-
-// The same dQ, FlashAttention-2 style (see short_fwd_mma_kernel): per 32-key half, S = Q K^T
+// dQ, FlashAttention-2 style (see short_fwd_mma_kernel): per 32-key half, S = Q K^T
 // and dP = dO V^T as n8 tiles in registers, dS from the row data, and dS as the A fragment
-// of dQ += dS K (K through ldmatrix.trans). K and V double-buffered. Selected by
-// BLOSSOM_OPS_CUDA_SHORT_DQ=mma; NOT YET RUN ON A GPU when written (2026-11-27).
+// of dQ += dS K (K through ldmatrix.trans). K and V double-buffered.
 template <int D>
 struct DqMmaLay {
   static constexpr int kTile = Lay<D>::kTile;
@@ -972,7 +566,7 @@ struct DqMmaLay {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, 4)
     short_dq_mma_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT,
                         int n_tiles, float sl2, float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
@@ -1120,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 }
 
 // ------------------------------------------------------------------------- backward: dK/dV
-// One query step of short_dkdv_kernel<.., kMma = true> (see there): dK (mk) and dV (mv)
+// One query step of short_dkdv_kernel (see there): dK (mk) and dV (mv)
 // of warp w's 16 keys += the products with this step's 64 query rows.
 template <typename T, int D>
 __device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK,
@@ -1214,40 +808,57 @@ __device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK
   }
 }
 
+// dK/dV: K, V, Q, dO tiles, then the step's row data (kRows x kRowD floats). After the query
+// walk (its last __syncthreads and cp_async_wait<0>, when Q, dO and the row data are dead)
+// the fp32 dK, dV partials (2 x kRows x (D + 4) floats) are staged from Q on, over Q, dO,
+// the row data and past them. Bytes at D = 16 / 32 / 64: 16384 / 28672 / 53248; the
+// occupancy (4 / 3 / 3 CTAs per SM) is set by the registers, not by these.
+template <int D>
+struct DkdvLay {
+  static constexpr int kTile = Lay<D>::kTile;
+  static constexpr int kK = 0;
+  static constexpr int kV = kTile;
+  static constexpr int kQ = 2 * kTile;
+  static constexpr int kDO = 3 * kTile;
+  static constexpr int kRd = 4 * kTile;
+  static constexpr int kStage = kQ;
+  static constexpr int kWalk = kRd + Lay<D>::kRowDB;       // used during the query walk
+  static constexpr int kStaged = kStage + 2 * Lay<D>::kStage;  // used after it
+  static constexpr int kBytes = kWalk > kStaged ? kWalk : kStaged;
+};
+static_assert(DkdvLay<16>::kBytes == 16384 && DkdvLay<32>::kBytes == 28672 &&
+                  DkdvLay<64>::kBytes == 53248,
+              "dK/dV shared memory changed: update the comments (and check occupancy)");
 
 // CTA (b, g, key tile, split s of nsplit): the query steps q0 = first + t QT of the key
 // tile with t % nsplit == s. The nsplit CTAs of a key tile form one thread-block cluster
 // (sm_90); each stages its fp32 partial dK, dV in its own shared memory and, after a
 // cluster barrier, CTA s sums the rows r % nsplit == s over the ranks 0, 1, .., nsplit - 1
 // in that order (distributed shared memory): deterministic, no atomics, no global partials.
-// kMma (BLOSSOM_OPS_CUDA_SHORT_DKDV=mma; NOT YET RUN ON A GPU when written, 2026-11-27):
-// the per-step products FlashAttention-2 style on mma.sync instead of wmma through shared
-// memory. Warp w owns keys [16 w, 16 w + 16) of the tile: S^T = K Q^T and dP^T = V dO^T per
-// 32-row half as n8 tiles of query rows in registers (lane (gid, tig): keys 16 w + gid and
-// + 8, rows 8 nt + 2 tig + {0, 1}), each element's row data read from sRd, and dS^T and
+// The per-step products are FlashAttention-2 style on mma.sync (dkdv_step_mma). Warp w owns
+// keys [16 w, 16 w + 16) of the tile: S^T = K Q^T and dP^T = V dO^T per 32-row half as n8
+// tiles of query rows in registers (lane (gid, tig): keys 16 w + gid and + 8, rows
+// 8 nt + 2 tig + {0, 1}), each element's row data read from sRd, and dS^T and
 // (a P_sel + b P_win)^T are directly the A fragments of dK += dS^T Q and dV += (..)^T dO
-// (Q, dO through ldmatrix.trans). Loading, staging and the cluster reduction are shared.
-template <typename T, int D, bool kMma>
+// (Q, dO through ldmatrix.trans).
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registers
     short_dkdv_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT, int n_ktiles,
                       int nsplit, float sl2, const float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
-  using Ly = Lay<D>;
+  using Ly = DkdvLay<D>;
+  constexpr int ldo = Lay<D>::kLdO;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem sm{smem_raw};
-  E* sK = sm.at<E>(0);
-  E* sV = sm.at<E>(Ly::kTile);
-  E* sQ = sm.at<E>(2 * Ly::kTile);
-  E* sDO = sm.at<E>(3 * Ly::kTile);
-  float* sF0 = sm.at<float>(4 * Ly::kTile);            // S, one 32-key half
-  float* sF1 = sm.at<float>(4 * Ly::kTile + Ly::kF2);  // dP, same half
-  E* sP0 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2);           // dS
-  E* sP1 = sm.at<E>(4 * Ly::kTile + 2 * Ly::kF2 + Ly::kP);  // a P_sel + b P_win
-  float* sRd = sm.at<float>(4 * Ly::kTile + 2 * Ly::kF2 + 2 * Ly::kP);  // [64][kRowD]
-  // dK, dV partials after the walk, from Q on (static_assert in Lay); same offsets in
+  E* sK = sm.at<E>(Ly::kK);
+  E* sV = sm.at<E>(Ly::kV);
+  E* sQ = sm.at<E>(Ly::kQ);
+  E* sDO = sm.at<E>(Ly::kDO);
+  float* sRd = sm.at<float>(Ly::kRd);  // [64][kRowD]
+  // dK, dV partials after the walk, from Q on (static_assert in DkdvLay); same offsets in
   // every CTA of a cluster, which the reduction relies on.
-  float* sSk = sm.at<float>(2 * Ly::kTile);
-  float* sSv = sSk + kRows * Ly::kLdO;
+  float* sSk = sm.at<float>(Ly::kStage);
+  float* sSv = sSk + kRows * ldo;
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int split = static_cast<int>(blockIdx.x % nsplit);
@@ -1264,14 +875,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, k0 + r, g); });
   cp_async_commit();
 
-  const Ew ew = ew_role();
-  FragC acc_k[D / 16], acc_v[D / 16];
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) {
-    wm::fill_fragment(acc_k[f], 0.f);
-    wm::fill_fragment(acc_v[f], 0.f);
-  }
-  float mk[D / 8][4], mv[D / 8][4];  // kMma accumulators: keys (rows) x head dims, C layout
+  float mk[D / 8][4], mv[D / 8][4];  // dK, dV accumulators: keys (rows) x head dims, C layout
 #pragma unroll
   for (int n = 0; n < D / 8; ++n)
 #pragma unroll
@@ -1297,71 +901,22 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    if constexpr (kMma) {
-      dkdv_step_mma<T, D>(sK, sV, sQ, sDO, sRd, sl2, mk, mv);
-      __syncthreads();  // sQ, sDO, sRd are rewritten by the next step
-      continue;
-    }
-    {
-      const float* srow = sF0 + ew.er * kHalf + 16 * ew.eh;
-      const float* prow = sF1 + ew.er * kHalf + 16 * ew.eh;
-#pragma unroll 1
-      for (int hk = 0; hk < 2; ++hk) {
-        gemm_abt_half<D>(sQ, sK, sF0, warp, hk);
-        gemm_abt_half<D>(sDO, sV, sF1, warp, hk);
-        __syncwarp();  // S, dP rows of this warp
-        // Row data re-read per half (shared memory) rather than held across the GEMMs.
-        const float* rd = sRd + ew.er * kRowD;
-        const float ga = rd[0], gb = rd[1], dsel = rd[2], dwin = rd[3];
-        const float l2s = rd[4], l2w = rd[5];
-        const uint64_t* rb = reinterpret_cast<const uint64_t*>(rd + 8);
-        const int kb = kHalf * hk + 16 * ew.eh;  // first key (in the tile) of this lane
-        const uint32_t bs = static_cast<uint32_t>(rb[0] >> kb);
-        const uint32_t bw = static_cast<uint32_t>(rb[1] >> kb);
-        E* drow = sP0 + ew.er * kLdP + kb;
-        E* crow = sP1 + ew.er * kLdP + kb;
-#pragma unroll 4
-        for (int t = 0; t < 16; ++t) {
-          const int k = (t + ew.rot16) & 15;
-          const float s = srow[k] * sl2, dp = prow[k];
-          float ds = 0.f, pc = 0.f;
-          if ((bs >> k) & 1u) {
-            const float ps = exp2f(s - l2s);
-            ds += ps * (ga * dp - dsel);
-            pc += ga * ps;
-          }
-          if ((bw >> k) & 1u) {
-            const float pw = exp2f(s - l2w);
-            ds += pw * (gb * dp - dwin);
-            pc += gb * pw;
-          }
-          drow[k] = TcElem<T>::from(ds);
-          crow[k] = TcElem<T>::from(pc);
-        }
-        __syncwarp();  // the next half rewrites these S, dP rows
-      }
-    }
-    __syncthreads();  // the transposed products read every row
-    gemm_ptx<D>(sP1, sDO, acc_v, warp);
-    gemm_ptx<D>(sP0, sQ, acc_k, warp);
-    __syncthreads();  // sQ, sDO, sP*, sRd are rewritten by the next step
+    dkdv_step_mma<T, D>(sK, sV, sQ, sDO, sRd, sl2, mk, mv);
+    __syncthreads();  // sQ, sDO, sRd are rewritten by the next step
   }
   cp_async_wait<0>();  // K/V copies of a CTA that walked no query step
   __syncthreads();
 
-  if constexpr (kMma) {
+  {
     const int lane = tid & 31, gid = lane >> 2, tig = lane & 3;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int off = (warp * 16 + gid + 8 * (e >> 1)) * Ly::kLdO + 8 * n + 2 * tig + (e & 1);
+        const int off = (warp * 16 + gid + 8 * (e >> 1)) * ldo + 8 * n + 2 * tig + (e & 1);
         sSk[off] = mk[n][e];
         sSv[off] = mv[n][e];
       }
-  } else {
-    stage<D>(sSk, acc_k, warp);
-    stage<D>(sSv, acc_v, warp);
   }
   __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1378,8 +933,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) dk[e] = dv[e] = 0.f;
     for (int s = 0; s < nsplit; ++s) {  // fixed order over the ranks
-      const float* fk = sSk + r * Ly::kLdO + d0;
-      const float* fv = sSv + r * Ly::kLdO + d0;
+      const float* fk = sSk + r * ldo + d0;
+      const float* fv = sSv + r * ldo + d0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       if (s != split) {
         fk = cg::this_cluster().map_shared_rank(fk, s);
@@ -1435,6 +990,12 @@ template <typename F>
 void with_smem(F kernel, int bytes) {
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // All of the unified L1 / shared memory as shared: the driver otherwise sizes the carveout
+  // for the register-limited occupancy it expects, which left the D = 64 forward at 3 CTAs per
+  // SM (168 KB carveout) even where registers allow 4. These kernels stage everything
+  // they reuse in shared memory; the L1 they give up held little (47% hit rate, ncu).
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                       cudaSharedmemCarveoutMaxShared);
 }
 
 template <typename T, int D>
@@ -1445,22 +1006,10 @@ void fwd_d(const ShortFwdParams<T>& p, cudaStream_t stream) {
   const int n_tiles = static_cast<int>((p.shape.q_len + QT - 1) / QT);
   const int64_t ctas = p.shape.batch * p.shape.kv_heads * n_tiles;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
-  static const bool use_mma = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_FWD");
-    return e == nullptr || std::strcmp(e, "wmma") != 0;
-  }();
-  if (use_mma) {
-    auto kernel = short_fwd_mma_kernel<T, D>;
-    with_smem(kernel, FwdMmaLay<D>::kBytes);
-    kernel<<<static_cast<unsigned>(ctas), kThreads, FwdMmaLay<D>::kBytes, stream>>>(
-        p, m, G, QT, n_tiles, sl2);
-    check_launch("blossom_short_fwd (mma)");
-    return;
-  }
-  auto kernel = short_fwd_kernel<T, D>;
-  with_smem(kernel, Lay<D>::kFwdBytes);
-  kernel<<<static_cast<unsigned>(ctas), kThreads, Lay<D>::kFwdBytes, stream>>>(p, m, G, QT, n_tiles,
-                                                                             sl2);
+  auto kernel = short_fwd_mma_kernel<T, D>;
+  with_smem(kernel, FwdMmaLay<D>::kBytes);
+  kernel<<<static_cast<unsigned>(ctas), kThreads, FwdMmaLay<D>::kBytes, stream>>>(
+      p, m, G, QT, n_tiles, sl2);
   check_launch("blossom_short_fwd");
 }
 
@@ -1523,30 +1072,14 @@ void bwd_d(const ShortBwdParams<T>& p, float* ws, cudaStream_t stream) {
   const int n_ktiles = static_cast<int>((p.shape.q_len + kKeys - 1) / kKeys);
   const int64_t bg = p.shape.batch * p.shape.kv_heads;
   const float sl2 = static_cast<float>(p.shape.scale) * kLog2e;
-  static const bool dq_mma = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DQ");
-    return e == nullptr || std::strcmp(e, "wmma") != 0;
-  }();
-  if (dq_mma) {
-    auto dq = short_dq_mma_kernel<T, D>;
-    with_smem(dq, DqMmaLay<D>::kBytes);
-    dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, DqMmaLay<D>::kBytes, stream>>>(
-        p, m, G, QT, n_tiles, sl2, ws);
-    check_launch("blossom_short_bwd (dq, mma)");
-  } else {
-    auto dq = short_dq_kernel<T, D>;
-    with_smem(dq, Lay<D>::kDqBytes);
-    dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, Lay<D>::kDqBytes, stream>>>(
-        p, m, G, QT, n_tiles, sl2, ws);
-    check_launch("blossom_short_bwd (dq)");
-  }
+  auto dq = short_dq_mma_kernel<T, D>;
+  with_smem(dq, DqMmaLay<D>::kBytes);
+  dq<<<static_cast<unsigned>(bg * n_tiles), kThreads, DqMmaLay<D>::kBytes, stream>>>(
+      p, m, G, QT, n_tiles, sl2, ws);
+  check_launch("blossom_short_bwd (dq)");
   // Same stream: the dK/dV pass reads the workspace the dQ pass wrote.
-  static const bool dkdv_mma = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_DKDV");
-    return e == nullptr || std::strcmp(e, "wmma") != 0;
-  }();
-  auto dkdv = dkdv_mma ? short_dkdv_kernel<T, D, true> : short_dkdv_kernel<T, D, false>;
-  const int bytes = Lay<D>::kDkdvBytes;
+  auto dkdv = short_dkdv_kernel<T, D>;
+  const int bytes = DkdvLay<D>::kBytes;
   with_smem(dkdv, bytes);
   const int nsplit = dkdv_split(static_cast<int>(p.shape.q_len), QT, n_ktiles, bg, m.causal);
   const unsigned ctas = static_cast<unsigned>(bg * n_ktiles * nsplit);
