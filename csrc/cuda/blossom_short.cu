@@ -69,18 +69,18 @@
 //        ~ 100 MB.
 //   Shared memory (bytes) at D = 16 / 32 / 64: fwd 19584 / 29824 / 50304, dQ 24704 / 36992 /
 //   61568, dK/dV 16384 / 28672 / 53248. Registers (sm_90, nvcc 13, bf16 and half alike):
-//   fwd 110 / 122 / 128 (48 bytes spilled at D = 64), dQ 92 / 122 / 126, dK/dV 115 / 137 /
-//   167; launch bounds 4 / 4 / 3 CTAs per SM. CTAs per SM (64K registers, 228 KB shared,
-//   1 KB reserved per CTA): fwd 4 / 4 / 4, dQ 5 / 4 / 3 (at D = 64 shared memory allows
-//   only 3), dK/dV 4 / 3 / 3 (registers). D = 128 is left to the generic path.
+//   fwd 110 / 128 / 164, dQ 92 / 122 / 158, dK/dV 115 / 137 / 167, no spills; launch bounds
+//   3 CTAs per SM for all three (12 warps; ncu at D = 64: 0.69 eligible warps per scheduler,
+//   latency-bound). D = 128 is left to the generic path.
 //   Measured (H200, 2026-11-27, benchmarks/profile_gpu.py, kernel time per fwd+bwd, B=64
 //   L=200): D=64 0.360 ms = dK/dV 0.113, dQ 0.100, fwd 0.097 + select 0.034, compress
 //   0.016; D=16 0.217 ms = dK/dV 0.073, fwd 0.058, dQ 0.049 + select 0.026, compress 0.012
-//   (the previous wmma kernels, S and P through shared memory: 0.481 and 0.309). Those
-//   numbers are from before the forward and dQ launch bounds went from 3 to 4 CTAs per SM
-//   (D = 64 forward 164 -> 128 registers, dQ 158 -> 126) and the shared-memory carveout to
-//   its maximum: that change is not timed yet. The kernels are latency-bound (dependent
-//   load -> mma -> exp chains), far from the ~13 us DRAM floor of the forward.
+//   (the previous wmma kernels, S and P through shared memory: 0.481 and 0.309). Tried and
+//   not kept: launch bounds of 4 CTAs per SM for the forward and dQ (D = 64: 128 / 126
+//   registers, 48 bytes spilled in the forward) with the shared-memory carveout at its
+//   maximum: forward 0.097 -> 0.096 ms, dQ 0.100 -> 0.107 (H200). The kernels are
+//   latency-bound (dependent load -> mma -> exp chains), far from the ~13 us DRAM floor of
+//   the forward.
 #include <cooperative_groups.h>
 
 #include <cmath>
@@ -285,7 +285,7 @@ struct FwdMmaLay {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, 3)
     short_fwd_mma_kernel(const ShortFwdParams<T> p, const ShortMask m, int G, int QT,
                          int n_tiles, float sl2) {
   using E = typename TcElem<T>::type;
@@ -566,7 +566,7 @@ struct DqMmaLay {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, 3)
     short_dq_mma_kernel(const ShortBwdParams<T> p, const ShortMask m, int G, int QT,
                         int n_tiles, float sl2, float* __restrict__ ws) {
   using E = typename TcElem<T>::type;
@@ -990,12 +990,6 @@ template <typename F>
 void with_smem(F kernel, int bytes) {
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  // All of the unified L1 / shared memory as shared: the driver otherwise sizes the carveout
-  // for the register-limited occupancy it expects, which left the D = 64 forward at 3 CTAs per
-  // SM (168 KB carveout) even where registers allow 4. These kernels stage everything
-  // they reuse in shared memory; the L1 they give up held little (47% hit rate, ncu).
-  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                       cudaSharedmemCarveoutMaxShared);
 }
 
 template <typename T, int D>
