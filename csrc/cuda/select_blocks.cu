@@ -218,8 +218,17 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   BLOSSOM_CHECK(p.stride >= 1 && p.block_size >= p.stride && p.block_size % p.stride == 0,
                "select_blocks: block_size must be a positive multiple of stride");
   if (s.batch == 0 || s.q_len == 0 || s.kv_heads == 0 || p.top_n == 0) return;
-  // Tensor-core path when it covers the call (select_blocks_tc.cuh); this kernel otherwise.
-  if (!detail::simple_kernels_requested() && select_blocks_tc_fwd(p, stream)) return;
+  // Tensor-core path when it covers the call (select_blocks_tc.cuh, or the previous version
+  // select_blocks_tc_old.cuh for what it declines or when BLOSSOM_OPS_CUDA_SELECT=old, read
+  // once); this kernel otherwise.
+  if (!detail::simple_kernels_requested()) {
+    static const bool old_tc = [] {
+      const char* e = std::getenv("BLOSSOM_OPS_CUDA_SELECT");
+      return e != nullptr && std::strcmp(e, "old") == 0;
+    }();
+    if (!old_tc && select_blocks_tc_fwd(p, stream)) return;
+    if (select_blocks_tc_old_fwd(p, stream)) return;
+  }
   const int64_t C = ceil_div(s.q_len, p.block_size);
   const SelectSmem lay = select_smem(C, p.top_n);
   int dev = 0, max_smem = 0;

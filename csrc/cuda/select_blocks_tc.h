@@ -13,8 +13,14 @@ namespace gpu {
 // block_size / stride a power of two <= 64, top_n <= 8, shared memory within the device
 // limit);
 // returns false without doing anything otherwise, and the caller runs the generic kernel.
+// The current kernel (select_blocks_tc.cuh) additionally needs a positive finite scale.
 template <typename T>
 bool select_blocks_tc_fwd(const SelectParams<T>& p, cudaStream_t stream);
+
+// The previous kernel (select_blocks_tc_old.cuh), same contract without the scale condition:
+// for A/B runs (BLOSSOM_OPS_CUDA_SELECT=old) and the calls the current one declines.
+template <typename T>
+bool select_blocks_tc_old_fwd(const SelectParams<T>& p, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace blossom
