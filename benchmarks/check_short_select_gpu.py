@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import blossom_ops  # noqa: E402
 from blossom_ops import reference as ref  # noqa: E402
 from helpers import assert_selection_valid, nan_embedded, selection_tolerance  # noqa: E402
+from profile_gpu import kernel_times  # noqa: E402 (same directory)
 
 DEFAULT = dict(block_len=32, stride=16, block_size=16, top_n=4)
 FUSED_ON = os.environ.get("BLOSSOM_OPS_CUDA_SHORT_SELECT", "") != "0"
@@ -204,19 +205,11 @@ def time_kernels() -> None:
     for D in (16, 64):
         q, k, v, gl, _, _ = inputs(B, L, Hq, Hk, D, torch.bfloat16, "none", False, 32, 1)
         f = lambda: fused_idx(q, k, v, gl, None, None, DEFAULT, True)  # noqa: E731
-        for _ in range(5):
-            f()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                f()
-            torch.cuda.synchronize()
         sel = 0.0
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if any(s in e.key for s in ("short_select", "compress_fwd", "select_")):
-                print(f"  D={D:<3} {t / steps:8.2f} us  x{e.count // steps}  {e.key[:90]}")
-                sel += t / steps
+        for ms, n, key in kernel_times(f, steps, warmup=5):
+            if any(s in key for s in ("short_select", "compress_fwd", "select_")):
+                print(f"  D={D:<3} {ms * 1e3:8.2f} us  x{n}  {key[:90]}")
+                sel += ms * 1e3
         print(f"  D={D:<3} {sel:8.2f} us  selection total per forward", flush=True)
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import blossom_ops
 from blossom_ops import reference as ref
+from profile_gpu import kernel_times  # same directory
 
 
 def grads(fn, q, k, v, go, **kw):
@@ -85,17 +85,10 @@ def bench(L: int, D: int) -> int:
     q, k, v = mk(Hq), mk(Hk), mk(Hk)
     out = blossom_ops.sliding_window_attention(q, k, v, window=8, dilated=True, causal=True)
     go = torch.randn_like(out)
-    for _ in range(2):
-        torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
-        torch.cuda.synchronize()
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and ("dkdv" in e.key or "dq" in e.key):
-            t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0)
-            print(f"L={L} D={D} {e.key[:80]:80s} {t / 1000:.3f} ms avg x{e.count}", flush=True)
+    step = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)  # noqa: E731
+    for ms, n, key in kernel_times(step, 5, warmup=2):
+        if "dkdv" in key or "dq" in key:
+            print(f"L={L} D={D} {key[:80]:80s} {ms / n:.3f} ms avg x{n}", flush=True)
     return 0
 
 

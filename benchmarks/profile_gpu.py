@@ -17,17 +17,11 @@ import blossom_ops
 CFG = dict(block_len=32, stride=16, block_size=16, top_n=4, window=8, dilated=True, causal=True)
 
 
-def profile_case(B: int, L: int, D: int, steps: int, Hq: int = 8, Hk: int = 2) -> None:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16,
-                                generator=g).requires_grad_()
-    q, k, v, gl = mk(B, L, Hq, D), mk(B, L, Hk, D), mk(B, L, Hk, D), mk(B, L, Hq, 2)
-    go = torch.randn(B, L, Hq, D, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        o = blossom_ops.blossom_attention(q, k, v, gl, **CFG)
-        torch.autograd.grad(o, (q, k, v, gl), go)
-    for _ in range(3):
+def kernel_times(step, steps: int, warmup: int = 3):
+    """Runs step() warmup times, then steps times under torch.profiler; returns
+    [(ms per step, calls per step, kernel name)] of every event with device time, largest
+    first. The one kernel timer of the benchmarks' per-kernel reports."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -40,6 +34,20 @@ def profile_case(B: int, L: int, D: int, steps: int, Hq: int = 8, Hk: int = 2) -
         if t > 0:
             rows.append((t / steps / 1e3, e.count // steps, e.key))
     rows.sort(reverse=True)
+    return rows
+
+
+def profile_case(B: int, L: int, D: int, steps: int, Hq: int = 8, Hk: int = 2) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16,
+                                generator=g).requires_grad_()
+    q, k, v, gl = mk(B, L, Hq, D), mk(B, L, Hk, D), mk(B, L, Hk, D), mk(B, L, Hq, 2)
+    go = torch.randn(B, L, Hq, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o = blossom_ops.blossom_attention(q, k, v, gl, **CFG)
+        torch.autograd.grad(o, (q, k, v, gl), go)
+    rows = kernel_times(step, steps)
     total = sum(r[0] for r in rows)
     print(f"\n== B={B} L={L} D={D} Hq={Hq} Hk={Hk} bf16: {total:.3f} ms of kernels per fwd+bwd")
     for ms, n, key in rows[:14]:
