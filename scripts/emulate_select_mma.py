@@ -22,6 +22,8 @@ import random
 
 import torch
 
+from mma_emu import ldmatrix_lane
+
 K_COLS, K_MAXTOP = 64, 8
 SUM_LIMIT = 2.0 ** 64
 NAN, INF = float("nan"), float("inf")
@@ -99,18 +101,6 @@ def ex2(x):
     if x > 1000:
         return INF
     return 2.0 ** x
-
-
-def ldmatrix_x4(src, lane, addr_of):
-    """Registers of `lane`: matrix j is addressed by lanes 8j..8j+7 (row t % 8 given by
-    lane t = addr_of(t) -> (row, col) of the row start); lane receives, of matrix j, the
-    pair (row lane // 4, cols 2 (lane % 4) + {0, 1})."""
-    regs = []
-    for j in range(4):
-        r, c = addr_of(8 * j + lane // 4)
-        c += 2 * (lane % 4)
-        regs.append((src[r][c], src[r][c + 1]))
-    return regs
 
 
 def mma16816(acc, a, b):
@@ -211,7 +201,7 @@ def emulate(q, k, valid, vcmp, G, DP, bs, stride, top_n, causal, scale):
         # per warp and lane state
         st = {}
         for warp in range(4):
-            qb = [[ldmatrix_x4(Qs, lane, lambda t, kk=kk: (warp * 16 + ((t >> 4) & 1) * 8 + (t & 7),
+            qb = [[ldmatrix_lane(Qs, lane, lambda t, kk=kk: (warp * 16 + ((t >> 4) & 1) * 8 + (t & 7),
                                                           kk * 16 + ((t >> 3) & 1) * 8))
                    for lane in range(32)] for kk in range(DP // 16)]
             own_last_w = (min(L, i0 + (warp + 1) * QW) - 1) // bs
@@ -240,7 +230,7 @@ def emulate(q, k, valid, vcmp, G, DP, bs, stride, top_n, causal, scale):
             acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(2)] for _ in range(4)]
             for kk in range(DP // 16):
                 for mt in range(4):
-                    ka = [ldmatrix_x4(kbuf[buf], lane, lambda t: (16 * mt + (t & 7) + ((t >> 3) & 1) * 8,
+                    ka = [ldmatrix_lane(kbuf[buf], lane, lambda t: (16 * mt + (t & 7) + ((t >> 3) & 1) * 8,
                                                                   kk * 16 + ((t >> 4) & 1) * 8))
                           for lane in range(32)]
                     for nt in range(2):

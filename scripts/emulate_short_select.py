@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from blossom_ops import reference as ref
+from mma_emu import ldmatrix_lane
 
 K_THREADS, K_WARPS, K_QT, K_MAXLEN = 256, 8, 128, 256
 
@@ -49,18 +50,6 @@ def count_bits(vm, lo, hi):
         if z > 0 and a < 32:
             n += bin(vm[w] & bit_range(max(a, 0), z)).count("1")
     return n
-
-
-def ldmatrix_x4(src, lane, addr_of):
-    """Registers of `lane`: matrix j is addressed by lanes 8j .. 8j + 7 (lane t gives the
-    (row, col) of row t % 8 of matrix t // 8); lane receives, of matrix j, the pair
-    (row lane // 4, cols 2 (lane % 4) + {0, 1})."""
-    regs = []
-    for j in range(4):
-        r, c = addr_of(8 * j + lane // 4)
-        c += 2 * (lane % 4)
-        regs.append((src[r][c], src[r][c + 1]))
-    return regs
 
 
 def mma16816(acc, a, b):
@@ -172,7 +161,7 @@ def emulate(q, k, k_pos, valid, block_len, S, bs, top_n, causal, scale, dtype):
             kb = {}
             for kk in range(DK):
                 for np_ in range(NT // 2):
-                    kb[kk, np_] = [ldmatrix_x4(
+                    kb[kk, np_] = [ldmatrix_lane(
                         kt, lane, lambda t_, kk=kk, np_=np_: (np_ * 16 + ((t_ >> 3) >> 1) * 8 + (t_ & 7),
                                                               kk * 16 + ((t_ >> 3) & 1) * 8))
                         for lane in range(32)]
@@ -194,7 +183,7 @@ def emulate(q, k, k_pos, valid, block_len, S, bs, top_n, causal, scale, dtype):
             for h0 in range(0, G, hc_max):
                 for hc in range(min(hc_max, G - h0)):
                     h = h0 + hc
-                    qa = {kk: [ldmatrix_x4(
+                    qa = {kk: [ldmatrix_lane(
                         qs[h], lane, lambda t_, kk=kk: (warp * 16 + ((t_ >> 3) & 1) * 8 + (t_ & 7),
                                                         kk * 16 + ((t_ >> 3) >> 1) * 8))
                         for lane in range(32)] for kk in range(DK)}

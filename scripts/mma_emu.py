@@ -1,6 +1,7 @@
 """Lane-level models of the warp-wide tensor-core instructions our CUDA kernels use (see
 csrc/cuda/mma_frag.cuh for the fragment layouts), shared by the numpy replays
-scripts/emulate_short_fwd_mma.py and scripts/emulate_window_dkdv_mma.py.
+scripts/emulate_short_fwd_mma.py, emulate_window_dkdv_mma.py, emulate_select_mma.py and
+emulate_short_select.py.
 
 ldmatrix.x4: lane t receives, from each of the 4 loaded 8 x 8 matrices j, the pair of
 elements (t // 4, 2 (t % 4)) and (t // 4, 2 (t % 4) + 1) (of the transpose with .trans).
@@ -20,6 +21,18 @@ def ldmatrix_pairs(mats, trans=False):
         for t in range(32):
             out[t][j] = (mat[t // 4, 2 * (t % 4)], mat[t // 4, 2 * (t % 4) + 1])
     return out
+
+
+def ldmatrix_lane(src, lane, addr_of):
+    """The 4 pairs one lane receives from ldmatrix.x4 (no .trans): matrix j is addressed by
+    lanes 8 j .. 8 j + 7, addr_of(t) -> (row, col) of the row lane t gives; lane receives, of
+    matrix j, (row lane // 4, cols 2 (lane % 4) + {0, 1}). src: 2-D, indexed src[r][c]."""
+    regs = []
+    for j in range(4):
+        r, c = addr_of(8 * j + lane // 4)
+        c += 2 * (lane % 4)
+        regs.append((src[r][c], src[r][c + 1]))
+    return regs
 
 
 def mma(d, a, b0, b1):
