@@ -76,20 +76,23 @@ void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const Slidin
 }
 
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
-                                                    const SlidingWindowMask&) {
-  return detail::attn_delta_bytes(shape);
+                                                    const SlidingWindowMask&, bool gated) {
+  return detail::attn_delta_bytes(shape, gated);
 }
 
 template <typename T>
 void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const SlidingWindowMask& m,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  BLOSSOM_CHECK(workspace_bytes >= sliding_window_attention_bwd_workspace_bytes(p.shape, m),
+  BLOSSOM_CHECK(workspace_bytes >= sliding_window_attention_bwd_workspace_bytes(
+                                       p.shape, m, detail::bwd_gated(p)),
                "sliding_window_attention_bwd: workspace too small");
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
   float* delta = static_cast<float*>(workspace);
-  // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.
+  // dQ writes delta (and, gated, lse'); the staged dK/dV pass (attn_dkdv_staged.cuh) reads
+  // them on the same stream.
   detail::launch_attn_dq(p, pol, delta, stream, "sliding_window_attention_bwd");
-  detail::launch_attn_dkdv_staged(p, pol, delta, stream, "sliding_window_attention_bwd");
+  detail::launch_attn_dkdv_staged(detail::dkdv_params(p, delta), pol, delta, stream,
+                                  "sliding_window_attention_bwd");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                               \
