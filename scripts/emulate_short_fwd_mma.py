@@ -10,40 +10,16 @@ Usage: python3 scripts/emulate_short_fwd_mma.py
 """
 import numpy as np
 
+from mma_emu import ldmatrix_pairs, mma
+
 KH = 32  # keys per online-softmax step (kHalf)
 
 
 def ldmatrix_x4(sm, offs, trans=False):
     """sm: 2-D array (rows, cols); offs[lane] = (row, col) of the 8 elements lane gives.
     Returns r[lane][j] = (lo, hi) pair of matrix j."""
-    out = [[None] * 4 for _ in range(32)]
-    for j in range(4):
-        mat = np.stack([sm[offs[8 * j + q][0], offs[8 * j + q][1]:offs[8 * j + q][1] + 8]
-                        for q in range(8)])  # 8 x 8, row q from lane 8j+q
-        if trans:
-            mat = mat.T
-        for t in range(32):
-            out[t][j] = (mat[t // 4, 2 * (t % 4)], mat[t // 4, 2 * (t % 4) + 1])
-    return out
-
-
-def mma(d, a, b0, b1):
-    """d[lane] 4 floats += A (from a[lane] 4 pairs) @ B (from b0/b1[lane] pairs)."""
-    A = np.zeros((16, 16))
-    B = np.zeros((16, 8))
-    for t in range(32):
-        g, tg = t // 4, t % 4
-        for (r, c), (lo, hi) in zip([(g, 0), (g + 8, 0), (g, 8), (g + 8, 8)], a[t]):
-            A[r, c + 2 * tg], A[r, c + 2 * tg + 1] = lo, hi
-        B[2 * tg, g], B[2 * tg + 1, g] = b0[t]
-        B[2 * tg + 8, g], B[2 * tg + 9, g] = b1[t]
-    C = A @ B
-    for t in range(32):
-        g, tg = t // 4, t % 4
-        d[t][0] += C[g, 2 * tg]
-        d[t][1] += C[g, 2 * tg + 1]
-        d[t][2] += C[g + 8, 2 * tg]
-        d[t][3] += C[g + 8, 2 * tg + 1]
+    return ldmatrix_pairs([np.stack([sm[offs[8 * j + q][0], offs[8 * j + q][1]:offs[8 * j + q][1] + 8]
+                                     for q in range(8)]) for j in range(4)], trans)
 
 
 def emulate(D, n_chunks, rng):
