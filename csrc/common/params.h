@@ -73,6 +73,16 @@ struct AttnBwdParams {
   // them (the second branch of blossom_attention's backward, so no separate add pass).
   // Honoured by the CUDA kernels; the CPU kernels require false.
   bool accumulate = false;
+  // blossom_attention's gate folded into this branch's backward (CUDA only; the CPU kernels
+  // require gate.ptr == nullptr). When gate.ptr is set, the gradient flowing into this
+  // branch is sigmoid(g) * grad_out with g = gate.at(b, i, h)[gate_r] (grad_out is the
+  // gate's output gradient), and the dQ pass also writes
+  // grad_gate.at(b, i, h)[gate_r] = rowsum(grad_out * out) * s * (1 - s), s = sigmoid(g),
+  // for every row (padded ones included), as gate_fusion's backward does. Requires
+  // grad_lse == nullptr; the workspace of a gated backward is larger (launch.h).
+  Bshd<const T> gate;   // gate_logits [B, L, Hq, R]: element strides, last dim contiguous
+  Bshd<T> grad_gate;    // [B, L, Hq, R]: only column gate_r is written
+  int64_t gate_r = 0;   // this branch's index r in the last dimension
 };
 
 // STIS mask: |i - j| < window, or (dilated and |i - j| a power of two); j <= i if causal.

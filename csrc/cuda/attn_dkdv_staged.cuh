@@ -236,6 +236,7 @@ template <typename T, class Policy>
 void launch_attn_dkdv_staged(const AttnBwdParams<T, float>& p, const Policy& pol,
                              const float* delta, cudaStream_t stream, const char* name) {
   const AttnShape& s = p.shape;
+  BLOSSOM_CHECK(!bwd_gated(p), name, ": the dK/dV pass takes dkdv_params(p, delta)");
   if (s.batch == 0 || s.q_heads == 0 || s.kv_len == 0) return;
   constexpr bool k16 = sizeof(T) == 2;
   const int64_t D = s.head_dim;

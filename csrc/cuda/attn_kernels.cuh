@@ -141,7 +141,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 }
 
 // ------------------------------------------------------------------------------ dQ
-// Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass.
+// Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
+// gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh).
 template <typename T, int TPK, int HPW, bool VEC, class Policy>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     attn_dq_kernel_simple(const AttnBwdParams<T, float> p, const Policy pol,
@@ -169,9 +170,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   for (int hh = 0; hh < HPW; ++hh) zero_frag(dq[hh]);
   const bool qv = pol.query_valid(b, i);
 
+  // Per-row terms (delta, lse; gated: lse', grad_gate) of head h0 + hl, computed by lane hl
+  // and broadcast (attn_gate_fold.cuh); every sub-group holds the same rowsums.
+  const int hl = lane < HPW ? lane : 0;
   if (qv) {
     const float qs = static_cast<float>(s.scale) * kLog2e;
-    float q[HPW][kFrag], dout[HPW][kFrag], lse2[HPW], dlt[HPW];
+    float q[HPW][kFrag], dout[HPW][kFrag], lse2[HPW], dlt[HPW], x[HPW];
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) {
       float of[kFrag];
@@ -180,13 +184,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       load_frag<VEC>(p.out.at(b, i, h0 + hh), d0, D, of);
 #pragma unroll
       for (int e = 0; e < kFrag; ++e) q[hh][e] *= qs;
-      const float gl = p.grad_lse != nullptr ? p.grad_lse[row + hh] : 0.f;
-      dlt[hh] = group_sum<TPK>(dot_frag(dout[hh], of)) - gl;
-      lse2[hh] = p.lse[row + hh] * kLog2e;
+      x[hh] = group_sum<TPK>(dot_frag(dout[hh], of));
     }
-    if (lane == 0) {
+    float my_dlt, my_lse2;
+    dq_row_terms(p, b, i, h0 + hl, row + hl, pick<HPW>(x, hl), true, lane < HPW, delta, my_dlt,
+                 my_lse2);
 #pragma unroll
-      for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = dlt[hh];
+    for (int hh = 0; hh < HPW; ++hh) {
+      dlt[hh] = __shfl_sync(kFullMask, my_dlt, hh);
+      lse2[hh] = __shfl_sync(kFullMask, my_lse2, hh);
     }
     const int64_t n_slots = pol.fwd_slots(b, i, g);
     for (int64_t n0 = 0; n0 < n_slots; n0 += KPW) {
@@ -211,6 +217,20 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         }
       }
     }
+  } else if (p.gate.ptr != nullptr) {
+    // A padded row still has a gate gradient, rowsum(dO * O) s (1 - s) (O is 0 there, as in
+    // gate_fusion's backward); delta 0 and lse' are written too.
+    float x[HPW];
+#pragma unroll
+    for (int hh = 0; hh < HPW; ++hh) {
+      float df[kFrag], of[kFrag];
+      load_frag<VEC>(p.grad_out.at(b, i, h0 + hh), d0, D, df);
+      load_frag<VEC>(p.out.at(b, i, h0 + hh), d0, D, of);
+      x[hh] = group_sum<TPK>(dot_frag(df, of));
+    }
+    float unused_dlt, unused_lse2;
+    dq_row_terms(p, b, i, h0 + hl, row + hl, pick<HPW>(x, hl), false, lane < HPW, delta,
+                 unused_dlt, unused_lse2);
   } else if (lane == 0) {
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = 0.f;
@@ -405,9 +425,10 @@ void launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaSt
   check_launch(name);
 }
 
-// Workspace of every attention backward: delta [B, L, Hq] float.
-inline size_t attn_delta_bytes(const AttnShape& s) {
-  return align_up(static_cast<size_t>(s.batch * s.q_len * s.q_heads) * sizeof(float));
+// Workspace of every attention backward: delta [B, L, Hq] float; a gated backward
+// (attn_gate_fold.cuh) keeps lse' [B, L, Hq] right after it.
+inline size_t attn_delta_bytes(const AttnShape& s, bool gated = false) {
+  return align_up(static_cast<size_t>(attn_rows(s)) * (gated ? 2 : 1) * sizeof(float));
 }
 
 template <typename T>
@@ -417,10 +438,16 @@ inline bool attn_bwd_vec_ok(const AttnBwdParams<T, float>& p) {
 }
 
 // dQ pass; also writes delta, which the dK/dV pass reads (same stream, so ordered).
+// Both dQ kernels it may pick (staged, simple) honour a gate (AttnBwdParams::gate); then
+// delta must have room for lse' (attn_delta_bytes(s, true)) and the dK/dV pass must run with
+// dkdv_params(p, delta).
 template <typename T, class Policy>
 void launch_attn_dq(const AttnBwdParams<T, float>& p, const Policy& pol, float* delta,
                     cudaStream_t stream, const char* name) {
   const AttnShape& s = p.shape;
+  if (bwd_gated(p))
+    BLOSSOM_CHECK(p.grad_lse == nullptr && p.grad_gate.ptr != nullptr && p.gate_r >= 0, name,
+                  ": a gated backward needs grad_gate and no grad_lse");
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
   const bool vec = attn_bwd_vec_ok(p);
   if (launch_attn_dq_staged(p, pol, delta, vec, stream)) {  // fast path (attn_staged_tc.cuh)
@@ -437,11 +464,13 @@ void launch_attn_dq(const AttnBwdParams<T, float>& p, const Policy& pol, float* 
   check_launch(name);
 }
 
-// dK/dV pass, one warp per key: reads delta written by launch_attn_dq.
+// dK/dV pass, one warp per key: reads delta written by launch_attn_dq. p has no gate (a
+// gated backward passes dkdv_params(p, delta), whose lse carries the gate).
 template <typename T, class Policy>
 void launch_attn_dkdv(const AttnBwdParams<T, float>& p, const Policy& pol, const float* delta,
                       cudaStream_t stream, const char* name) {
   const AttnShape& s = p.shape;
+  BLOSSOM_CHECK(!bwd_gated(p), name, ": the dK/dV pass takes dkdv_params(p, delta)");
   if (s.batch == 0 || s.q_heads == 0 || s.kv_len == 0) return;
   // dK/dV has no head loop: only the lanes-per-key choice matters (HPW ignored).
   dispatch_row_config(s.head_dim, 1, attn_bwd_vec_ok(p), [&](auto tpk, auto, auto v) {
@@ -458,7 +487,7 @@ template <typename T, class Policy>
 void launch_attn_bwd(const AttnBwdParams<T, float>& p, const Policy& pol, float* delta,
                      cudaStream_t stream, const char* name) {
   launch_attn_dq(p, pol, delta, stream, name);
-  launch_attn_dkdv(p, pol, delta, stream, name);
+  launch_attn_dkdv(dkdv_params(p, delta), pol, delta, stream, name);
 }
 
 }  // namespace detail

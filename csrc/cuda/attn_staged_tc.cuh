@@ -51,6 +51,7 @@
 #include <type_traits>
 
 #include "common/params.h"
+#include "cuda/attn_gate_fold.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
 #include "cuda/mma_frag.cuh"
@@ -380,7 +381,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 }
 
 // ------------------------------------------------------------------------------ dQ
-// Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass.
+// Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
+// gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh).
 template <typename T, int D, int HPW, class Policy>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta) {
@@ -412,79 +414,85 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 #pragma unroll
   for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
-  if (pol.query_valid(b, i)) {
-    // delta: lane-strided partial sums, then a butterfly (fixed order).
-    float dlt[HPW], lse2[HPW];
+  const bool qv = pol.query_valid(b, i);
+  // A gated backward (attn_gate_fold.cuh) also needs rowsum(dO * O) of the padded rows, for
+  // their gate gradient; warp-uniform, like qv.
+  if (qv || p.gate.ptr != nullptr) {
+    // Rowsums: lane-strided partial sums, then a butterfly (fixed order; every lane ends with
+    // the same bits).
+    float x[HPW];
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) {
       const T* orow = p.out.at(b, i, h0 + hh);
       const T* drow = p.grad_out.at(b, i, h0 + hh);
-      float x = 0.f;
-      for (int d = lane; d < D; d += 32) x = fmaf(to_float(drow[d]), to_float(orow[d]), x);
+      float xs = 0.f;
+      for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
 #pragma unroll
-      for (int o2 = 16; o2 > 0; o2 >>= 1) x += __shfl_xor_sync(kFullMask, x, o2);
-      const float gl = p.grad_lse != nullptr ? p.grad_lse[row + hh] : 0.f;
-      dlt[hh] = x - gl;
-      lse2[hh] = p.lse[row + hh] * kLog2e;
+      for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
+      x[hh] = xs;
     }
-    if (lane == 0) {
-#pragma unroll
-      for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = dlt[hh];
-    }
-    // This lane's heads 2 tig + {0, 1}; the padding heads (>= HPW) get dS = 0.
+    // Per-row terms of head h0 + hl by lane hl (delta, lse; gated: lse', grad_gate), then
+    // this lane's heads 2 tig + {0, 1} by shuffles (lanes >= HPW computed head h0: finite,
+    // and only read for padding heads, whose dS is forced to 0).
+    const int hl = lane < HPW ? lane : 0;
+    float t_dlt, t_lse2;
+    dq_row_terms(p, b, i, h0 + hl, row + hl, pick<HPW>(x, hl), qv, lane < HPW, delta, t_dlt,
+                 t_lse2);
     bool real[2];
     float my_lse2[2], my_dlt[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       real[j] = 2 * tig + j < HPW;
-      my_lse2[j] = pick<HPW>(lse2, 2 * tig + j);
-      my_dlt[j] = pick<HPW>(dlt, 2 * tig + j);
+      my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
+      my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
     }
-    uint32_t qb[C::NF][2], ob[C::NF][2];
-    load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
-    load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
-    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    __syncwarp();
-    const float qsc = static_cast<float>(s.scale) * kLog2e;
-    const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-    w.n_slots = pol.fwd_slots(b, i, g);
-    w.for_each_chunk(pol, [&](int buf, int cnt) {
-      const E* kb = w.kbuf(buf);
-      const E* vb = w.vbuf(buf);
+    if (qv) {
+      uint32_t qb[C::NF][2], ob[C::NF][2];
+      load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
+      load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
+      tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+      __syncwarp();
+      const float qsc = static_cast<float>(s.scale) * kLog2e;
+      const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+      w.n_slots = pol.fwd_slots(b, i, g);
+      w.for_each_chunk(pol, [&](int buf, int cnt) {
+        const E* kb = w.kbuf(buf);
+        const E* vb = w.vbuf(buf);
 #pragma unroll
-      for (int t = 0; t < C::KT; ++t) {
-        if (t * 16 < cnt) {
-          // S^T = K Q^T and dP^T = V dO^T.
-          float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int t = 0; t < C::KT; ++t) {
+          if (t * 16 < cnt) {
+            // S^T = K Q^T and dP^T = V dO^T.
+            float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-          for (int f = 0; f < C::NF; ++f) {
-            uint32_t a[4];
-            ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
-            mma16816<E>(sc, a, qb[f][0], qb[f][1]);
-            ldmatrix_x4(a, vb + t * 16 * C::RS + 16 * f + a_row);
-            mma16816<E>(dp, a, ob[f][0], ob[f][1]);
-          }
-          // dS^T, exactly 0 for keys past cnt and the padding heads.
+            for (int f = 0; f < C::NF; ++f) {
+              uint32_t a[4];
+              ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
+              mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+              ldmatrix_x4(a, vb + t * 16 * C::RS + 16 * f + a_row);
+              mma16816<E>(dp, a, ob[f][0], ob[f][1]);
+            }
+            // dS^T, exactly 0 for keys past cnt and the padding heads.
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = t * 16 + gid + (e >> 1) * 8;
-            const int j = e & 1;
-            sc[e] = key < cnt && real[j]
-                        ? exp2f(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
-                        : 0.f;
-          }
-          uint32_t db0, db1;
-          keys_heads_to_b<E>(sc, db0, db1);
-          // dQ^T += K^T dS^T.
+            for (int e = 0; e < 4; ++e) {
+              const int key = t * 16 + gid + (e >> 1) * 8;
+              const int j = e & 1;
+              sc[e] = key < cnt && real[j]
+                          ? exp2f(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                          : 0.f;
+            }
+            uint32_t db0, db1;
+            keys_heads_to_b<E>(sc, db0, db1);
+            // dQ^T += K^T dS^T.
 #pragma unroll
-          for (int f = 0; f < C::NF; ++f) {
-            uint32_t a[4];
-            ldmatrix_x4_trans(a, kb + t * 16 * C::RS + 16 * f + a_col);
-            mma16816<E>(dq[f], a, db0, db1);
+            for (int f = 0; f < C::NF; ++f) {
+              uint32_t a[4];
+              ldmatrix_x4_trans(a, kb + t * 16 * C::RS + 16 * f + a_col);
+              mma16816<E>(dq[f], a, db0, db1);
+            }
           }
         }
-      }
-    });
+      });
+    }
   } else if (lane == 0) {
 #pragma unroll
     for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = 0.f;

@@ -177,12 +177,12 @@ struct IndexLayout {
   size_t delta = 0, off = 0, cursor = 0, entries = 0, total = 0;
 };
 
-IndexLayout index_layout(const AttnShape& s, const BlockSparseMask& m) {
+IndexLayout index_layout(const AttnShape& s, const BlockSparseMask& m, bool gated) {
   const size_t BG = static_cast<size_t>(s.batch * s.kv_heads);
   const size_t C = static_cast<size_t>(detail::ceil_div(s.q_len, m.block_size));
   IndexLayout lay;
   lay.delta = 0;
-  lay.off = lay.delta + detail::attn_delta_bytes(s);
+  lay.off = lay.delta + detail::attn_delta_bytes(s, gated);
   lay.cursor = lay.off + detail::align_up(BG * (C + 1) * sizeof(int32_t));
   lay.entries = lay.cursor + detail::align_up(BG * kIndexWarps * C * sizeof(int32_t));
   lay.total = lay.entries +
@@ -211,15 +211,15 @@ void block_sparse_attention_fwd(const AttnFwdParams<T, float>& p, const BlockSpa
 }
 
 size_t block_sparse_attention_bwd_workspace_bytes(const AttnShape& shape,
-                                                  const BlockSparseMask& m) {
-  return index_layout(shape, m).total;
+                                                  const BlockSparseMask& m, bool gated) {
+  return index_layout(shape, m, gated).total;
 }
 
 template <typename T>
 void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const AttnShape& s = p.shape;
-  const IndexLayout lay = index_layout(s, m);
+  const IndexLayout lay = index_layout(s, m, detail::bwd_gated(p));
   BLOSSOM_CHECK(workspace_bytes >= lay.total, "block_sparse_attention_bwd: workspace too small (",
                workspace_bytes, " < ", lay.total, " bytes)");
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
@@ -237,9 +237,10 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
   detail::launch_attn_dq(p, pol, delta, stream, "block_sparse_attention_bwd (dQ)");
   // dK/dV: one CTA per 16-key tile on tensor cores (block_sparse_dkdv.cu); the generic
   // per-key kernel covers the rest (fp32, other block sizes / head dims, unaligned rows,
-  // BLOSSOM_OPS_CUDA_SIMPLE=1).
-  if (!detail::launch_block_sparse_dkdv(p, m, pol.C, pol.off, pol.entries, delta, stream))
-    detail::launch_attn_dkdv(p, pol, delta, stream, "block_sparse_attention_bwd (dK/dV)");
+  // BLOSSOM_OPS_CUDA_SIMPLE=1). A gate rides in the lse the dQ pass left (dkdv_params).
+  const AttnBwdParams<T, float> pk = detail::dkdv_params(p, delta);
+  if (!detail::launch_block_sparse_dkdv(pk, m, pol.C, pol.off, pol.entries, delta, stream))
+    detail::launch_attn_dkdv(pk, pol, delta, stream, "block_sparse_attention_bwd (dK/dV)");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                             \

@@ -355,6 +355,7 @@ template <typename T>
 bool launch_block_sparse_dkdv(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
                               int64_t num_blocks, const int32_t* off, const int32_t* entries,
                               const float* delta, cudaStream_t stream) {
+  BLOSSOM_CHECK(!bwd_gated(p), "block_sparse_attention_bwd: the dK/dV pass takes dkdv_params");
   if constexpr (std::is_same<T, float>::value) {
     return false;  // no fp32 tensor-core path: the generic kernel keeps full precision
   } else {

@@ -61,20 +61,24 @@ void compressed_attention_fwd(const AttnFwdParams<T, float>& p, const Compressed
                           "compressed_attention_fwd");
 }
 
-size_t compressed_attention_bwd_workspace_bytes(const AttnShape& shape, const CompressedMask&) {
-  return detail::attn_delta_bytes(shape);
+size_t compressed_attention_bwd_workspace_bytes(const AttnShape& shape, const CompressedMask&,
+                                                bool gated) {
+  return detail::attn_delta_bytes(shape, gated);
 }
 
 template <typename T>
 void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const CompressedMask& m,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  BLOSSOM_CHECK(workspace_bytes >= compressed_attention_bwd_workspace_bytes(p.shape, m),
+  BLOSSOM_CHECK(workspace_bytes >= compressed_attention_bwd_workspace_bytes(
+                                       p.shape, m, detail::bwd_gated(p)),
                "compressed_attention_bwd: workspace too small");
   const auto pol = make_policy(p.shape, m, p.valid);
   float* delta = static_cast<float*>(workspace);
-  // dQ writes delta; the staged dK/dV pass (attn_dkdv_staged.cuh) reads it on the same stream.
+  // dQ writes delta (and, gated, lse'); the staged dK/dV pass (attn_dkdv_staged.cuh) reads
+  // them on the same stream.
   detail::launch_attn_dq(p, pol, delta, stream, "compressed_attention_bwd");
-  detail::launch_attn_dkdv_staged(p, pol, delta, stream, "compressed_attention_bwd");
+  detail::launch_attn_dkdv_staged(detail::dkdv_params(p, delta), pol, delta, stream,
+                                  "compressed_attention_bwd");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                                \

@@ -9,7 +9,9 @@
 // the binding asks `*_bwd_workspace_bytes(...)` for the size, allocates that many bytes
 // (e.g. at::empty({bytes}, q.options().dtype(at::kByte)), uninitialised is fine; the
 // caching allocator keeps it graph-safe) and passes the pointer and size. A size of 0
-// means no workspace (a null pointer is then fine).
+// means no workspace (a null pointer is then fine). A backward whose params carry a gate
+// (AttnBwdParams::gate, blossom_attention's composed path) needs the size asked with
+// gated = true.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -24,7 +26,8 @@ template <typename T>
 void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
                                   cudaStream_t stream);
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
-                                                    const SlidingWindowMask& m);
+                                                    const SlidingWindowMask& m,
+                                                    bool gated = false);
 template <typename T>
 void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const SlidingWindowMask& m,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
@@ -33,7 +36,7 @@ template <typename T>
 void block_sparse_attention_fwd(const AttnFwdParams<T, float>& p, const BlockSparseMask& m,
                                 cudaStream_t stream);
 size_t block_sparse_attention_bwd_workspace_bytes(const AttnShape& shape,
-                                                  const BlockSparseMask& m);
+                                                  const BlockSparseMask& m, bool gated = false);
 template <typename T>
 void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
@@ -42,7 +45,7 @@ template <typename T>
 void compressed_attention_fwd(const AttnFwdParams<T, float>& p, const CompressedMask& m,
                               cudaStream_t stream);
 size_t compressed_attention_bwd_workspace_bytes(const AttnShape& shape,
-                                                const CompressedMask& m);
+                                                const CompressedMask& m, bool gated = false);
 template <typename T>
 void compressed_attention_bwd(const AttnBwdParams<T, float>& p, const CompressedMask& m,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream);

@@ -79,27 +79,29 @@ void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const Slidin
 }
 
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
-                                                    const SlidingWindowMask&) {
-  return detail::attn_delta_bytes(shape);
+                                                    const SlidingWindowMask&, bool gated) {
+  return detail::attn_delta_bytes(shape, gated);
 }
 
 template <typename T>
 void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const SlidingWindowMask& m,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  BLOSSOM_CHECK(workspace_bytes >= sliding_window_attention_bwd_workspace_bytes(p.shape, m),
+  BLOSSOM_CHECK(workspace_bytes >= sliding_window_attention_bwd_workspace_bytes(
+                                       p.shape, m, detail::bwd_gated(p)),
                "sliding_window_attention_bwd: workspace too small");
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
   float* delta = static_cast<float*>(workspace);
-  // dQ writes delta; the dK/dV pass reads it on the same stream: key tiles on tensor cores
-  // (window_dkdv_tc.cuh) where they apply, else the staged per-key kernel
-  // (attn_dkdv_staged.cuh; also under BLOSSOM_OPS_CUDA_WIN_DKDV=old).
+  // dQ writes delta (and, gated, lse': attn_gate_fold.cuh); the dK/dV pass reads them on the
+  // same stream: key tiles on tensor cores (window_dkdv_tc.cuh) where they apply, else the
+  // staged per-key kernel (attn_dkdv_staged.cuh; also under BLOSSOM_OPS_CUDA_WIN_DKDV=old).
   detail::launch_attn_dq(p, pol, delta, stream, "sliding_window_attention_bwd");
+  const auto pk = detail::dkdv_params(p, delta);
   const detail::WinTilePlan plan =
       detail::make_win_tile_plan(pol.L, pol.band, pol.p0, pol.n_pow, pol.causal);
-  if (detail::launch_window_dkdv_tc(p, plan, delta, stream))
+  if (detail::launch_window_dkdv_tc(pk, plan, delta, stream))
     detail::check_launch("sliding_window_attention_bwd (dK/dV tiles)");
   else
-    detail::launch_attn_dkdv_staged(p, pol, delta, stream, "sliding_window_attention_bwd");
+    detail::launch_attn_dkdv_staged(pk, pol, delta, stream, "sliding_window_attention_bwd");
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                               \

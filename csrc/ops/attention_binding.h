@@ -9,6 +9,7 @@
 
 #include "common/checks.h"
 #include "common/params.h"
+#include "ops/ops.h"
 
 namespace blossom {
 namespace attn {
@@ -148,6 +149,33 @@ AttnBwdParams<T, Acc> bwd_params(const BwdInputs& in, const at::Tensor& q, const
   p.grad_v = bshd_view<T>(grad_v);
   p.valid = validity_view(valid);
   return p;
+}
+
+// A gate folded into a backward (GateFold): CUDA only; logits like q with shape
+// (batch, seq, q_heads, R) and a contiguous last dim, grad the same shape and contiguous,
+// 0 <= r < R. Checked after the backward's own inputs.
+inline void check_gate_fold(const char* op, const GateFold& gate, const at::Tensor& q) {
+  BLOSSOM_CHECK(q.is_cuda(), op, ": the gate fold is implemented for CUDA tensors only");
+  BLOSSOM_CHECK(gate.logits.defined() && gate.logits.dim() == 4, op,
+               ": gate_logits must have shape (batch, seq, q_heads, R)");
+  const int64_t R = gate.logits.size(3);
+  const std::vector<int64_t> shape{q.size(0), q.size(1), q.size(2), R};
+  check_like(op, "gate_logits", gate.logits, q, shape, "(batch, seq, q_heads, R)");
+  BLOSSOM_CHECK(gate.logits.stride(3) == 1 || R <= 1, op,
+               ": gate_logits must have a contiguous last dimension");
+  BLOSSOM_CHECK(gate.grad.defined(), op, ": the gate fold needs a grad_gate tensor");
+  check_like(op, "grad_gate", gate.grad, q, shape, "(batch, seq, q_heads, R)");
+  BLOSSOM_CHECK(gate.grad.is_contiguous(), op, ": grad_gate must be contiguous");
+  BLOSSOM_CHECK(gate.r >= 0 && gate.r < R, op, ": gate branch index ", gate.r,
+               " out of range for ", R, " branches");
+}
+
+// Fills the gate fields of a (CUDA) backward's parameters.
+template <typename T, typename Acc>
+void set_gate_fold(AttnBwdParams<T, Acc>& p, const GateFold& gate) {
+  p.gate = bshd_view<const T>(gate.logits);
+  p.grad_gate = bshd_view<T>(gate.grad);
+  p.gate_r = gate.r;
 }
 
 // The LTIS mask parameters over an int32 [B, L, Hk, n] index tensor whose rows have unit

@@ -86,15 +86,21 @@ Tensor2 block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const a
   return {out, lse};
 }
 
-Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
-                                        const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& v, const at::Tensor& out,
-                                        const at::Tensor& lse, const at::Tensor& block_idx,
-                                        const OptTensor& lengths, const OptTensor& valid,
-                                        int64_t block_size, bool causal, double scale) {
+namespace {
+
+// The backward; with `gate` (CUDA only) the gate folded in (GateFold).
+Tensor3 backward_impl(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                      const at::Tensor& lse, const at::Tensor& block_idx,
+                      const OptTensor& lengths, const OptTensor& valid, int64_t block_size,
+                      bool causal, double scale, const GateFold* gate) {
   check_attention_inputs(kOp, q, k, v);
   const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
   check_block_idx_layout(block_idx, q, k);
+  if (gate != nullptr) {
+    attn::check_gate_fold(kOp, *gate, q);
+    BLOSSOM_CHECK(!in.grad_lse.defined(), kOp, ": the gate fold takes no grad_lse");
+  }
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
   const at::Tensor idx = unit_stride_rows(block_idx);
   const BlockSparseMask m = make_mask(idx, q.size(1), block_size, causal);
@@ -106,8 +112,10 @@ Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTen
     const c10::cuda::CUDAGuard guard(q.device());
     attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
       using T = typename decltype(types)::T;
-      const auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
-      const at::Tensor ws = attn::workspace(gpu::block_sparse_attention_bwd_workspace_bytes(p.shape, m), q);
+      auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
+      if (gate != nullptr) attn::set_gate_fold(p, *gate);
+      const at::Tensor ws = attn::workspace(
+          gpu::block_sparse_attention_bwd_workspace_bytes(p.shape, m, gate != nullptr), q);
       gpu::block_sparse_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
                        at::cuda::getCurrentCUDAStream());
     });
@@ -121,6 +129,28 @@ Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTen
         attn::bwd_params<T, Acc>(in, q, k, v, gq, gk, gv, ok, scale), m);
   });
   return {gq, gk, gv};
+}
+
+}  // namespace
+
+Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                        const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out,
+                                        const at::Tensor& lse, const at::Tensor& block_idx,
+                                        const OptTensor& lengths, const OptTensor& valid,
+                                        int64_t block_size, bool causal, double scale) {
+  return backward_impl(grad_out, grad_lse, q, k, v, out, lse, block_idx, lengths, valid,
+                       block_size, causal, scale, nullptr);
+}
+
+Tensor3 block_sparse_attention_backward_gated(const at::Tensor& grad_out, const at::Tensor& q,
+                                              const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& out, const at::Tensor& lse,
+                                              const at::Tensor& block_idx,
+                                              const OptTensor& valid, int64_t block_size,
+                                              bool causal, double scale, const GateFold& gate) {
+  return backward_impl(grad_out, c10::nullopt, q, k, v, out, lse, block_idx, c10::nullopt, valid,
+                       block_size, causal, scale, &gate);
 }
 
 }  // namespace blossom

@@ -5,9 +5,25 @@
 // heads), gate_logits (device, dtype, shape (batch, seq, q_heads, R), R in {2, 3}),
 // k_pos / v_pos (heads, block_len, head_dim), the integer parameters, then lengths /
 // valid, which are resolved once into a bool [B, L] mask handed to every part.
+//
+// Backward on CUDA, composed path (whatever the fused short path does not take: L > 256,
+// R = 3, fp32, ...): the gate backward is folded into the branches' own backwards (GateFold
+// in ops.h, the *_backward_gated bindings, csrc/cuda/attn_gate_fold.cuh). Each branch is
+// handed the gate's output gradient dO and its gate column; its dQ pass writes that column of
+// grad_gate, and no per-branch dO_r = sigmoid(g_r) * dO is stored. R = 3 is folded as well
+// (compressed_attention's dQ is the same launcher).
+// B=64 L=4096 Hq=8 Hk=2 D=64 bf16, R=2: saves the gate kernel's 1.36 GB of DRAM traffic
+// (dO, O_sel, O_win read, dO_sel, dO_win written: 5 x 268 MB, plus 17 MB of gate rows) for
+// ~50 MB added to the dQ passes (gate column read, grad_gate column and lse' written), and
+// the 2 x 268 MB dO_r allocations; ~35 instructions more per dQ warp (~0.04 ms). Predicted:
+// -0.55 ms (gate_bwd measured 0.61 ms of 12.97 ms on an H200; 0.16 ms at D=16 -> -0.13 ms),
+// ~-2.6 ms at L=16384. BLOSSOM_OPS_CUDA_GATE_FOLD=0 (read once) restores the separate gate
+// kernel for A/B runs (benchmarks/check_gate_fold_gpu.py). The CPU path is unchanged.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -158,6 +174,16 @@ std::pair<std::vector<at::Tensor>, at::Tensor> fuse_gate_backward(
   return {grads, grad_gate};
 }
 
+// False when BLOSSOM_OPS_CUDA_GATE_FOLD=0: the CUDA composed backward then runs the separate
+// gate backward (fuse_gate_backward) before the branches, as before the fold. Read once.
+bool gate_fold_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_GATE_FOLD");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+
 }  // namespace
 
 BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -247,20 +273,43 @@ BlossomGrads blossom_attention_backward(
   }
 #endif
 
-  std::vector<at::Tensor> outs{o_sel, o_win};
-  if (R == 3) outs.push_back(o_cmp);
+  // CUDA: the gate folded into the branch backwards (see the top of this file). Every
+  // column r of grad_gate is written, for every row, by branch r's dQ pass; with no elements
+  // (D = 0) the kernels do not run, so that case keeps the separate gate backward.
+  const bool fold = q.is_cuda() && gate_fold_enabled() && grad_out.numel() > 0;
   std::vector<at::Tensor> g_branches;
   at::Tensor grad_gate;
-  std::tie(g_branches, grad_gate) = fuse_gate_backward(grad_out, outs, gate_logits);
+  GateFold gate;
+  if (fold) {
+    grad_gate = at::empty(gate_logits.sizes(),
+                          gate_logits.options().memory_format(at::MemoryFormat::Contiguous));
+    gate.logits = gate_logits;
+    gate.grad = grad_gate;
+    // The branches read dO once per row pass; contiguous keeps their 16-byte fast paths.
+    const at::Tensor go = grad_out.contiguous();
+    g_branches.assign(static_cast<size_t>(R), go);
+  } else {
+    std::vector<at::Tensor> outs{o_sel, o_win};
+    if (R == 3) outs.push_back(o_cmp);
+    std::tie(g_branches, grad_gate) = fuse_gate_backward(grad_out, outs, gate_logits);
+  }
 
   // The attention backwards write full gradients; the first of each is the accumulator.
   at::Tensor grad_q, grad_k, grad_v, gq, gk, gv;
-  std::tie(grad_q, grad_k, grad_v) =
-      block_sparse_attention_backward(g_branches[0], none, q, k, v, o_sel, lse_sel, block_idx,
-                                      none, ok, block_size, causal, scale);
+  if (fold) {
+    gate.r = 0;
+    std::tie(grad_q, grad_k, grad_v) = block_sparse_attention_backward_gated(
+        g_branches[0], q, k, v, o_sel, lse_sel, block_idx, ok, block_size, causal, scale, gate);
+  } else {
+    std::tie(grad_q, grad_k, grad_v) =
+        block_sparse_attention_backward(g_branches[0], none, q, k, v, o_sel, lse_sel, block_idx,
+                                        none, ok, block_size, causal, scale);
+  }
   if (q.is_cuda()) {  // the window kernels add their gradients in their own stores
+    gate.r = 1;
     sliding_window_attention_backward_add(g_branches[1], q, k, v, o_win, lse_win, ok, window,
-                                          dilated, causal, scale, grad_q, grad_k, grad_v);
+                                          dilated, causal, scale, grad_q, grad_k, grad_v,
+                                          fold ? &gate : nullptr);
   } else {
     std::tie(gq, gk, gv) = sliding_window_attention_backward(
         g_branches[1], none, q, k, v, o_win, lse_win, none, ok, window, dilated, causal, scale);
@@ -276,9 +325,16 @@ BlossomGrads blossom_attention_backward(
     const at::Tensor k_cmp = std::get<0>(block_compress(k, k_pos, none, ok, block_len, stride));
     const at::Tensor v_cmp = std::get<0>(block_compress(v, v_pos, none, ok, block_len, stride));
     at::Tensor g_kcmp, g_vcmp, gx;
-    std::tie(gq, g_kcmp, g_vcmp) =
-        compressed_attention_backward(g_branches[2], none, q, k_cmp, v_cmp, o_cmp, lse_cmp, none,
-                                      ok, block_len, stride, causal, scale);
+    if (fold) {
+      gate.r = 2;
+      std::tie(gq, g_kcmp, g_vcmp) = compressed_attention_backward_gated(
+          g_branches[2], q, k_cmp, v_cmp, o_cmp, lse_cmp, ok, block_len, stride, causal, scale,
+          gate);
+    } else {
+      std::tie(gq, g_kcmp, g_vcmp) =
+          compressed_attention_backward(g_branches[2], none, q, k_cmp, v_cmp, o_cmp, lse_cmp,
+                                        none, ok, block_len, stride, causal, scale);
+    }
     grad_q.add_(gq);
     std::tie(gx, grad_k_pos) =
         block_compress_backward(g_kcmp, k, k_pos, none, ok, block_len, stride);

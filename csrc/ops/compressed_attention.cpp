@@ -73,16 +73,22 @@ Tensor2 compressed_attention(const at::Tensor& q, const at::Tensor& k_cmp,
   return {out, lse};
 }
 
-Tensor3 compressed_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
-                                      const at::Tensor& q, const at::Tensor& k_cmp,
-                                      const at::Tensor& v_cmp, const at::Tensor& out,
-                                      const at::Tensor& lse, const OptTensor& lengths,
-                                      const OptTensor& valid, int64_t block_len, int64_t stride,
-                                      bool causal, double scale) {
+namespace {
+
+// The backward; with `gate` (CUDA only) the gate folded in (GateFold).
+Tensor3 backward_impl(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
+                      const at::Tensor& k_cmp, const at::Tensor& v_cmp, const at::Tensor& out,
+                      const at::Tensor& lse, const OptTensor& lengths, const OptTensor& valid,
+                      int64_t block_len, int64_t stride, bool causal, double scale,
+                      const GateFold* gate) {
   check_compression_args(block_len, stride);
   check_attention_inputs(kOp, q, k_cmp, v_cmp, num_compressed(q.size(1), stride), "k_cmp",
                          "v_cmp");
   const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
+  if (gate != nullptr) {
+    attn::check_gate_fold(kOp, *gate, q);
+    BLOSSOM_CHECK(!in.grad_lse.defined(), kOp, ": the gate fold takes no grad_lse");
+  }
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
   const at::Tensor ok_cmp = compressed_validity(ok, q.size(1), block_len, stride);
   const CompressedMask m = make_mask(ok_cmp, block_len, stride, causal);
@@ -94,8 +100,10 @@ Tensor3 compressed_attention_backward(const at::Tensor& grad_out, const OptTenso
     const c10::cuda::CUDAGuard guard(q.device());
     attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
       using T = typename decltype(types)::T;
-      const auto p = attn::bwd_params<T, float>(in, q, k_cmp, v_cmp, gq, gk, gv, ok, scale);
-      const at::Tensor ws = attn::workspace(gpu::compressed_attention_bwd_workspace_bytes(p.shape, m), q);
+      auto p = attn::bwd_params<T, float>(in, q, k_cmp, v_cmp, gq, gk, gv, ok, scale);
+      if (gate != nullptr) attn::set_gate_fold(p, *gate);
+      const at::Tensor ws = attn::workspace(
+          gpu::compressed_attention_bwd_workspace_bytes(p.shape, m, gate != nullptr), q);
       gpu::compressed_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
                        at::cuda::getCurrentCUDAStream());
     });
@@ -109,6 +117,28 @@ Tensor3 compressed_attention_backward(const at::Tensor& grad_out, const OptTenso
         attn::bwd_params<T, Acc>(in, q, k_cmp, v_cmp, gq, gk, gv, ok, scale), m);
   });
   return {gq, gk, gv};
+}
+
+}  // namespace
+
+Tensor3 compressed_attention_backward(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                      const at::Tensor& q, const at::Tensor& k_cmp,
+                                      const at::Tensor& v_cmp, const at::Tensor& out,
+                                      const at::Tensor& lse, const OptTensor& lengths,
+                                      const OptTensor& valid, int64_t block_len, int64_t stride,
+                                      bool causal, double scale) {
+  return backward_impl(grad_out, grad_lse, q, k_cmp, v_cmp, out, lse, lengths, valid, block_len,
+                       stride, causal, scale, nullptr);
+}
+
+Tensor3 compressed_attention_backward_gated(const at::Tensor& grad_out, const at::Tensor& q,
+                                            const at::Tensor& k_cmp, const at::Tensor& v_cmp,
+                                            const at::Tensor& out, const at::Tensor& lse,
+                                            const OptTensor& valid, int64_t block_len,
+                                            int64_t stride, bool causal, double scale,
+                                            const GateFold& gate) {
+  return backward_impl(grad_out, c10::nullopt, q, k_cmp, v_cmp, out, lse, c10::nullopt, valid,
+                       block_len, stride, causal, scale, &gate);
 }
 
 }  // namespace blossom

@@ -14,6 +14,16 @@ namespace blossom {
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// CUDA only, for blossom_attention's composed backward: the gate folded into one branch's
+// backward (AttnBwdParams::gate, csrc/cuda/attn_gate_fold.cuh). The branch is then given the
+// gate's output gradient dO itself, not sigmoid(g_r) * dO, and its dQ pass writes
+// grad[..., r] for every row.
+struct GateFold {
+  at::Tensor logits;  // gate_logits [B, L, Hq, R]: q's device and dtype, last dim contiguous
+  at::Tensor grad;    // [B, L, Hq, R] like logits, contiguous; only column r is written
+  int64_t r = 0;      // the branch's index in the last dimension
+};
+
 // csrc/ops/sliding_window_attention.cpp
 Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const OptTensor& lengths, const OptTensor& valid,
@@ -27,12 +37,14 @@ Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptT
 // CUDA only: adds this op's gradients to grad_q / grad_k / grad_v (q's, k's, v's shape and
 // dtype, on q's device) in the kernels' own stores, instead of returning new tensors: the
 // second branch of blossom_attention's backward, without a separate add pass.
+// With `gate`, grad_out is the gate's output gradient (see GateFold).
 void sliding_window_attention_backward_add(const at::Tensor& grad_out, const at::Tensor& q,
                                            const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& out, const at::Tensor& lse,
                                            const OptTensor& valid, int64_t window, bool dilated,
                                            bool causal, double scale, const at::Tensor& grad_q,
-                                           const at::Tensor& grad_k, const at::Tensor& grad_v);
+                                           const at::Tensor& grad_k, const at::Tensor& grad_v,
+                                           const GateFold* gate = nullptr);
 
 // csrc/ops/block_compress.cpp
 Tensor2 block_compress(const at::Tensor& x, const OptTensor& pos, const OptTensor& lengths,
@@ -57,6 +69,13 @@ Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTen
                                         const at::Tensor& lse, const at::Tensor& block_idx,
                                         const OptTensor& lengths, const OptTensor& valid,
                                         int64_t block_size, bool causal, double scale);
+// CUDA only: the backward with the gate folded in (GateFold); no grad_lse.
+Tensor3 block_sparse_attention_backward_gated(const at::Tensor& grad_out, const at::Tensor& q,
+                                              const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& out, const at::Tensor& lse,
+                                              const at::Tensor& block_idx,
+                                              const OptTensor& valid, int64_t block_size,
+                                              bool causal, double scale, const GateFold& gate);
 
 // csrc/ops/compressed_attention.cpp
 Tensor2 compressed_attention(const at::Tensor& q, const at::Tensor& k_cmp,
@@ -69,6 +88,13 @@ Tensor3 compressed_attention_backward(const at::Tensor& grad_out, const OptTenso
                                       const at::Tensor& lse, const OptTensor& lengths,
                                       const OptTensor& valid, int64_t block_len, int64_t stride,
                                       bool causal, double scale);
+// CUDA only: the backward with the gate folded in (GateFold); no grad_lse.
+Tensor3 compressed_attention_backward_gated(const at::Tensor& grad_out, const at::Tensor& q,
+                                            const at::Tensor& k_cmp, const at::Tensor& v_cmp,
+                                            const at::Tensor& out, const at::Tensor& lse,
+                                            const OptTensor& valid, int64_t block_len,
+                                            int64_t stride, bool causal, double scale,
+                                            const GateFold& gate);
 
 // csrc/ops/gate_fusion.cpp
 at::Tensor gate_fusion(const at::Tensor& branches, const at::Tensor& gate_logits);
