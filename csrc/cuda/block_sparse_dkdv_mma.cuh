@@ -1,7 +1,82 @@
 // Block-sparse dK/dV on mma.sync m16n8k16, S / P / dP / dS in registers (FlashAttention-2
 // style), one CTA per 16-key tile; the successor of the wmma kernel (block_sparse_dkdv_wmma.cuh).
 //
-// @@HEADER@@
+// Why: the wmma kernel (1.95 ms at D=64 L=4096, H100) round-trips S, dP, P and dS through
+// shared memory (two stores, two loads and a barrier per 16 x 16 tile), loads each chunk's rows
+// synchronously (one chunk in flight per warp) and divides by G per row. Here the products
+// stay in registers, as in the sliding window's key-tile kernel (window_dkdv_tc.cuh, 2.33 ->
+// 0.76 ms): keys are the M side (S^T = K Q^T), so P^T / dS^T come out of the first products
+// already in the A-fragment layout of dV += P^T dO and dK += dS^T Q, and the rows of two more
+// chunks are in flight by cp.async while one is computed.
+//
+// Work decomposition
+//   * CTA = (b, KV head g, block c, 16-key tile kt; bs / 16 tiles per block), 4 warps on the
+//     same tile; grid order kt, c fastest, so the CTAs running together gather rows of one or
+//     two (b, g) slices (4 MB of q + dO at D=64 L=4096: L2-resident). K and V of the tile are
+//     staged once per CTA by cp.async (zeros for keys past L or padded) and kept in registers
+//     as A fragments by every warp.
+//   * The tile's query list is a list of slots: the own-block queries (from j0 on when causal:
+//     earlier ones see none of the tile's keys), clipped to L, then the bucket of block c in
+//     the inverse index (block_index_kernel: valid queries only, no duplicates, the own block
+//     excluded, and when causal only queries after the block, so no causal test is needed
+//     there). Chunk u = 16 slots (group u / G) of one query head (u % G): the columns of the
+//     products. Warp w walks chunks w, w + 4, w + 8, ... (G = 4: warp w = head w of every
+//     group), so long lists (popular blocks) are split 4 ways and the warps' loads stay even.
+//   * Stage (3 buffers per warp: chunks k+1, k+2 in flight while k is computed): the 16 slot
+//     positions were loaded one issue ahead (index entry, or own position + validity);
+//     ballot of the valid slots; lse (lanes < 16) / delta (lanes >= 16) by 4-byte cp.async
+//     (-inf / 0 stored for empty slots); the 16 q and 16 dO rows by 16-byte cp.async, each
+//     lane on piece lane % (D/8) of rows lane / (D/8) + k 32 / (D/8), positions fetched by
+//     shuffle, 32-bit offsets; rows of empty slots zero-filled, never read (NaN-safe).
+//   * Compute per chunk (as window_dkdv_tc.cuh's dense chunk): S^T and dP^T (2 n-tiles, D/16
+//     k-steps, B fragments by ldmatrix), P = exp2(S scale log2e - lse log2e) (0 where lse is
+//     -inf, or +inf: a folded gate that underflowed, attn_gate_fold.cuh), the causal triangle
+//     only in group 0 of a causal tile (slot x vs key r: x >= r), dS = P (dP - delta); P^T and
+//     dS^T rounded to the input type are the A fragments of dV += P^T dO, dK += dS^T Q (B =
+//     ldmatrix.trans of the same staged rows). Keys that are padded or past L are not masked
+//     in the loop (their rows of the sums are simply never written).
+//   * End: each warp's dK / dV fragments -> rows in its own (drained) buffers; after one
+//     barrier every thread sums 8-element pieces over warps 0, 1, 2, 3 in that order (fixed:
+//     bit-reproducible, no atomics), scales dK, and writes every key < L of the tile as
+//     16-byte stores (added to grad_k / grad_v when p.accumulate; zeros for padded keys).
+//   * Fast path: 16-bit T, D in {16, 32, 64}, block_size a multiple of 16, 16-byte aligned
+//     rows, q_len == kv_len < 2^30, 32-bit in-slice offsets. D = 128 (the K/V fragments and
+//     dK/dV accumulators alone would take 192 registers) and whatever else it declines keep
+//     the wmma kernel; BLOSSOM_OPS_CUDA_BS_DKDV=old sends every case there (A/B runs);
+//     BLOSSOM_OPS_CUDA_SIMPLE=1 and fp32 the generic per-key kernel (block_sparse_dkdv.cu).
+//   * scripts/emulate_bs_dkdv_mma.py replays this kernel and the inverse index lane by lane
+//     against a dense float64 reference (tails, G in {1, 2, 3, 4, 8}, bs 16 / 32 / 48, padding,
+//     +-inf lse, popular blocks; 21 planted bugs are caught).
+//
+// Counts, B=64 L=4096 Hq=8 Hk=2 (G=4) D=64 bf16, block_size 16, top-n 4, causal (bench_gpu.py
+// defaults; select_blocks picks min(4, o) earlier blocks for a query of block o)
+//   CTAs B Hk C = 32,768 (131 k warps). Slots per (b, g): 4,096 own + 16,224 bucket; the
+//   bucket of block c averages 63 queries (with random data block 0 gets ~323: 88 chunks, 22
+//   per warp). Chunks ceil(slots / 16) G per tile: ~22 on average, 0.72 M in all (11.5 M
+//   (slot, head) columns, ~8% of them padding of partial groups).
+//   SASS (sm_90, nvcc 13, bf16) of the chunk loop: 283 instructions, ~271 executed per
+//   chunk (the other side of the position prefetch skipped): issue ~110 (9 LDGSTS, each 16-B
+//   piece IMAD + SEL + LEA + LEA.HI.X; 4 SHFL, a VOTE, the prefetch branch with one LDG),
+//   compute ~160 (16 LDSM, 32 HMMA, 8 MUFU.EX2, 4 LDS.64, ~100 FFMA / FSEL / F2FP / ...).
+//   D=32: 228 (~216), D=16: 190 (~178; 8 HMMA). The window kernel's chunks: 259 - 304.
+//   -> 0.72 M x 271 = 195 M warp-instructions in chunks, plus ~0.8 k per warp outside the
+//   loop (two inlined issues, K/V staging, the reduction and stores): ~105 M; ~0.5 ms of
+//   issue at IPC 2.5 per SM. D=16: ~130 M + ~90 M.
+//   Tensor: 32 HMMA.16816 per chunk = 23.0 M = 94 GFLOP -> ~0.14 ms at ~660 TFLOP/s.
+//   Bytes: L2 -> SM 4.2 KB per chunk (32 rows of 128 B + lse / delta) = 3.04 GB, plus K/V
+//   4 KB per CTA (0.13 GB); shared memory 4.2 KB written + 8 KB read per chunk (each row
+//   by ldmatrix and ldmatrix.trans) + 32 KB per CTA for the reduction = 9.8 GB -> 0.33 ms at
+//   128 B/clk/SM; DRAM compulsory 0.83 GB (q, dO 537 MB, k, v 134 MB, dk, dv 134 MB,
+//   lse, delta 17 MB, index 8 MB) -> 0.25 ms.
+//   Predicted: 0.65 - 0.85 ms on an H100, bound by the L2 -> SM gather (5 - 6 TB/s, as the
+//   window kernel reached) with issue close behind, from 1.95 ms. D=16 (rows 32 B: 0.85 GB):
+//   0.35 - 0.45 ms, from 1.12. L=16384 D=64 (2.89 M chunks, 12.2 GB from L2): 2.6 - 3.3 ms,
+//   from 7.55.
+//   Registers (ptxas, sm_90): 168 / 128 / 96 at D = 64 / 32 / 16, no spills (launch bounds 3 /
+//   4 / 4 CTAs per SM: 12 / 16 / 16 warps); shared memory per CTA 60.0 / 34.0 / 21.0 KB.
+//   Risk: a block that nearly every query selects (an "attention sink") makes one CTA walk
+//   ~1,000 chunks (4 warps); if it starts late, the kernel gets a tail of ~0.3 ms. The wmma
+//   kernel has the same shape; splitting long buckets over several CTAs is the next lever.
 #pragma once
 #include <cstdint>
 #include <cstdlib>
