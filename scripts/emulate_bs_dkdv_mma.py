@@ -38,7 +38,7 @@ from mma_emu import mma
 warnings.simplefilter("ignore", RuntimeWarning)  # mutations produce inf / NaN on purpose
 
 LOG2E = 1.4426950408889634
-WARPS, STAGES, INDEX_WARPS = 4, 3, 8
+WARPS, INDEX_WARPS = 4, 8
 GARBAGE = 1 << 20  # unused index entries: a position far outside every buffer
 MUT: set[str] = set()
 
@@ -120,6 +120,7 @@ def run_kernel(T, off, ent, B, L, Hq, Hk, D, bs, n, causal, scale, accumulate):
     tpb = bs // 16
     CPR, RS, NF = D // 8, D + 8, D // 16
     RPS, OS = 32 // CPR, D + 4
+    STAGES = 3 if D <= 64 else 2  # BsCfg::STAGES
     dgrp, dhh = WARPS // G, WARPS % G
     gk, gv = T.gk.copy(), T.gv.copy()
     sl2 = scale * LOG2E
@@ -336,8 +337,9 @@ def compute_chunk(rq_all, meta, tri, ka, va, dk, dv, sl2, RS, NF):
         for src, acc, frag in ((16 * RS, dv, pa_all), (0, dk, da_all)):
             bt = ldmatrix_x4(rq_all, [src + 16 * f + q_row[l] for l in lanes],
                              trans="trans_wrong" not in MUT)
-            mma([acc[t][2 * f] for t in lanes], frag, [bt[t][0] for t in lanes], [bt[t][1] for t in lanes])
-            mma([acc[t][2 * f + 1] for t in lanes], frag, [bt[t][2] for t in lanes], [bt[t][3] for t in lanes])
+            for half in range(2):
+                mma([acc[t][2 * f + half] for t in lanes], frag,
+                    [bt[t][2 * half] for t in lanes], [bt[t][2 * half + 1] for t in lanes])
 
 
 # ----------------------------------------------------------------------------- reference
@@ -448,6 +450,8 @@ CASES = [
     (1, 40, 4, 2, 64, 16, 4, True, "lengths", False, False, False),  # D = 64
     (1, 9, 4, 1, 16, 16, 2, True, None, False, False, False),     # L < 16: one partial tile
     (1, 33, 2, 1, 32, 16, 0, True, "random", False, False, False),  # top-n 0: own block only
+    (1, 45, 4, 2, 128, 32, 3, True, "random", False, True, True),   # D = 128 (2 stages)
+    (1, 38, 2, 1, 128, 16, 2, False, None, True, False, False),     # D = 128 non-causal
 ]
 
 
@@ -470,7 +474,7 @@ def main() -> int:
         G = int(rng.choice([1, 2, 3, 4, 8]))
         bs = int(rng.choice([16, 16, 32, 48]))
         c = (int(rng.integers(1, 3)), int(rng.integers(1, 100)), Hk * G, Hk,
-             int(rng.choice([16, 16, 32, 64])), bs, int(rng.integers(0, 5)),
+             int(rng.choice([16, 16, 32, 64, 128])), bs, int(rng.integers(0, 5)),
              bool(rng.integers(2)), [None, "lengths", "random"][int(rng.integers(3))],
              bool(rng.integers(2)), bool(rng.integers(2)), bool(rng.integers(2)))
         *shape, inf_rows, popular = c

@@ -1,10 +1,10 @@
 // dK/dV pass of block_sparse_attention on tensor cores: which kernel runs.
 //
 //   * block_sparse_dkdv_mma.cuh (default): mma.sync m16n8k16 with S / P / dP / dS in
-//     registers, rows gathered by cp.async, 16-bit T, D in {16, 32, 64}, block_size a
+//     registers, rows gathered by cp.async, 16-bit T, D in {16, 32, 64, 128}, block_size a
 //     multiple of 16, 32-bit in-slice offsets. Its header has the decomposition and counts.
 //   * block_sparse_dkdv_wmma.cuh: the first tensor-core kernel (wmma 16x16x16 through shared
-//     memory): D = 128, and whatever the mma.sync kernel declines; all cases when
+//     memory): whatever the mma.sync kernel declines (offsets past 32 bits); all cases when
 //     BLOSSOM_OPS_CUDA_BS_DKDV=old (read once per process, on the host: A/B runs).
 //   * Neither (float32, other block sizes or head dims, unaligned rows,
 //     BLOSSOM_OPS_CUDA_SIMPLE=1): launch_block_sparse_dkdv returns false and the caller runs

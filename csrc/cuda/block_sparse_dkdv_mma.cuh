@@ -2,7 +2,7 @@
 // style), one CTA per 16-key tile; the successor of the wmma kernel (block_sparse_dkdv_wmma.cuh).
 //
 // Why: the wmma kernel (1.95 ms at D=64 L=4096, H100) round-trips S, dP, P and dS through
-// shared memory (two stores, two loads and a barrier per 16 x 16 tile), loads each chunk's rows
+// shared memory (two stores, two loads and warp syncs per 16 x 16 tile), loads each chunk's rows
 // synchronously (one chunk in flight per warp) and divides by G per row. Here the products
 // stay in registers, as in the sliding window's key-tile kernel (window_dkdv_tc.cuh, 2.33 ->
 // 0.76 ms): keys are the M side (S^T = K Q^T), so P^T / dS^T come out of the first products
@@ -14,7 +14,7 @@
 //     same tile; grid order kt, c fastest, so the CTAs running together gather rows of one or
 //     two (b, g) slices (4 MB of q + dO at D=64 L=4096: L2-resident). K and V of the tile are
 //     staged once per CTA by cp.async (zeros for keys past L or padded) and kept in registers
-//     as A fragments by every warp.
+//     as A fragments by every warp (D <= 64; at D = 128 re-read by ldmatrix per chunk).
 //   * The tile's query list is a list of slots: the own-block queries (from j0 on when causal:
 //     earlier ones see none of the tile's keys), clipped to L, then the bucket of block c in
 //     the inverse index (block_index_kernel: valid queries only, no duplicates, the own block
@@ -22,12 +22,13 @@
 //     there). Chunk u = 16 slots (group u / G) of one query head (u % G): the columns of the
 //     products. Warp w walks chunks w, w + 4, w + 8, ... (G = 4: warp w = head w of every
 //     group), so long lists (popular blocks) are split 4 ways and the warps' loads stay even.
-//   * Stage (3 buffers per warp: chunks k+1, k+2 in flight while k is computed): the 16 slot
-//     positions were loaded one issue ahead (index entry, or own position + validity);
-//     ballot of the valid slots; lse (lanes < 16) / delta (lanes >= 16) by 4-byte cp.async
-//     (-inf / 0 stored for empty slots); the 16 q and 16 dO rows by 16-byte cp.async, each
-//     lane on piece lane % (D/8) of rows lane / (D/8) + k 32 / (D/8), positions fetched by
-//     shuffle, 32-bit offsets; rows of empty slots zero-filled, never read (NaN-safe).
+//   * Stage (3 buffers per warp, 2 at D = 128: chunks k+1, k+2 in flight while k is
+//     computed): the 16 slot positions were loaded one issue ahead (index entry, or own
+//     position + validity); ballot of the valid slots; lse (lanes < 16) / delta (lanes >= 16)
+//     by 4-byte cp.async (-inf / 0 stored for empty slots); the 16 q and 16 dO rows by 16-byte
+//     cp.async, each lane on piece lane % (D/8) of rows lane / (D/8) + k 32 / (D/8), positions
+//     fetched by shuffle, 32-bit offsets; rows of empty slots zero-filled, never read
+//     (NaN-safe).
 //   * Compute per chunk (as window_dkdv_tc.cuh's dense chunk): S^T and dP^T (2 n-tiles, D/16
 //     k-steps, B fragments by ldmatrix), P = exp2(S scale log2e - lse log2e) (0 where lse is
 //     -inf, or +inf: a folded gate that underflowed, attn_gate_fold.cuh), the causal triangle
@@ -39,10 +40,9 @@
 //     barrier every thread sums 8-element pieces over warps 0, 1, 2, 3 in that order (fixed:
 //     bit-reproducible, no atomics), scales dK, and writes every key < L of the tile as
 //     16-byte stores (added to grad_k / grad_v when p.accumulate; zeros for padded keys).
-//   * Fast path: 16-bit T, D in {16, 32, 64}, block_size a multiple of 16, 16-byte aligned
-//     rows, q_len == kv_len < 2^30, 32-bit in-slice offsets. D = 128 (the K/V fragments and
-//     dK/dV accumulators alone would take 192 registers) and whatever else it declines keep
-//     the wmma kernel; BLOSSOM_OPS_CUDA_BS_DKDV=old sends every case there (A/B runs);
+//   * Fast path: 16-bit T, D in {16, 32, 64, 128}, block_size a multiple of 16, 16-byte
+//     aligned rows, q_len == kv_len < 2^30, 32-bit in-slice offsets. Whatever it declines
+//     keeps the wmma kernel; BLOSSOM_OPS_CUDA_BS_DKDV=old sends every case there (A/B runs);
 //     BLOSSOM_OPS_CUDA_SIMPLE=1 and fp32 the generic per-key kernel (block_sparse_dkdv.cu).
 //   * scripts/emulate_bs_dkdv_mma.py replays this kernel and the inverse index lane by lane
 //     against a dense float64 reference (tails, G in {1, 2, 3, 4, 8}, bs 16 / 32 / 48, padding,
@@ -53,12 +53,13 @@
 //   CTAs B Hk C = 32,768 (131 k warps). Slots per (b, g): 4,096 own + 16,224 bucket; the
 //   bucket of block c averages 63 queries (with random data block 0 gets ~323: 88 chunks, 22
 //   per warp). Chunks ceil(slots / 16) G per tile: ~22 on average, 0.72 M in all (11.5 M
-//   (slot, head) columns, ~8% of them padding of partial groups).
+//   (slot, head) columns, ~10% of them padding of partial groups).
 //   SASS (sm_90, nvcc 13, bf16) of the chunk loop: 283 instructions, ~271 executed per
 //   chunk (the other side of the position prefetch skipped): issue ~110 (9 LDGSTS, each 16-B
 //   piece IMAD + SEL + LEA + LEA.HI.X; 4 SHFL, a VOTE, the prefetch branch with one LDG),
 //   compute ~160 (16 LDSM, 32 HMMA, 8 MUFU.EX2, 4 LDS.64, ~100 FFMA / FSEL / F2FP / ...).
-//   D=32: 228 (~216), D=16: 190 (~178; 8 HMMA). The window kernel's chunks: 259 - 304.
+//   D=32: 228 (~216), D=16: 190 (~178; 8 HMMA), D=128: 402 (~390; 64 HMMA, 48 LDSM with
+//   the K/V fragments). The window kernel's chunks: 259 - 304.
 //   -> 0.72 M x 271 = 195 M warp-instructions in chunks, plus ~0.8 k per warp outside the
 //   loop (two inlined issues, K/V staging, the reduction and stores): ~105 M; ~0.5 ms of
 //   issue at IPC 2.5 per SM. D=16: ~130 M + ~90 M.
@@ -72,8 +73,9 @@
 //   window kernel reached) with issue close behind, from 1.95 ms. D=16 (rows 32 B: 0.85 GB):
 //   0.35 - 0.45 ms, from 1.12. L=16384 D=64 (2.89 M chunks, 12.2 GB from L2): 2.6 - 3.3 ms,
 //   from 7.55.
-//   Registers (ptxas, sm_90): 168 / 128 / 96 at D = 64 / 32 / 16, no spills (launch bounds 3 /
-//   4 / 4 CTAs per SM: 12 / 16 / 16 warps); shared memory per CTA 60.0 / 34.0 / 21.0 KB.
+//   Registers (ptxas, sm_90): 238 / 168 / 128 / 96 at D = 128 / 64 / 32 / 16, no spills
+//   (launch bounds 2 / 3 / 4 / 4 CTAs per SM: 8 / 12 / 16 / 16 warps); shared memory per CTA
+//   77.5 / 60.0 / 34.0 / 21.0 KB.
 //   Risk: a block that nearly every query selects (an "attention sink") makes one CTA walk
 //   ~1,000 chunks (4 warps); if it starts late, the kernel gets a tail of ~0.3 ms. The wmma
 //   kernel has the same shape; splitting long buckets over several CTAs is the next lever.
@@ -94,8 +96,7 @@ namespace blossom {
 namespace gpu {
 namespace detail {
 
-constexpr int kBsWarps = 4;   // warps per CTA, all on the same 16-key tile
-constexpr int kBsStages = 3;  // chunk buffers per warp (two chunks in flight)
+constexpr int kBsWarps = 4;  // warps per CTA, all on the same 16-key tile
 
 // What every CTA needs to find its tile and walk its chunks (host-computed).
 struct BsTilePlan {
@@ -113,26 +114,34 @@ struct BsTilePlan {
 
 template <int D>
 struct BsCfg {
+  // Chunk buffers per warp: 3 (two chunks in flight while one is computed); 2 at D = 128,
+  // where 3 would leave room for one CTA per SM only.
+  static constexpr int STAGES = D <= 64 ? 3 : 2;
+  // K / V fragments held in registers for the whole walk (D <= 64); at D = 128 they would
+  // take 64 of the registers the 128 dK / dV accumulators leave, so they are re-read from
+  // shared memory by ldmatrix per chunk.
+  static constexpr bool KV_REGS = D <= 64;
   static constexpr int NF = D / 16;                        // 16-dim slices of a row
   static constexpr int CPR = D / kFrag;                    // 16-byte pieces per row
   static constexpr int RPS = 32 / CPR;                     // rows per copy step
   static constexpr int RS = D + kFrag;                     // staged row stride (elements)
   static constexpr int ROWS_BYTES = 32 * RS * 2;           // 16 q rows, then 16 dO rows
   static constexpr int STAGE_BYTES = ROWS_BYTES + 32 * 4;  // + lse[16], delta[16]
-  static constexpr int WARP_BYTES = kBsStages * STAGE_BYTES;
+  static constexpr int WARP_BYTES = STAGES * STAGE_BYTES;
   static constexpr int KV_BYTES = ROWS_BYTES;              // K rows 0..15, V rows 16..31
   static constexpr int CTA_BYTES = KV_BYTES + kBsWarps * WARP_BYTES;
   static constexpr int OS = D + 4;                         // output staging row (floats)
-  static_assert(D % 16 == 0 && D <= 64, "block-sparse dK/dV tiles: D in {16, 32, 64}");
+  static_assert(D % 16 == 0 && D <= 128, "block-sparse dK/dV tiles: D in {16, 32, 64, 128}");
   static_assert(STAGE_BYTES % 16 == 0 && KV_BYTES % 16 == 0, "cp.async needs 16-byte alignment");
   static_assert(2 * 16 * OS * 4 <= WARP_BYTES, "output staging must fit a warp's buffers");
 };
 
 // Resident CTAs per SM the register budget must allow: 3 at D = 64 (<= 168 registers: the
-// K/V fragments and dK/dV accumulators alone are 96), 4 below.
+// K/V fragments and dK/dV accumulators alone are 96), 4 below, 2 at D = 128 (<= 255: the
+// accumulators alone are 128).
 template <int D>
 constexpr int bs_mma_min_ctas() {
-  return D == 64 ? 3 : 4;
+  return D == 128 ? 2 : (D == 64 ? 3 : 4);
 }
 
 template <typename T, int D>
@@ -142,7 +151,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
                        const float* __restrict__ delta) {
   using C = BsCfg<D>;
   using E = typename TcElem<T>::type;
-  constexpr int NF = C::NF;
+  constexpr int NF = C::NF, STAGES = C::STAGES;
   extern __shared__ __align__(128) unsigned char bs_smem[];
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3, l16 = lane & 15;
@@ -269,23 +278,24 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
         hh_i -= G;
         ++grp_i;
       }
-      buf_i = buf_i + 1 == kBsStages ? 0 : buf_i + 1;
+      buf_i = buf_i + 1 == STAGES ? 0 : buf_i + 1;
       slot_pos(grp_i, pi, pok);
     };
 #pragma unroll
-    for (int s = 0; s < kBsStages - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
       if (s < my) issue_next();
       else cp_async_commit();  // empty group: the wait counts below stay uniform
     }
-    cp_async_wait<kBsStages - 1>();  // this thread's K/V pieces
-    __syncthreads();                 // everyone's
-    uint32_t ka[NF][4], va[NF][4];
-    {
-      const int ro = tile_row_offset<C>(lane);
+    cp_async_wait<STAGES - 1>();  // this thread's K/V pieces
+    __syncthreads();              // everyone's
+    const int kv_ro = tile_row_offset<C>(lane);  // A fragments of K / V (keys = M)
+    constexpr int NKV = C::KV_REGS ? NF : 1;
+    uint32_t ka[NKV][4], va[NKV][4];
+    if constexpr (C::KV_REGS) {
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
-        ldmatrix_x4(ka[f], kv_s + 16 * f + ro);
-        ldmatrix_x4(va[f], kv_s + 16 * C::RS + 16 * f + ro);
+        ldmatrix_x4(ka[f], kv_s + 16 * f + kv_ro);
+        ldmatrix_x4(va[f], kv_s + 16 * C::RS + 16 * f + kv_ro);
       }
     }
 
@@ -295,9 +305,9 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
     const int x0 = 2 * tig - gid;  // column - key of element (t, hr, uu) = x0 + 8 (t - hr) + uu
     int u_c = wib, buf_c = 0;
     for (int k = 0; k < my; ++k) {
-      if (k + kBsStages - 1 < my) issue_next();
+      if (k + STAGES - 1 < my) issue_next();
       else cp_async_commit();
-      cp_async_wait<kBsStages - 1>();
+      cp_async_wait<STAGES - 1>();
       __syncwarp();  // chunk k's rows, lse and delta are visible to the whole warp
 
       // Group 0 of a causal tile holds the queries j0 .. j0 + 15: key j0 + r sees column x
@@ -315,13 +325,23 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
         for (int e = 0; e < 4; ++e) sc[t][e] = dp[t][e] = 0.f;
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
-        uint32_t bq[4], bo[4];
+        uint32_t kf[4], vf[4], bq[4], bo[4];
+        if constexpr (C::KV_REGS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            kf[e] = ka[f][e];
+            vf[e] = va[f][e];
+          }
+        } else {
+          ldmatrix_x4(kf, kv_s + 16 * f + kv_ro);
+          ldmatrix_x4(vf, kv_s + 16 * C::RS + 16 * f + kv_ro);
+        }
         ldmatrix_x4(bq, rq + 16 * f + q_col);
-        mma16816<E>(sc[0], ka[f], bq[0], bq[1]);
-        mma16816<E>(sc[1], ka[f], bq[2], bq[3]);
+        mma16816<E>(sc[0], kf, bq[0], bq[1]);
+        mma16816<E>(sc[1], kf, bq[2], bq[3]);
         ldmatrix_x4(bo, ro + 16 * f + q_col);
-        mma16816<E>(dp[0], va[f], bo[0], bo[1]);
-        mma16816<E>(dp[1], va[f], bo[2], bo[3]);
+        mma16816<E>(dp[0], vf, bo[0], bo[1]);
+        mma16816<E>(dp[1], vf, bo[2], bo[3]);
       }
       // P = exp2(S scale log2e - lse log2e), dS = P (dP - delta), rounded to E into the A
       // fragments of P^T / dS^T (register 2 t + hr: keys gid + 8 hr, slots 8 t + 2 tig +
@@ -366,7 +386,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
         mma16816<E>(dk[2 * f + 1], da, bt[2], bt[3]);
       }
       u_c += kBsWarps;
-      buf_c = buf_c + 1 == kBsStages ? 0 : buf_c + 1;
+      buf_c = buf_c + 1 == STAGES ? 0 : buf_c + 1;
       __syncwarp();  // buffer buf_c is refilled by the next iteration's issue
     }
     cp_async_wait<0>();  // the trailing empty groups; the buffers become the output staging
@@ -458,7 +478,7 @@ bool launch_bs_dkdv_mma(const AttnBwdParams<T, float>& p, const BlockSparseMask&
   } else {
     const AttnShape& s = p.shape;
     const int64_t D = s.head_dim, bs = m.block_size;
-    if (!(D == 16 || D == 32 || D == 64) || bs < 16 || bs % 16 != 0 || s.kv_heads < 1 ||
+    if (!(D == 16 || D == 32 || D == 64 || D == 128) || bs < 16 || bs % 16 != 0 || s.kv_heads < 1 ||
         s.q_heads % s.kv_heads != 0 || s.kv_len != s.q_len || s.q_len >= (int64_t(1) << 30) ||
         s.q_heads >= (int64_t(1) << 20) || m.n < 0 || s.q_len * m.n >= (int64_t(1) << 31) ||
         !attn_bwd_vec_ok(p))
@@ -491,7 +511,8 @@ bool launch_bs_dkdv_mma(const AttnBwdParams<T, float>& p, const BlockSparseMask&
     switch (D) {
       case 16: launch_bs_dkdv_mma_d<T, 16>(p, pl, off, entries, delta, ctas, stream); break;
       case 32: launch_bs_dkdv_mma_d<T, 32>(p, pl, off, entries, delta, ctas, stream); break;
-      default: launch_bs_dkdv_mma_d<T, 64>(p, pl, off, entries, delta, ctas, stream); break;
+      case 64: launch_bs_dkdv_mma_d<T, 64>(p, pl, off, entries, delta, ctas, stream); break;
+      default: launch_bs_dkdv_mma_d<T, 128>(p, pl, off, entries, delta, ctas, stream); break;
     }
     return true;
   }

@@ -1,7 +1,8 @@
 // dK/dV of block_sparse_attention, first tensor-core version (nvcuda::wmma 16x16x16, S / dP /
 // P / dS staged through shared memory). Kept for BLOSSOM_OPS_CUDA_BS_DKDV=old (A/B runs) and
-// for the cases the mma.sync kernel (block_sparse_dkdv_mma.cuh) declines: D = 128, 32-bit
-// offset overflow. Measured 1.95 ms at D=64 L=4096 (H100; the prediction below was optimistic).
+// for the cases the mma.sync kernel (block_sparse_dkdv_mma.cuh) declines (32-bit offset
+// overflow, L >= 2^30). Measured 1.95 ms at D=64 L=4096 (H100; the prediction below was
+// optimistic).
 //
 // Why a separate kernel: every key of a selection block c has exactly the same query list
 // (the own-block queries c*bs .. c*bs+bs-1 plus the bucket of c in the inverse index), so the
