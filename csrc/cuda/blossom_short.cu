@@ -459,8 +459,8 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
         const float ns = fmaxf(ms[j], cs[j]), nw = fmaxf(mw[j], cw[j]);
         // Still no key: nothing accumulated yet, keep factor 1 (exp2(-inf - -inf) is NaN).
-        as[j] = ns == -INFINITY ? 1.f : exp2f(ms[j] - ns);
-        aw[j] = nw == -INFINITY ? 1.f : exp2f(mw[j] - nw);
+        as[j] = ns == -INFINITY ? 1.f : fast_exp2(ms[j] - ns);
+        aw[j] = nw == -INFINITY ? 1.f : fast_exp2(mw[j] - nw);
         ms[j] = ns;
         mw[j] = nw;
         ls[j] *= as[j];
@@ -488,10 +488,12 @@ __global__ void __launch_bounds__(kThreads, 3)
           for (int j = 0; j < 2; ++j) {
             const int bit = 8 * (2 * k + h);
             const float* x = &s[2 * k + h][2 * j];
-            const float p0 = ((bsel[j] >> bit) & 1u) ? exp2f(x[0] - ms[j]) : 0.f;
-            const float p1 = ((bsel[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - ms[j]) : 0.f;
-            const float w0 = ((bwin[j] >> bit) & 1u) ? exp2f(x[0] - mw[j]) : 0.f;
-            const float w1 = ((bwin[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - mw[j]) : 0.f;
+            // fast_exp2 unconditionally, then a select: no branch per element (exp2f's
+            // range fix-up and a branch around each call were ~1/4 of this loop).
+            const float p0 = ((bsel[j] >> bit) & 1u) ? fast_exp2(x[0] - ms[j]) : 0.f;
+            const float p1 = ((bsel[j] >> (bit + 1)) & 1u) ? fast_exp2(x[1] - ms[j]) : 0.f;
+            const float w0 = ((bwin[j] >> bit) & 1u) ? fast_exp2(x[0] - mw[j]) : 0.f;
+            const float w1 = ((bwin[j] >> (bit + 1)) & 1u) ? fast_exp2(x[1] - mw[j]) : 0.f;
             ls[j] += p0 + p1;
             lw[j] += w0 + w1;
             as4[2 * h + j] = pack2<E>(p0, p1);
@@ -745,10 +747,11 @@ __global__ void __launch_bounds__(kThreads, 3)
             for (int u = 0; u < 2; ++u) {
               const int e = 2 * j + u, bit = 8 * (2 * k + h) + u;
               const float x = sc[2 * k + h][e] * sl2, dpv = dp[2 * k + h][e];
-              float ds = 0.f;
-              if ((bsel[j] >> bit) & 1u) ds += exp2f(x - l2s[j]) * (ga[j] * dpv - dsel[j]);
-              if ((bwin[j] >> bit) & 1u) ds += exp2f(x - l2w[j]) * (gb[j] * dpv - dwin[j]);
-              d2[u] = ds;
+              // Both exponentials unconditionally and selects (no branches): a masked
+              // entry's factor is exactly 0 (never inf * 0: the select drops it).
+              const float ps = ((bsel[j] >> bit) & 1u) ? fast_exp2(x - l2s[j]) : 0.f;
+              const float pw = ((bwin[j] >> bit) & 1u) ? fast_exp2(x - l2w[j]) : 0.f;
+              d2[u] = ps * (ga[j] * dpv - dsel[j]) + pw * (gb[j] * dpv - dwin[j]);
             }
             da[2 * h + j] = pack2<E>(d2[0], d2[1]);
           }
@@ -838,6 +841,9 @@ __device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK
           for (int j = 0; j < 2; ++j) {
             const int e = 2 * j + u, key = key0 + 8 * j;
             const float x = st[2 * k + h][e] * sl2, dp = dpt[2 * k + h][e];
+            // Branches and exp2f kept here: the dQ kernel's select form with fast_exp2
+            // (and even fast_exp2 in this form) spilled 16-20 bytes at D = 64 under the
+            // 168-register cap of 3 CTAs per SM (nvcc 13).
             float d = 0.f, c = 0.f;
             if ((bs >> key) & 1ull) {
               const float ps = exp2f(x - r1.x);
