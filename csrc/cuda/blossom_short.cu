@@ -44,11 +44,12 @@
 //          lse2_x) and every chunk's masks into the workspace (96 bytes per row); per key
 //          chunk (K, V double-buffered), per 32-key step: S = Q K^T and dP = dO V^T in
 //          registers, dS from the row data, dQ += dS K (K through ldmatrix.trans).
-//   dK/dV: CTA per (b, g, 64-key tile, split s): the key tile's query steps of QT queries
+//   dK/dV: CTA per (64-key tile, b, g, split s), key tile major (longest causal walks are
+//          dispatched first): the key tile's query steps of QT queries
 //          (from the tile's first key when causal) are dealt round robin over nsplit CTAs
 //          (step t to split t % nsplit; nsplit <= 4 from a load estimate, see dkdv_split;
-//          sm_90 only, 1 before). Each step loads Q, dO and the rows' workspace data (one
-//          cp.async round trip); warp w owns keys [16 w, 16 w + 16): per 32-row step
+//          sm_90 only, 1 before). Each step loads Q, dO and the rows' workspace data
+//          (double-buffered: step t + 1 is copied while t is computed); warp w owns keys [16 w, 16 w + 16): per 32-row step
 //          S^T = K Q^T and dP^T = V dO^T in registers, then dS^T and (a P_sel + b P_win)^T
 //          as A fragments of dK += dS^T Q and dV += (..)^T dO (Q, dO through ldmatrix.trans).
 //          The nsplit CTAs of a key tile are one thread-block cluster: each stages its fp32
@@ -68,19 +69,25 @@
 //        65 MB + k, v, dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile
 //        ~ 100 MB.
 //   Shared memory (bytes) at D = 16 / 32 / 64: fwd 19584 / 29824 / 50304, dQ 24704 / 36992 /
-//   61568, dK/dV 16384 / 28672 / 53248. Registers (sm_90, nvcc 13, bf16 and half alike):
-//   fwd 110 / 128 / 164, dQ 92 / 122 / 158, dK/dV 115 / 137 / 167, no spills; launch bounds
-//   3 CTAs per SM for all three (12 warps; ncu at D = 64: 0.69 eligible warps per scheduler,
-//   latency-bound). D = 128 is left to the generic path.
-//   Measured (H200, 2026-11-27, benchmarks/profile_gpu.py, kernel time per fwd+bwd, B=64
-//   L=200): D=64 0.360 ms = dK/dV 0.113, dQ 0.100, fwd 0.097 + select 0.034, compress
-//   0.016; D=16 0.217 ms = dK/dV 0.073, fwd 0.058, dQ 0.049 + select 0.026, compress 0.012
-//   (the previous wmma kernels, S and P through shared memory: 0.481 and 0.309). Tried and
-//   not kept: launch bounds of 4 CTAs per SM for the forward and dQ (D = 64: 128 / 126
-//   registers, 48 bytes spilled in the forward) with the shared-memory carveout at its
-//   maximum: forward 0.097 -> 0.096 ms, dQ 0.100 -> 0.107 (H200). The kernels are
-//   latency-bound (dependent load -> mma -> exp chains), far from the ~13 us DRAM floor of
-//   the forward.
+//   61568, dK/dV 24576 / 36864 / 61440 (two step buffers). Registers (sm_90, nvcc 13, bf16
+//   and half alike): fwd 106 / 130 / 164, dQ 114 / 130 / 160, dK/dV 127 / 160 / 167, no
+//   spills; launch bounds 3 CTAs per SM for all three (12 warps). D = 128 is left to the
+//   generic path.
+//   Instruction diet (2026-11-27, from SASS and ncu: at D = 64 the three kernels issued
+//   29-38 M warp-instructions, issue slots 38-47% busy, 0.5-0.7 eligible warps per
+//   scheduler, so both the count and the latency mattered): loaders with fixed per-thread
+//   16-byte pieces (Pieces), masks built once per row for two chunks, double-buffered dK/dV
+//   query steps, fast_exp2 and selects instead of exp2f behind branches (forward and dQ).
+//   Per 64-key chunk at D = 64 the forward went from 2,311 to 1,046 warp-instructions.
+//   Measured (H100, benchmarks/profile_gpu.py, kernel time per fwd+bwd, B=64 L=200,
+//   benchmarks/results/gpu_h100_2026-11-27e_short_loads.txt): D=64 0.321 -> 0.236 ms
+//   (fwd 0.097 -> 0.069, dQ 0.101 -> 0.068, dK/dV 0.114 -> 0.090, select 0.009); D=16
+//   0.185 -> 0.143. Flash SDPA fwd+bwd, same shape: 0.231 ms.
+//   Tried and not kept: launch bounds of 4 CTAs per SM for the forward and dQ (48 bytes
+//   spilled in the forward; forward 0.097 -> 0.096 ms, dQ 0.100 -> 0.107, H200, before the
+//   diet); fast_exp2 / selects in the dK/dV kernel (16-20 bytes of spills at D = 64). Branch
+//   `short-bwd-one` (not merged): dQ and dK/dV in one launch with ready flags, written
+//   before the diet; its dispatch model's main gain, the key-tile-major dK/dV grid, is here.
 #include <cooperative_groups.h>
 
 #include <cmath>
@@ -878,11 +885,11 @@ __device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK
   }
 }
 
-// dK/dV: K, V, Q, dO tiles, then the step's row data (kRows x kRowD floats). After the query
-// walk (its last __syncthreads and cp_async_wait<0>, when Q, dO and the row data are dead)
-// the fp32 dK, dV partials (2 x kRows x (D + 4) floats) are staged from Q on, over Q, dO,
-// the row data and past them. Bytes at D = 16 / 32 / 64: 16384 / 28672 / 53248; the
-// occupancy (4 / 3 / 3 CTAs per SM) is set by the registers, not by these.
+// dK/dV: K, V tiles, then two step buffers of (Q, dO, row data: kRows x kRowD floats). After
+// the query walk (its last __syncthreads and cp_async_wait<0>, when the step buffers are
+// dead) the fp32 dK, dV partials (2 x kRows x (D + 4) floats) are staged from the first
+// buffer on. Bytes at D = 16 / 32 / 64: 24576 / 36864 / 61440; 3 CTAs per SM (set by the
+// registers; 3 x 61440 fits the 227 KB of an SM).
 template <int D>
 struct DkdvLay {
   static constexpr int kTile = Lay<D>::kTile;
@@ -930,9 +937,14 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   float* sSv = sSk + kRows * ldo;
 
   const int tid = threadIdx.x, warp = tid >> 5;
+  // Grid order: key tile major, so every (b, g)'s key tile 0 (the longest walk when causal)
+  // is dispatched first and the short walks fill the SMs at the end; the nsplit CTAs of one
+  // (key tile, b, g) stay consecutive (one cluster).
   const int split = static_cast<int>(blockIdx.x % nsplit);
-  const int kt = static_cast<int>((blockIdx.x / nsplit) % n_ktiles);
-  const int64_t bg = blockIdx.x / (int64_t(nsplit) * n_ktiles);
+  const int64_t n_bg = gridDim.x / (int64_t(nsplit) * n_ktiles);
+  const int64_t tile_bg = blockIdx.x / nsplit;
+  const int kt = static_cast<int>(tile_bg / n_bg);
+  const int64_t bg = tile_bg % n_bg;
   const int Hk = static_cast<int>(p.shape.kv_heads);
   const int g = static_cast<int>(bg % Hk);
   const int64_t b = bg / Hk;
