@@ -178,25 +178,6 @@ constexpr int win_min_ctas() {
   return D == 64 ? 3 : 4;
 }
 
-// 16-byte cp.async that zero-fills the destination instead of reading when !full.
-template <bool kL1>
-__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool full) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const int n = full ? 16 : 0;
-  if (kL1)
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(n)
-                 : "memory");
-  else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(n)
-                 : "memory");
-#else
-  *reinterpret_cast<uint4*>(dst) =
-      full ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
 // base + kBytes * off as one IMAD.WIDE.U32 (the compiler otherwise re-adds the 64-bit element
 // offset of the base and shifts: 4 instructions per row address).
 template <int kBytes>
