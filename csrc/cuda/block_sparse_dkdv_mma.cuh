@@ -86,11 +86,11 @@
 #include <type_traits>
 
 #include "common/params.h"
-#include "cuda/attn_kernels.cuh"    // attn_bwd_vec_ok, store8_acc
-#include "cuda/common.cuh"
-#include "cuda/cp_async.cuh"
+#include "cuda/attn_kernels.cuh"  // attn_bwd_vec_ok, store8_acc
+#include "cuda/common.cuh"        // fast_exp2
+#include "cuda/cp_async.cuh"      // cp_async16_zfill, cp_async4
 #include "cuda/mma_frag.cuh"
-#include "cuda/window_dkdv_tc.cuh"  // cp_async16_zfill, win_exp2, win_addr, tile offsets
+#include "cuda/window_dkdv_tc.cuh"  // win_addr; tile_row_offset / tile_col_offset
 
 namespace blossom {
 namespace gpu {
@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
           for (int uu = 0; uu < 2; ++uu) {
             const bool allowed = !tri || x0 + 8 * (t - hr) + uu >= 0;
             const int e = 2 * hr + uu;
-            const float pr = win_exp2(fmaf(sc[t][e], sl2, bias[t][uu]));
+            const float pr = fast_exp2(fmaf(sc[t][e], sl2, bias[t][uu]));
             pv[uu] = allowed ? pr : 0.f;
             sv[uu] = pv[uu] * (dp[t][e] - dlt[t][uu]);
           }

@@ -29,6 +29,27 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #endif
 }
 
+// 16 bytes when ok, else 16 zero bytes (src-size 0: nothing is read from src, which should
+// still be a mapped address, e.g. the tensor base). Branch-free zero fill of padded or
+// out-of-range rows; kL1 as in cp_async16.
+template <bool kL1 = true>
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int n = ok ? 16 : 0;
+  if (kL1)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(n)
+                 : "memory");
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(n)
+                 : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) =
+      ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src)
