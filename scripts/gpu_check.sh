@@ -7,8 +7,8 @@
 # Steps: build  pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST, default 9.0)
 #        check  scripts/sanitize_ops.py --check: every op fwd+bwd vs the float64 reference,
 #               bit-identical backward, CUDA-graph capture; then benchmarks/check_select_gpu.py
-#               benchmarks/check_short_gpu.py and check_short_select_gpu.py (the fast paths'
-#               sweeps)
+#               benchmarks/check_short_gpu.py, check_short_select_gpu.py, check_bs_dkdv.py
+#               and check_gate_fold_gpu.py (the fast paths' sweeps)
 #        tests  pytest -q -k cuda on each tests/test_*.py in its own process
 #        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
 #        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments), then the
@@ -29,12 +29,19 @@ SUMMARY="$OUT/summary.txt"
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 } > "$SUMMARY" 2>&1
 
+# Every step runs under a time limit (STEP_TIMEOUT seconds, default 300; the build gets
+# BUILD_TIMEOUT, default 500): a kernel that hangs must cost one step, not the device call
+# (a suspected hang on 2026-11-27 ate a whole 600 s call and the session's device time).
 run_step() {  # name, logfile, command...
   local name=$1 log=$2; shift 2
+  local limit=${STEP_TIMEOUT:-300}
+  [ "$name" = build ] && limit=${BUILD_TIMEOUT:-500}
   local t0=$(date +%s)
-  "$@" > >(tee -a "$log") 2>&1
+  timeout "$limit" "$@" > >(tee -a "$log") 2>&1
   local rc=$?
-  echo "step $name: rc=$rc ($(( $(date +%s) - t0 )) s), log $(basename "$log")" | tee -a "$SUMMARY"
+  local note=""
+  [ $rc -eq 124 ] && note=" TIMED OUT after $limit s"
+  echo "step $name: rc=$rc$note ($(( $(date +%s) - t0 )) s), log $(basename "$log")" | tee -a "$SUMMARY"
   return $rc
 }
 
@@ -55,6 +62,12 @@ for step in $STEPS; do
         python3 benchmarks/check_short_gpu.py --quick --no-time
       # the short path's fused compression + selection against the two ops it replaces
       run_step check_short_select "$OUT/check.log" python3 benchmarks/check_short_select_gpu.py check
+      # block-sparse dK/dV (mma.sync kernel, and the wmma one behind the switch) and the
+      # gate fold's three backward routes, against float64
+      run_step check_bs_dkdv "$OUT/check.log" python3 benchmarks/check_bs_dkdv.py check
+      run_step check_bs_dkdv_old "$OUT/check.log" env BLOSSOM_OPS_CUDA_BS_DKDV=old \
+        python3 benchmarks/check_bs_dkdv.py check
+      run_step check_gate_fold "$OUT/check.log" python3 benchmarks/check_gate_fold_gpu.py --quick
 
       ;;
     tests)
