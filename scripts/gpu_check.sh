@@ -30,12 +30,13 @@ SUMMARY="$OUT/summary.txt"
 } > "$SUMMARY" 2>&1
 
 # Every step runs under a time limit (STEP_TIMEOUT seconds, default 300; the build gets
-# BUILD_TIMEOUT, default 500): a kernel that hangs must cost one step, not the device call
+# BUILD_TIMEOUT, default 500, the whole tests step TESTS_TIMEOUT, default 1500): a kernel that hangs must cost one step, not the device call
 # (a suspected hang on 2026-11-27 ate a whole 600 s call and the session's device time).
 run_step() {  # name, logfile, command...
   local name=$1 log=$2; shift 2
   local limit=${STEP_TIMEOUT:-300}
   [ "$name" = build ] && limit=${BUILD_TIMEOUT:-500}
+  [ "$name" = tests ] && limit=${TESTS_TIMEOUT:-1500}
   local t0=$(date +%s)
   timeout "$limit" "$@" > >(tee -a "$log") 2>&1
   local rc=$?
