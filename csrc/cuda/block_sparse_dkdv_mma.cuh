@@ -375,16 +375,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
           da[2 * t + hr] = pack2<E>(sv[0], sv[1]);
         }
       // dV += P^T dO, dK += dS^T Q: 16 keys x D, k = the 16 slots.
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        uint32_t bt[4];
-        ldmatrix_x4_trans(bt, ro + 16 * f + q_row);
-        mma16816<E>(dv[2 * f], pa, bt[0], bt[1]);
-        mma16816<E>(dv[2 * f + 1], pa, bt[2], bt[3]);
-        ldmatrix_x4_trans(bt, rq + 16 * f + q_row);
-        mma16816<E>(dk[2 * f], da, bt[0], bt[1]);
-        mma16816<E>(dk[2 * f + 1], da, bt[2], bt[3]);
-      }
+      key_tile_dkdv_mma<E, NF>(dk, dv, pa, da, rq, ro, q_row);
       u_c += kBsWarps;
       buf_c = buf_c + 1 == STAGES ? 0 : buf_c + 1;
       __syncwarp();  // buffer buf_c is refilled by the next iteration's issue
@@ -396,18 +387,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
   // Each warp's partial dK, dV (C layout: keys gid / gid + 8, dims 8 n + 2 tig + {0, 1}) ->
   // rows in its own buffers; then the CTA sums the 4 warps in warp order (fixed: bit-
   // reproducible, no atomics) and writes every key < L of the tile (zeros for padded keys).
-  {
-    float* ok_s = reinterpret_cast<float*>(wsm);
-    float* ov_s = ok_s + 16 * C::OS;
-#pragma unroll
-    for (int n = 0; n < 2 * NF; ++n) {
-      const int o0 = gid * C::OS + 8 * n + 2 * tig, o1 = o0 + 8 * C::OS;
-      *reinterpret_cast<float2*>(ok_s + o0) = make_float2(dk[n][0], dk[n][1]);
-      *reinterpret_cast<float2*>(ok_s + o1) = make_float2(dk[n][2], dk[n][3]);
-      *reinterpret_cast<float2*>(ov_s + o0) = make_float2(dv[n][0], dv[n][1]);
-      *reinterpret_cast<float2*>(ov_s + o1) = make_float2(dv[n][2], dv[n][3]);
-    }
-  }
+  stage_key_tile_acc<NF, C::OS>(reinterpret_cast<float*>(wsm), dk, dv, gid, tig);
   __syncthreads();
   const float scale = static_cast<float>(p.shape.scale);
   for (int x = threadIdx.x; x < 16 * C::CPR; x += kBsWarps * 32) {

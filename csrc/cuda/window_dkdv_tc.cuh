@@ -178,6 +178,42 @@ constexpr int win_min_ctas() {
   return D == 64 ? 3 : 4;
 }
 
+// dV += P^T dO and dK += dS^T Q for one 16-key tile over 16 columns (query rows): pa / da are
+// the A fragments (keys x columns) of P^T and dS^T, rq / ro the staged Q / dO rows of the
+// columns, q_row the lane's ldmatrix.trans row offset. Shared with block_sparse_dkdv_mma.cuh.
+template <typename E, int NF>
+__device__ __forceinline__ void key_tile_dkdv_mma(float (&dk)[2 * NF][4], float (&dv)[2 * NF][4],
+                                                  const uint32_t (&pa)[4], const uint32_t (&da)[4],
+                                                  const E* rq, const E* ro, int q_row) {
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    uint32_t bt[4];
+    ldmatrix_x4_trans(bt, ro + 16 * f + q_row);
+    mma16816<E>(dv[2 * f], pa, bt[0], bt[1]);
+    mma16816<E>(dv[2 * f + 1], pa, bt[2], bt[3]);
+    ldmatrix_x4_trans(bt, rq + 16 * f + q_row);
+    mma16816<E>(dk[2 * f], da, bt[0], bt[1]);
+    mma16816<E>(dk[2 * f + 1], da, bt[2], bt[3]);
+  }
+}
+
+// A warp's dK, dV accumulators (C layout: keys gid / gid + 8, dims 8 n + 2 tig + {0, 1}) as
+// fp32 rows of stride OS in shared memory: dK at ok_s, dV at ok_s + 16 OS.
+template <int NF, int OS>
+__device__ __forceinline__ void stage_key_tile_acc(float* ok_s, const float (&dk)[2 * NF][4],
+                                                   const float (&dv)[2 * NF][4], int gid,
+                                                   int tig) {
+  float* ov_s = ok_s + 16 * OS;
+#pragma unroll
+  for (int n = 0; n < 2 * NF; ++n) {
+    const int o0 = gid * OS + 8 * n + 2 * tig, o1 = o0 + 8 * OS;
+    *reinterpret_cast<float2*>(ok_s + o0) = make_float2(dk[n][0], dk[n][1]);
+    *reinterpret_cast<float2*>(ok_s + o1) = make_float2(dk[n][2], dk[n][3]);
+    *reinterpret_cast<float2*>(ov_s + o0) = make_float2(dv[n][0], dv[n][1]);
+    *reinterpret_cast<float2*>(ov_s + o1) = make_float2(dv[n][2], dv[n][3]);
+  }
+}
+
 // base + kBytes * off as one IMAD.WIDE.U32 (the compiler otherwise re-adds the 64-bit element
 // offset of the base and shifts: 4 instructions per row address).
 template <int kBytes>
@@ -466,16 +502,7 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
           }
       }
       // dV += P^T dO, dK += dS^T Q: 16 keys x D, k = the 16 columns.
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        uint32_t bt[4];
-        ldmatrix_x4_trans(bt, ro + 16 * f + q_row);
-        mma16816<E>(dv[2 * f], pa, bt[0], bt[1]);
-        mma16816<E>(dv[2 * f + 1], pa, bt[2], bt[3]);
-        ldmatrix_x4_trans(bt, rq + 16 * f + q_row);
-        mma16816<E>(dk[2 * f], da, bt[0], bt[1]);
-        mma16816<E>(dk[2 * f + 1], da, bt[2], bt[3]);
-      }
+      key_tile_dkdv_mma<E, NF>(dk, dv, pa, da, rq, ro, q_row);
       if (++u_c == NC) u_c = 0;
       buf_c = buf_c + 1 == kWinStages ? 0 : buf_c + 1;
       __syncwarp();  // buffer buf_c is refilled by the next iteration's issue
@@ -487,14 +514,7 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
   // dK, dV (C layout: keys gid / gid + 8, dims 8 n + 2 tig + {0, 1}) -> rows in shared memory.
   float* ok_s = reinterpret_cast<float*>(wsm);
   float* ov_s = ok_s + 16 * C::OS;
-#pragma unroll
-  for (int n = 0; n < 2 * NF; ++n) {
-    const int o0 = gid * C::OS + 8 * n + 2 * tig, o1 = o0 + 8 * C::OS;
-    *reinterpret_cast<float2*>(ok_s + o0) = make_float2(dk[n][0], dk[n][1]);
-    *reinterpret_cast<float2*>(ok_s + o1) = make_float2(dk[n][2], dk[n][3]);
-    *reinterpret_cast<float2*>(ov_s + o0) = make_float2(dv[n][0], dv[n][1]);
-    *reinterpret_cast<float2*>(ov_s + o1) = make_float2(dv[n][2], dv[n][3]);
-  }
+  stage_key_tile_acc<NF, C::OS>(ok_s, dk, dv, gid, tig);
   __syncwarp();
   const float scale = static_cast<float>(s.scale);
   for (int t = lane; t < 16 * C::CPR; t += 32) {
