@@ -428,10 +428,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
 // True when BLOSSOM_OPS_CUDA_BS_DKDV=old: the block-sparse dK/dV goes back to the wmma
 // kernel (A/B runs). Read once per process, on the host.
 inline bool bs_dkdv_old_requested() {
-  static const bool old = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_BS_DKDV");
-    return e != nullptr && std::strcmp(e, "old") == 0;
-  }();
+  static const bool old = env_equals("BLOSSOM_OPS_CUDA_BS_DKDV", "old");
   return old;
 }
 

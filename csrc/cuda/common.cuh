@@ -83,11 +83,15 @@ struct TcElem<c10::BFloat16> {
 // True when BLOSSOM_OPS_CUDA_SIMPLE=1: every launcher then takes the first-generation SIMT
 // kernels instead of its fast path (A/B runs, and a way out if a fast path misbehaves).
 // Read once per process, on the host.
+// True when the environment variable `name` is set to exactly `value` (host side; the A/B
+// switches of the CUDA path call it once per process and keep the answer in a static).
+inline bool env_equals(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
+}
+
 inline bool simple_kernels_requested() {
-  static const bool simple = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SIMPLE");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
+  static const bool simple = env_equals("BLOSSOM_OPS_CUDA_SIMPLE", "1");
   return simple;
 }
 

@@ -222,10 +222,7 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   // select_blocks_tc_old.cuh for what it declines or when BLOSSOM_OPS_CUDA_SELECT=old, read
   // once); this kernel otherwise.
   if (!detail::simple_kernels_requested()) {
-    static const bool old_tc = [] {
-      const char* e = std::getenv("BLOSSOM_OPS_CUDA_SELECT");
-      return e != nullptr && std::strcmp(e, "old") == 0;
-    }();
+    static const bool old_tc = detail::env_equals("BLOSSOM_OPS_CUDA_SELECT", "old");
     if (!old_tc && select_blocks_tc_fwd(p, stream)) return;
     if (select_blocks_tc_old_fwd(p, stream)) return;
   }

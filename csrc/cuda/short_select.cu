@@ -537,10 +537,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 bool short_select_disabled() {
-  static const bool off = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_SHORT_SELECT");
-    return e != nullptr && std::strcmp(e, "0") == 0;
-  }();
+  static const bool off = detail::env_equals("BLOSSOM_OPS_CUDA_SHORT_SELECT", "0");
   return off;
 }
 

@@ -540,10 +540,7 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
 // True when BLOSSOM_OPS_CUDA_WIN_DKDV=old: the window's dK/dV goes back to the staged
 // per-key kernel (A/B runs). Read once per process, on the host.
 inline bool win_dkdv_old_requested() {
-  static const bool old = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_WIN_DKDV");
-    return e != nullptr && std::strcmp(e, "old") == 0;
-  }();
+  static const bool old = env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "old");
   return old;
 }
 
