@@ -415,13 +415,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
       }
     }
     const bool ok = ((kmask >> r) & 1u) != 0u;
-#pragma unroll
-    for (int e = 0; e < kFrag; ++e) {
-      fk[e] = ok ? fk[e] * scale : 0.f;
-      fv[e] = ok ? fv[e] : 0.f;
-    }
-    store8_acc(p.grad_k.at(b, j, g) + pc * kFrag, fk, p.accumulate);
-    store8_acc(p.grad_v.at(b, j, g) + pc * kFrag, fv, p.accumulate);
+    store_key_dkdv8(p, b, j, g, pc, fk, fv, ok, scale);
   }
 }
 

@@ -214,6 +214,22 @@ __device__ __forceinline__ void stage_key_tile_acc(float* ok_s, const float (&dk
   }
 }
 
+// Dims [8 pc, 8 pc + 8) of key j's dK (times scale) and dV to grad_k / grad_v (added to
+// them when p.accumulate); zeros for a padded key (ok false). Shared with
+// block_sparse_dkdv_mma.cuh.
+template <typename T>
+__device__ __forceinline__ void store_key_dkdv8(const AttnBwdParams<T, float>& p, int64_t b,
+                                                int64_t j, int64_t g, int pc, float (&fk)[kFrag],
+                                                float (&fv)[kFrag], bool ok, float scale) {
+#pragma unroll
+  for (int e = 0; e < kFrag; ++e) {
+    fk[e] = ok ? fk[e] * scale : 0.f;
+    fv[e] = ok ? fv[e] : 0.f;
+  }
+  store8_acc(p.grad_k.at(b, j, g) + pc * kFrag, fk, p.accumulate);
+  store8_acc(p.grad_v.at(b, j, g) + pc * kFrag, fv, p.accumulate);
+}
+
 // base + kBytes * off as one IMAD.WIDE.U32 (the compiler otherwise re-adds the 64-bit element
 // offset of the base and shifts: 4 instructions per row address).
 template <int kBytes>
@@ -527,13 +543,7 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
     const float4 k0 = sk[0], k1 = sk[1], v0 = sv[0], v1 = sv[1];
     float fk[kFrag] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
     float fv[kFrag] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-    for (int e = 0; e < kFrag; ++e) {
-      fk[e] = ok ? fk[e] * scale : 0.f;
-      fv[e] = ok ? fv[e] : 0.f;
-    }
-    store8_acc(p.grad_k.at(b, j, g) + pc * kFrag, fk, p.accumulate);
-    store8_acc(p.grad_v.at(b, j, g) + pc * kFrag, fv, p.accumulate);
+    store_key_dkdv8(p, b, j, g, pc, fk, fv, ok, scale);
   }
 }
 
