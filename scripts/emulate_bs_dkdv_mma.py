@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from emulate_window_dkdv_mma import ldmatrix_x4, strided, tile_col_offset, tile_row_offset
+from emulate_window_dkdv_mma import ldmatrix_x4, padded_inputs, tile_col_offset, tile_row_offset
 from mma_emu import mma
 
 warnings.simplefilter("ignore", RuntimeWarning)  # mutations produce inf / NaN on purpose
@@ -388,16 +388,8 @@ def run_case(B, L, Hq, Hk, D, bs, n, causal, pad, accumulate, seed, inf_rows=Fal
     G = Hq // Hk
     C = -(-L // bs)
     scale = 1.0 / math.sqrt(D)
-    valid = np.ones((B, L), dtype=bool)
-    if pad == "lengths":
-        for b in range(B):
-            valid[b, rng.integers(1, L + 1):] = False
-    elif pad == "random":
-        valid = rng.random((B, L)) < 0.7
-    q, qf, (qsb, qsl, qsh) = strided(rng, B, L, Hq, D, valid)
-    dO, of, (osb, osl, osh) = strided(rng, B, L, Hq, D, valid, extra_h=0)
-    k, kf, (ksb, ksl, ksh) = strided(rng, B, L, Hk, D, valid, extra_h=16)
-    v, vf, (vsb, vsl, vsh) = strided(rng, B, L, Hk, D, valid)
+    valid, (q, qf, (qsb, qsl, qsh)), (dO, of, (osb, osl, osh)), (k, kf, (ksb, ksl, ksh)), \
+        (v, vf, (vsb, vsl, vsh)) = padded_inputs(rng, B, L, Hq, Hk, D, pad)
     # block_idx: -1, duplicates, the own block, future blocks, out-of-range values
     idx = rng.integers(-1, C + 1, size=(B, L, Hk, n))
     if n >= 2:

@@ -400,20 +400,25 @@ def strided(rng, B, L, H, D, valid, extra_h=8):
     return dense, flat, (sb, sl, sh)
 
 
-def run_case(B, L, Hq, Hk, D, window, dilated, causal, pad, accumulate, seed, inf_rows=False):
-    rng = np.random.default_rng(seed)
-    G = Hq // Hk
-    scale = 1.0 / math.sqrt(D)
+def padded_inputs(rng, B, L, Hq, Hk, D, pad):
+    """valid [B, L] (pad: None, "lengths" or "random") and strided q, dO, k, v (see strided:
+    dense array, flat buffer, strides); shared with emulate_bs_dkdv_mma.py."""
     valid = np.ones((B, L), dtype=bool)
     if pad == "lengths":
         for b in range(B):
             valid[b, rng.integers(1, L + 1):] = False
     elif pad == "random":
         valid = rng.random((B, L)) < 0.7
-    q, qf, (qsb, qsl, qsh) = strided(rng, B, L, Hq, D, valid)
-    dO, of, (osb, osl, osh) = strided(rng, B, L, Hq, D, valid, extra_h=0)
-    k, kf, (ksb, ksl, ksh) = strided(rng, B, L, Hk, D, valid, extra_h=16)
-    v, vf, (vsb, vsl, vsh) = strided(rng, B, L, Hk, D, valid)
+    return (valid, strided(rng, B, L, Hq, D, valid), strided(rng, B, L, Hq, D, valid, extra_h=0),
+            strided(rng, B, L, Hk, D, valid, extra_h=16), strided(rng, B, L, Hk, D, valid))
+
+
+def run_case(B, L, Hq, Hk, D, window, dilated, causal, pad, accumulate, seed, inf_rows=False):
+    rng = np.random.default_rng(seed)
+    G = Hq // Hk
+    scale = 1.0 / math.sqrt(D)
+    valid, (q, qf, (qsb, qsl, qsh)), (dO, of, (osb, osl, osh)), (k, kf, (ksb, ksl, ksh)), \
+        (v, vf, (vsb, vsl, vsh)) = padded_inputs(rng, B, L, Hq, Hk, D, pad)
     # lse of the masked rows (consistent with the forward), delta arbitrary.
     band, p0, n_pow = sliding_policy(L, window, dilated)
     i = np.arange(L)[:, None]
