@@ -29,6 +29,23 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #endif
 }
 
+// 16 bytes when `bits` != 0, else 16 zero bytes written without reading src (the
+// ignore-src predicate; src should still point into the tensor). A masked row becomes zeros
+// with no separate fill and no branch: the staged block-chunk kernels rely on it to keep
+// padding NaNs out of shared memory. Passing a mask word (mask & bit) lets ptxas turn four
+// of them into one R2P.
+__device__ __forceinline__ void cp_async16_masked(void* dst, const void* src, unsigned bits) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "{\n .reg .pred ign;\n setp.eq.u32 ign, %2, 0;\n"
+      " cp.async.ca.shared.global [%0], [%1], 16, ign;\n}\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bits)
+      : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = bits != 0u ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src)
