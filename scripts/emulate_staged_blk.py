@@ -17,7 +17,9 @@ computation (no GPU, no torch needed):
     own address when it attends and an address inside [key0, len) when it is zero-filled;
   * the lane's key bits in the chunk body ((mask >> gid) & 1, >> 8) select keys gid, gid + 8;
   * a float64 replay of the forward chunk loop (chunk max, alpha, msub, skipped chunks) against
-    a dense softmax of the same scores.
+    a dense softmax of the same scores;
+  * the LEAN per-slot copy loop (TcWarp<..., true>::issue, the window's and compressed branch's
+    default): rows < cnt read their key's row, rows >= cnt are zero-filled from a valid address.
 
 Edge cases: L not a multiple of 16 (and of the block size), causal / not, -1, repeated,
 out-of-range (>= C, < -1) and own-block entries, blocks after i (causal), left / right / random
@@ -243,6 +245,40 @@ def check_copies(D, key0, mask, L):
     assert len(seen) == KC * 2 * CPR
 
 
+def check_lean_copies(D, KC_, cnt, ki):
+    """TcWarp<LEAN>::issue: rows < cnt copy key ki[r], rows >= cnt are zero-filled and read the
+    address of ki[cnt - 1] (a valid key); every (row, K|V, piece) once."""
+    CPR = D // 8
+    PPK = 2 * CPR
+    KPP = 32 // PPK
+    seen = {}
+    for lane in range(32):
+        w, r0 = lane % PPK, lane // PPK
+        is_v = w >= CPR
+        c = w - CPR if is_v else w
+        for k in range(KC_ // KPP):
+            r = r0 + KPP * k
+            j = ki[r if r < cnt else cnt - 1]
+            full = r < cnt
+            assert j == (ki[r] if full else ki[cnt - 1])
+            key = (r, is_v, c)
+            assert key not in seen
+            seen[key] = (full, j)
+    assert len(seen) == KC_ * 2 * CPR
+    return sum(1 for f, _ in seen.values() if f) == cnt * 2 * CPR
+
+
+def check_lean(rng):
+    n = 0
+    for D in (16, 32, 64, 128):
+        KC_ = 32 if D <= 32 else 16
+        for cnt in range(1, KC_ + 1):
+            ki = [rng.randrange(0, 1 << 20) for _ in range(cnt)] + [None] * (KC_ - cnt)
+            assert check_lean_copies(D, KC_, cnt, ki)
+            n += 1
+    return n
+
+
 # ---- chunk body: lane keys, and the online softmax in float64 -------------------------------
 def check_lane_bits(mask):
     for lane in range(32):
@@ -329,6 +365,7 @@ def run_case(rng, L, bs, n, causal, pad, n_queries):
 
 def main() -> int:
     rng = random.Random(20261127)
+    n_lean = check_lean(rng)
     n_div = check_tcdiv(rng)
     n_coord = check_coords(rng)
     cases = 0
@@ -338,7 +375,8 @@ def main() -> int:
             ("none", "right", "left", "random")):
         queries += run_case(rng, L, bs, n, causal, pad, 40)
         cases += 1
-    print(f"TcDiv: {n_div} divisions equal n // d; stage_coords_fast: {n_coord} warps equal")
+    print(f"TcDiv: {n_div} divisions equal n // d; stage_coords_fast: {n_coord} warps equal;"
+          f" LEAN per-slot copies: {n_lean} (D, cnt) cases")
     print(f"block chunks: {cases} cases, {queries} queries: keys == DESIGN mask, copies, lane bits,"
           " per-slot order where prefix, float64 softmax ok")
     return 0

@@ -65,6 +65,14 @@
 // chunk max of two NaN scores (garbage in). D <= 32 (per-slot KC = 32) and left / random key
 // padding (keys keep their block position instead of being compacted) give other rounding.
 // scripts/emulate_staged_blk.py replays the index math against the DESIGN mask.
+// Policies without block chunks (sliding window, compressed branch) take the per-slot kernels
+// with LEAN = true unless BLOSSOM_OPS_CUDA_STAGED=old: TcDiv coordinates, tc_exp2, and a copy
+// loop unrolled over the lane's rows with the rows past cnt zero-filled (so no tc_zero), the
+// row address one mad.wide per row and the LDGSTS back to back. Same keys, positions and
+// summation order as before (bits differ only for probabilities below 2^-126). Window, causal
+// D = 64 HPW = 4, one 16-key chunk (8 band + 8 dilation slots): forward 320 -> 252, dQ 300 ->
+// 228 warp-instructions (the copies 137 -> 79); per warp also ~-120 (coordinates) and ~-40
+// (zero fill), but a 1-key chunk now issues all 8 row copies (+~50): ~-12% per window warp.
 //
 // Counts: static SASS (nvcc 13, sm_90, nvdisasm), bf16 D = 64 HPW = 4 block-sparse, the hot
 // path of one chunk (16 attending keys of a selected block in slot 2, next chunk issued, no
@@ -132,8 +140,20 @@ struct TcCfg {
   static_assert(size_t(8) * OLD * 4 <= kv_bytes, "output staging must fit the K/V buffers");
 };
 
-// Warp coordinates, staging buffers and the enumerate + copy step of one chunk.
-template <typename T, class C, class Policy>
+// base + j * stride_bytes as one IMAD.WIDE (mad.wide.s32): from C++ the compiler keeps a
+// 64 x 64-bit multiply when the stride came from an int64_t (3-4 instructions per row).
+__device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int stride_bytes) {
+  const char* r;
+  asm("mad.wide.s32 %0, %1, %2, %3;" : "=l"(r) : "r"(j), "r"(stride_bytes), "l"(base));
+  return r;
+}
+
+// Warp coordinates, staging buffers and the enumerate + copy step of one chunk. LEAN (the
+// default path of policies without block chunks; BLOSSOM_OPS_CUDA_STAGED=old turns it off):
+// the copies are unrolled over the lane's rows, rows past cnt are zero-filled (cp.async
+// ignore-src), so the buffers need no zero fill, one IMAD.WIDE per row address and the
+// LDGSTS back to back (3 dummy issue slots per group instead of per row).
+template <typename T, class C, class Policy, bool LEAN = false>
 struct TcWarp {
   using E = typename TcElem<T>::type;
   E* kv;           // [2][2][KC][RS]
@@ -166,8 +186,30 @@ struct TcWarp {
     const T* src = (is_v ? vbase : kbase) + c * kFrag;
     const int64_t st = is_v ? sv : sk;
     E* dst = (is_v ? vbuf(buf) : kbuf(buf)) + c * kFrag;
-    for (int r = lane / PPK; r < cnt; r += KPP)
-      cp_async16(dst + r * C::RS, src + static_cast<int64_t>(ki[r]) * st);
+    if constexpr (LEAN) {
+      if (cnt > 0) {  // |st| < 2^26 elements (launcher): a key times the byte stride is a
+                      // 32 x 32 -> 64-bit product, one IMAD.WIDE with the base as addend
+        const char* srcb = reinterpret_cast<const char*>(src);
+        const int stb = static_cast<int>(st * static_cast<int64_t>(sizeof(T)));
+        const int r0 = lane / PPK;
+        const int* kl = ki + r0;
+        const int last = ki[cnt - 1];  // rows past cnt read a valid row's address
+        E* d = dst + r0 * C::RS;
+        int jr[C::KC / KPP];
+#pragma unroll
+        for (int k = 0; k < C::KC / KPP; ++k) {
+          const int j = kl[KPP * k];  // past cnt: a stale entry of kidx, not used
+          jr[k] = r0 + KPP * k < cnt ? j : last;
+        }
+#pragma unroll
+        for (int k = 0; k < C::KC / KPP; ++k)
+          cp_async16_masked(d + KPP * k * C::RS, tc_row_addr(srcb, jr[k], stb),
+                            static_cast<unsigned>(r0 + KPP * k < cnt));
+      }
+    } else {
+      for (int r = lane / PPK; r < cnt; r += KPP)
+        cp_async16(dst + r * C::RS, src + static_cast<int64_t>(ki[r]) * st);
+    }
     cp_async_commit();
     return cnt;
   }
@@ -333,6 +375,15 @@ __device__ __forceinline__ bool stage_coords_fast(const TcGrid& gr, int wib, int
   return true;
 }
 
+// 2^x on the SFU with denormal results flushed to +0 (ex2.approx.ftz): one MUFU.EX2, where
+// exp2f adds a range test and two predicated multiplies (4 issue slots) to return denormals.
+// Results are equal for x >= -126; below, a probability < 2^-126 becomes 0.
+__device__ __forceinline__ float tc_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
 // dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
 template <int D, bool DQ>
@@ -341,9 +392,9 @@ constexpr int tc_min_ctas() {
 }
 
 // ------------------------------------------------------------------------------ forward
-template <typename T, int D, int HPW, class Policy>
+template <typename T, int D, int HPW, class Policy, bool LEAN = false>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
-    attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol) {
+    attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
@@ -354,10 +405,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
   int64_t b, i, g, h0;
-  if (!stage_coords<HPW>(s, wib, b, i, g, h0)) return;  // uniform per warp
+  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
+           : !stage_coords<HPW>(s, wib, b, i, g, h0))
+    return;  // uniform per warp
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy> w;
+  TcWarp<T, C, Policy, LEAN> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -376,8 +429,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   if (pol.query_valid(b, i)) {
     uint32_t qb[C::NF][2];
     load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
-    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    __syncwarp();
+    if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+      tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+      __syncwarp();
+    }
     const float qsc = static_cast<float>(s.scale) * kLog2e;
     const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
     w.n_slots = pol.fwd_slots(b, i, g);
@@ -416,7 +471,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
           cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
         const float mn = fmaxf(m[j], cmax[j]);
         msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = exp2f(m[j] - msub[j]);
+        alpha[j] = LEAN ? tc_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
         m[j] = mn;
         lp[j] *= alpha[j];
       }
@@ -432,7 +487,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
         if (t * 16 < cnt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            sc[t][e] = exp2f(sc[t][e] - msub[e & 1]);
+            sc[t][e] = LEAN ? tc_exp2(sc[t][e] - msub[e & 1]) : exp2f(sc[t][e] - msub[e & 1]);
             lp[e & 1] += sc[t][e];
           }
           uint32_t pb0, pb1;
@@ -482,9 +537,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 // ------------------------------------------------------------------------------ dQ
 // Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
 // gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh).
-template <typename T, int D, int HPW, class Policy>
+template <typename T, int D, int HPW, class Policy, bool LEAN = false>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
-    attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta) {
+    attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
+                      const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
@@ -495,11 +551,13 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
   int64_t b, i, g, h0;
-  if (!stage_coords<HPW>(s, wib, b, i, g, h0)) return;  // uniform per warp
+  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
+           : !stage_coords<HPW>(s, wib, b, i, g, h0))
+    return;  // uniform per warp
   const int64_t row = (b * L + i) * Hq + h0;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy> w;
+  TcWarp<T, C, Policy, LEAN> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -549,8 +607,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
       uint32_t qb[C::NF][2], ob[C::NF][2];
       load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
       load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
-      tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-      __syncwarp();
+      if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+        tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+        __syncwarp();
+      }
       const float qsc = static_cast<float>(s.scale) * kLog2e;
       const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
       w.n_slots = pol.fwd_slots(b, i, g);
@@ -576,7 +636,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
               const int key = t * 16 + gid + (e >> 1) * 8;
               const int j = e & 1;
               sc[e] = key < cnt && real[j]
-                          ? exp2f(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                          ? (LEAN ? tc_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
+                                  : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
+                                (dp[e] - my_dlt[j])
                           : 0.f;
             }
             uint32_t db0, db1;
@@ -632,15 +694,6 @@ struct has_block_chunks : std::false_type {};
 template <class P>
 struct has_block_chunks<P, std::void_t<decltype(P::kBlockChunks)>>
     : std::integral_constant<bool, P::kBlockChunks> {};
-
-// 2^x on the SFU with denormal results flushed to +0 (ex2.approx.ftz): one MUFU.EX2, where
-// exp2f adds a range test and two predicated multiplies (4 issue slots) to return denormals.
-// Results are equal for x >= -126; below, a probability < 2^-126 becomes 0.
-__device__ __forceinline__ float tc_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // One warp's block list, staging buffers and copy geometry for the block-chunk kernels.
 // Chunk ch is segment ch % spb (16 keys) of the (ch / spb)-th listed block, spb = bs / 16.
@@ -1050,14 +1103,22 @@ inline bool staged_old_requested() {
   return old;
 }
 
-// Whether the block-chunk kernels take this call: the policy has them and accepts the mask,
-// and the K / V row strides fit the 32-bit copy offsets (16 rows * stride < 2^31).
+// Whether the lean kernels (block chunks, or the LEAN per-slot kernels) may take this call:
+// not switched off, and the K / V row strides fit their 32-bit byte offsets (|stride| < 2^26
+// elements: 16 rows or a 32-bit key index times the stride stay 64-bit products of 32-bit
+// factors).
+template <typename T>
+inline bool use_lean_staged(const Bshd<const T>& k, const Bshd<const T>& v) {
+  constexpr int64_t lim = int64_t(1) << 26;
+  return !staged_old_requested() && k.stride_l > -lim && k.stride_l < lim &&
+         v.stride_l > -lim && v.stride_l < lim;
+}
+
+// Whether the block-chunk kernels take this call: the policy has them and accepts the mask.
 template <class Policy, typename T>
 inline bool use_block_chunks(const Policy& pol, const Bshd<const T>& k, const Bshd<const T>& v) {
   if constexpr (has_block_chunks<Policy>::value) {
-    constexpr int64_t lim = int64_t(1) << 26;
-    return !staged_old_requested() && pol.block_chunks_ok() && k.stride_l > -lim &&
-           k.stride_l < lim && v.stride_l > -lim && v.stride_l < lim;
+    return use_lean_staged(k, v) && pol.block_chunks_ok();
   } else {
     return false;
   }
@@ -1077,8 +1138,9 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
     return false;
   } else {
     const AttnShape& s = p.shape;
-    const bool blk = use_block_chunks(pol, p.k, p.v);
+    const bool blk = use_block_chunks(pol, p.k, p.v), lean = use_lean_staged(p.k, p.v);
     (void)blk;  // no block-chunk kernels for this policy
+    (void)lean;  // block-chunk policies keep the per-slot kernel as it was for their fallbacks
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
       const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
@@ -1093,9 +1155,18 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
         }
       }
       const size_t bytes = kStageWarps * TcCfg<D>::warp_bytes;
+      const TcGrid grid = TcGrid::make(s, HPW);
+      if constexpr (!has_block_chunks<Policy>::value) {
+        if (lean && warps < (int64_t(1) << 31)) {
+          auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true>;
+          stage_smem_attr(kernel, bytes);
+          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, grid);
+          return;
+        }
+      }
       auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy>;
       stage_smem_attr(kernel, bytes);
-      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol);
+      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, grid);
     });
   }
 }
@@ -1107,8 +1178,9 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
     return false;
   } else {
     const AttnShape& s = p.shape;
-    const bool blk = use_block_chunks(pol, p.k, p.v);
+    const bool blk = use_block_chunks(pol, p.k, p.v), lean = use_lean_staged(p.k, p.v);
     (void)blk;  // no block-chunk kernels for this policy
+    (void)lean;  // block-chunk policies keep the per-slot kernel as it was for their fallbacks
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
       const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
@@ -1123,9 +1195,18 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
         }
       }
       const size_t bytes = kStageWarps * TcCfg<D>::warp_bytes;
+      const TcGrid grid = TcGrid::make(s, HPW);
+      if constexpr (!has_block_chunks<Policy>::value) {
+        if (lean && warps < (int64_t(1) << 31)) {
+          auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true>;
+          stage_smem_attr(kernel, bytes);
+          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta, grid);
+          return;
+        }
+      }
       auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy>;
       stage_smem_attr(kernel, bytes);
-      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta);
+      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta, grid);
     });
   }
 }
