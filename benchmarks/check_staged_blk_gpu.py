@@ -13,7 +13,8 @@ attn_fwd_kernel_tc_blk / attn_dq_kernel_tc_blk) behind block_sparse_attention.
   cmp A B      per case and tensor: max |a - b| and the number of elements whose bits differ.
                Expected: 0 differing elements at D = 64 / 128 without padding or with right
                padding (same chunk order and key positions; only probabilities < 2^-126 may
-               differ), small rounding differences at D = 16 / 32 and with left / random padding.
+               differ), small rounding differences at D = 16 / 32 and with left / random padding;
+               0 for every sliding-window case (LEAN per-slot kernels, same order).
   bench L D    per-kernel CUDA time of block_sparse_attention forward + backward at B=64,
                Hq=8, Hk=2, bf16, block_size 16, top_n 4 (random distinct earlier blocks).
 
@@ -88,6 +89,12 @@ CASES = [  # G, L, bs, n, causal, pad
 ]
 
 
+WINDOW_CASES = [  # G, L, window, causal, pad
+    (4, 203, 8, True, "none"), (4, 300, 8, False, "right"), (1, 97, 3, True, "left"),
+    (2, 1100, 8, True, "random"), (8, 40, 33, True, "none"),
+]
+
+
 def inputs(dtype, D, G, L, bs, n, causal, pad, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     B, Hk = 2, 2
@@ -152,6 +159,19 @@ def dump(path: str) -> int:
                 q, k, v, go, idx, valid = inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci)
                 key = f"{str(dtype)[6:]} D={D} G={G} L={L} bs={bs} n={n} causal={causal} pad={pad}"
                 res[key] = [t.cpu() for t in run(q, k, v, go, idx, bs, causal, valid)]
+    # The window's per-slot kernels (LEAN by default): same keys, same order, so the A/B must
+    # show 0 differing elements here too (probabilities below 2^-126 aside).
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (16, 32, 64, 128):
+            for ci, (G, L, window, causal, pad) in enumerate(WINDOW_CASES):
+                q, k, v, go, _, valid = inputs(dtype, D, G, L, 16, 1, causal, pad, 200 + ci)
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                out, lse = blossom_ops.sliding_window_attention(
+                    *leaves, window=window, dilated=True, causal=causal, valid=valid,
+                    return_lse=True)
+                out.backward(go)
+                key = f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} pad={pad}"
+                res[key] = [t.detach().cpu() for t in [out, lse] + [t.grad for t in leaves]]
     torch.save(res, path)
     print(f"{len(res)} cases -> {path}")
     return 0

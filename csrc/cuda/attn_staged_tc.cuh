@@ -83,7 +83,7 @@
 //   forward, block chunk     17        36       31         64       22      170
 //   dQ, per-slot            144       125       50         40       37      401 (+5)
 //   dQ, block chunk          17        36       40         21       22      136
-// (Per-slot: the ~21-instruction division of fwd_key and selected_block's repeat loop per
+// ((+n): instructions the line table gives to no job. Per-slot: the ~21-instruction division of fwd_key and selected_block's repeat loop per
 // key, 13 instructions per cp.async (kidx LDS, 64-bit multiply, 3 dummy LDS); softmax: exp2f
 // is 4 issue slots, tc_exp2 one.) Per warp (5 chunks at top_n 4): forward ~2,660 (ncu) ->
 // ~1,290 (prologue with the block list and the first chunk's copies ~330, 4 x 170 + 117,
