@@ -85,10 +85,11 @@
 //   dQ, block chunk          17        36       40         21       22      136
 // ((+n): instructions the line table gives to no job. Per-slot: the ~21-instruction division of fwd_key and selected_block's repeat loop per
 // key, 13 instructions per cp.async (kidx LDS, 64-bit multiply, 3 dummy LDS); softmax: exp2f
-// is 4 issue slots, tc_exp2 one.) Per warp (5 chunks at top_n 4): forward ~2,660 (ncu) ->
-// ~1,290 (prologue with the block list and the first chunk's copies ~330, 4 x 170 + 117,
-// epilogue ~160); dQ ~1,270 after (prologue ~540, of which ~130 are the delta rowsums, kept
-// in the per-slot kernel's order so that delta keeps its bits; epilogue ~100).
+// is 4 issue slots, tc_exp2 one.) Per warp (5 chunks at top_n 4), the same static count:
+// forward ~2,510 (ncu measured ~2,660) -> ~1,290 (prologue with the block list and the first
+// chunk's copies ~330, 4 x 170 + 117, epilogue ~160); dQ ~2,540 -> ~1,270 (prologue ~540, of
+// which ~130 are the delta rowsums, kept in the per-slot kernel's order so that delta keeps
+// its bits; epilogue ~100).
 // Predicted (H100, B=64 Hq=8 Hk=2 D=64 L=4096 bf16, top_n 4): the forward issued ~1.39 G
 // warp-instructions in 2.09 ms; at the same issue rate ~0.67 G take ~1.0 ms, but the K/V
 // gather (8.6 GB of rows from L2; 0.81 ms gather-only floor on an H200) limits it: ~1.1-1.2 ms
