@@ -7,7 +7,8 @@
    with the tests' tolerance rule (tests/helpers.py: 2x / 3x the error of the reference run
    in the same precision). Grid: bf16 and fp16, D in {16, 32, 64}, G in {1, 2, 4},
    L in {1, 7, 16, 50, 200, 256}, causal and not, plus padding (lengths / random valid)
-   and strided (embedded) q/k/v cases, and a bitwise determinism check of the backward.
+   and strided (embedded) q/k/v cases, a bitwise determinism check of the backward, and a
+   CUDA-graph capture replayed on new inputs (bit-identical to eager).
 2. Timing: B=64, Hq=8, Hk=2, bf16, D in {16, 64}, L in {50, 200}, defaults (block_len 32,
    stride 16, block_size 16, top_n 4, window 8, dilated, causal), fwd and fwd+bwd, median
    of 20 CUDA-event timings after warmup, against SDPA (flash, is_causal=True, GQA).
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import blossom_ops  # noqa: E402
 from helpers import Case, check_op_against_reference, nan_embedded  # noqa: E402
 from test_blossom_attention import _inputs, _op_parts, reference_given_idx  # noqa: E402
+from host_overhead_gpu import capture  # noqa: E402 (same directory)
 
 CFG = dict(block_len=32, stride=16, block_size=16, top_n=4, window=8, dilated=True)
 
@@ -118,11 +120,46 @@ def check_all(quick: bool) -> int:
     except Exception as e:
         fails += 1
         print(f"FAIL determinism: {type(e).__name__}: {e}", flush=True)
+    total += 1
+    try:
+        check_graph_replay()
+    except Exception as e:
+        fails += 1
+        print(f"FAIL graph replay: {type(e).__name__}: {e}", flush=True)
     print(f"check: {total - fails}/{total} passed "
           f"(BLOSSOM_OPS_CUDA_SIMPLE={os.environ.get('BLOSSOM_OPS_CUDA_SIMPLE', '')!r}, "
           f"BLOSSOM_OPS_CUDA_SHORT_MAX_LEN="
           f"{os.environ.get('BLOSSOM_OPS_CUDA_SHORT_MAX_LEN', '')!r})", flush=True)
     return fails
+
+
+def check_graph_replay() -> None:
+    """fwd+bwd of the short path captured in a CUDA graph, replayed on NEW inputs, equal bit
+    for bit to eager on those inputs (sanitize_ops' graph test runs float32, which never
+    takes the short path; new inputs catch state a replay would leave stale)."""
+    B, L, Hq, Hk, D = 64, 200, 8, 2, 64
+    g = torch.Generator().manual_seed(11)
+
+    def fresh():
+        return [torch.randn(B, L, h, w, generator=g).to("cuda", torch.bfloat16)
+                for h, w in ((Hq, D), (Hk, D), (Hk, D), (Hq, 2), (Hq, D))]
+    static = fresh()
+    leaves = [x.requires_grad_() for x in static[:4]]
+
+    def step():
+        out = blossom_ops.blossom_attention(*leaves, **CFG)
+        return (out,) + torch.autograd.grad(out, leaves, static[4])
+    graph, captured = capture(step, warmup=2)
+    for _ in range(2):
+        new = fresh()
+        with torch.no_grad():
+            for dst, src in zip(static, new):
+                dst.copy_(src)
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), captured, eager):
+            assert torch.equal(a, b), f"graph replay differs from eager in {name}"
 
 
 def cuda_time(fn, warmup=10, reps=20) -> float:

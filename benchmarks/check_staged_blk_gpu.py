@@ -145,8 +145,9 @@ def check() -> int:
                     worst = max(worst, e / max(elp, 1e-30))
                     msg.append(f"{nm} {e:.1e}/{elp:.1e}{' NaN' if nan else ''}")
                 bad += 0 if ok else 1
-                print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]} D={D} G={G} L={L} bs={bs} n={n} "
-                      f"causal={causal} pad={pad} det={det} | " + " | ".join(msg), flush=True)
+                print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]} D={D} G={G} L={L} bs={bs} "
+                      f"n={n} causal={causal} pad={pad} det={det} | " + " | ".join(msg),
+                      flush=True)
     print(f"worst error ratio {worst:.2f}; {bad} failing")
     return 1 if bad else 0
 
@@ -170,7 +171,8 @@ def dump(path: str) -> int:
                     *leaves, window=window, dilated=True, causal=causal, valid=valid,
                     return_lse=True)
                 out.backward(go)
-                key = f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} pad={pad}"
+                key = (f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} "
+                       f"pad={pad}")
                 res[key] = [t.detach().cpu() for t in [out, lse] + [t.grad for t in leaves]]
     torch.save(res, path)
     print(f"{len(res)} cases -> {path}")

@@ -61,16 +61,23 @@ def eager_ms(step, iters: int = 50) -> tuple[float, float]:
     return a.elapsed_time(b) / iters, host
 
 
-def graph_ms(step, iters: int = 50) -> float:
+def capture(step, warmup: int = 3):
+    """(graph, what step() returned while captured): step run `warmup` times on a side
+    stream (allocator and lazy init settle there), then captured once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
+        for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
+        out = step()
+    return graph, out
+
+
+def graph_ms(step, iters: int = 50) -> float:
+    graph, _ = capture(step)
     graph.replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

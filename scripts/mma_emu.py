@@ -1,7 +1,7 @@
 """Lane-level models of the warp-wide tensor-core instructions our CUDA kernels use (see
 csrc/cuda/mma_frag.cuh for the fragment layouts), shared by the numpy replays
-scripts/emulate_short_fwd_mma.py, emulate_window_dkdv_mma.py, emulate_select_mma.py and
-emulate_short_select.py.
+scripts/emulate_short_fwd_mma.py, emulate_window_dkdv_mma.py, emulate_bs_dkdv_mma.py,
+emulate_select_mma.py and emulate_short_select.py.
 
 ldmatrix.x4: lane t receives, from each of the 4 loaded 8 x 8 matrices j, the pair of
 elements (t // 4, 2 (t % 4)) and (t // 4, 2 (t % 4) + 1) (of the transpose with .trans).

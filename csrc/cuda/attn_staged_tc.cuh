@@ -58,15 +58,15 @@
 // zeros: no zero fill of the buffers, no stale rows), one IMAD.WIDE per row address, four
 // predicates per R2P, the LDGSTS back to back (ptxas pads each group with 3 dummy LDS that
 // also take issue slots: the per-slot loop paid them for every row). Warp coordinates by
-// multiply-high division (TcDiv); exp2 without the denormal fix-up (tc_exp2). Same chunk order
+// multiply-high division (TcDiv); exp2 without the denormal fix-up (fast_exp2). Same chunk order
 // and, when each chunk's keys are a prefix of it (no key padding, or right padding), the same
 // key positions as the per-slot kernel at KC = 16, so D >= 64 keeps its summation order; the
-// bits differ only where a probability is below 2^-126 (flushed to 0 by tc_exp2), or the
+// bits differ only where a probability is below 2^-126 (flushed to 0 by fast_exp2), or the
 // chunk max of two NaN scores (garbage in). D <= 32 (per-slot KC = 32) and left / random key
 // padding (keys keep their block position instead of being compacted) give other rounding.
 // scripts/emulate_staged_blk.py replays the index math against the DESIGN mask.
 // Policies without block chunks (sliding window, compressed branch) take the per-slot kernels
-// with LEAN = true unless BLOSSOM_OPS_CUDA_STAGED=old: TcDiv coordinates, tc_exp2, and a copy
+// with LEAN = true unless BLOSSOM_OPS_CUDA_STAGED=old: TcDiv coordinates, fast_exp2, and a copy
 // loop unrolled over the lane's rows with the rows past cnt zero-filled (so no tc_zero), the
 // row address one mad.wide per row and the LDGSTS back to back. Same keys, positions and
 // summation order as before (bits differ only for probabilities below 2^-126). Window, causal
@@ -83,9 +83,10 @@
 //   forward, block chunk     17        36       31         64       22      170
 //   dQ, per-slot            144       125       50         40       37      401 (+5)
 //   dQ, block chunk          17        36       40         21       22      136
-// ((+n): instructions the line table gives to no job. Per-slot: the ~21-instruction division of fwd_key and selected_block's repeat loop per
-// key, 13 instructions per cp.async (kidx LDS, 64-bit multiply, 3 dummy LDS); softmax: exp2f
-// is 4 issue slots, tc_exp2 one.) Per warp (5 chunks at top_n 4), the same static count:
+// ((+n): instructions the line table gives to no job. Per-slot: the ~21-instruction
+// division of fwd_key and selected_block's repeat loop per key, 13 instructions per cp.async
+// (kidx LDS, 64-bit multiply, 3 dummy LDS); softmax: exp2f is 4 issue slots, fast_exp2
+// one.) Per warp (5 chunks at top_n 4), the same static count:
 // forward ~2,510 (ncu measured ~2,660) -> ~1,290 (prologue with the block list and the first
 // chunk's copies ~330, 4 x 170 + 117, epilogue ~160); dQ ~2,540 -> ~1,270 (prologue ~540, of
 // which ~130 are the delta rowsums, kept in the per-slot kernel's order so that delta keeps
@@ -377,15 +378,6 @@ __device__ __forceinline__ bool stage_coords_fast(const TcGrid& gr, int wib, int
   return true;
 }
 
-// 2^x on the SFU with denormal results flushed to +0 (ex2.approx.ftz): one MUFU.EX2, where
-// exp2f adds a range test and two predicated multiplies (4 issue slots) to return denormals.
-// Results are equal for x >= -126; below, a probability < 2^-126 becomes 0.
-__device__ __forceinline__ float tc_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
 // dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
 template <int D, bool DQ>
@@ -473,7 +465,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
           cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
         const float mn = fmaxf(m[j], cmax[j]);
         msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = LEAN ? tc_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
+        alpha[j] = LEAN ? fast_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
         m[j] = mn;
         lp[j] *= alpha[j];
       }
@@ -489,7 +481,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
         if (t * 16 < cnt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            sc[t][e] = LEAN ? tc_exp2(sc[t][e] - msub[e & 1]) : exp2f(sc[t][e] - msub[e & 1]);
+            sc[t][e] = LEAN ? fast_exp2(sc[t][e] - msub[e & 1]) : exp2f(sc[t][e] - msub[e & 1]);
             lp[e & 1] += sc[t][e];
           }
           uint32_t pb0, pb1;
@@ -638,7 +630,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
               const int key = t * 16 + gid + (e >> 1) * 8;
               const int j = e & 1;
               sc[e] = key < cnt && real[j]
-                          ? (LEAN ? tc_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
+                          ? (LEAN ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
                                   : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
                                 (dp[e] - my_dlt[j])
                           : 0.f;
@@ -829,7 +821,7 @@ struct TcBlkWarp {
 // Forward over block chunks: attn_fwd_kernel_tc with one 16-key segment of a listed block
 // per chunk. The arithmetic per chunk is the generic kernel's at KC = 16 (same operations in
 // the same order: D >= 64 gives the same bits when each chunk's attending keys are a prefix
-// of it, which holds without key padding or with right padding), except exp2 (tc_exp2).
+// of it, which holds without key padding or with right padding), except exp2 (fast_exp2).
 template <typename T, int D, int HPW, class Policy>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     attn_fwd_kernel_tc_blk(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
@@ -883,7 +875,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
           cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
         const float mn = fmaxf(m[j], cmax[j]);
         msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = tc_exp2(m[j] - msub[j]);
+        alpha[j] = fast_exp2(m[j] - msub[j]);
         m[j] = mn;
         lp[j] *= alpha[j];
       }
@@ -896,7 +888,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sc[e] = tc_exp2(sc[e] - msub[e & 1]);
+        sc[e] = fast_exp2(sc[e] - msub[e & 1]);
         lp[e & 1] += sc[e];
       }
       uint32_t pb0, pb1;
@@ -942,7 +934,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 }
 
 // dQ over block chunks: attn_dq_kernel_tc with one 16-key segment of a listed block per chunk
-// (same arithmetic per key as the generic kernel at KC = 16, exp2 by tc_exp2). The columns
+// (same arithmetic per key as the generic kernel at KC = 16, exp2 by fast_exp2). The columns
 // of the padding heads (2 tig + j >= HPW) are not forced to 0 here: a column of the mma
 // output depends only on its own B column, and those columns are never stored.
 template <typename T, int D, int HPW, class Policy>
@@ -1024,7 +1016,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
         for (int e = 0; e < 4; ++e) {
           const int j = e & 1;
           sc[e] = (mk >> ((e >> 1) * 8)) & 1u
-                      ? tc_exp2(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                      ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
                       : 0.f;
         }
         uint32_t db0, db1;

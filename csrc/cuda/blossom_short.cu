@@ -44,11 +44,12 @@
 //          lse2_x) and every chunk's masks into the workspace (96 bytes per row); per key
 //          chunk (K, V double-buffered), per 32-key step: S = Q K^T and dP = dO V^T in
 //          registers, dS from the row data, dQ += dS K (K through ldmatrix.trans).
-//   dK/dV: CTA per (b, g, 64-key tile, split s): the key tile's query steps of QT queries
+//   dK/dV: CTA per (64-key tile, b, g, split s), key tile major (longest causal walks are
+//          dispatched first): the key tile's query steps of QT queries
 //          (from the tile's first key when causal) are dealt round robin over nsplit CTAs
 //          (step t to split t % nsplit; nsplit <= 4 from a load estimate, see dkdv_split;
-//          sm_90 only, 1 before). Each step loads Q, dO and the rows' workspace data (one
-//          cp.async round trip); warp w owns keys [16 w, 16 w + 16): per 32-row step
+//          sm_90 only, 1 before). Each step loads Q, dO and the rows' workspace data
+//          (double-buffered: step t + 1 is copied while t is computed); warp w owns keys [16 w, 16 w + 16): per 32-row step
 //          S^T = K Q^T and dP^T = V dO^T in registers, then dS^T and (a P_sel + b P_win)^T
 //          as A fragments of dK += dS^T Q and dV += (..)^T dO (Q, dO through ldmatrix.trans).
 //          The nsplit CTAs of a key tile are one thread-block cluster: each stages its fp32
@@ -68,19 +69,25 @@
 //        65 MB + k, v, dk, dv 13 MB + workspace 9.8 MB written, re-read per key tile
 //        ~ 100 MB.
 //   Shared memory (bytes) at D = 16 / 32 / 64: fwd 19584 / 29824 / 50304, dQ 24704 / 36992 /
-//   61568, dK/dV 16384 / 28672 / 53248. Registers (sm_90, nvcc 13, bf16 and half alike):
-//   fwd 110 / 128 / 164, dQ 92 / 122 / 158, dK/dV 115 / 137 / 167, no spills; launch bounds
-//   3 CTAs per SM for all three (12 warps; ncu at D = 64: 0.69 eligible warps per scheduler,
-//   latency-bound). D = 128 is left to the generic path.
-//   Measured (H200, 2026-11-27, benchmarks/profile_gpu.py, kernel time per fwd+bwd, B=64
-//   L=200): D=64 0.360 ms = dK/dV 0.113, dQ 0.100, fwd 0.097 + select 0.034, compress
-//   0.016; D=16 0.217 ms = dK/dV 0.073, fwd 0.058, dQ 0.049 + select 0.026, compress 0.012
-//   (the previous wmma kernels, S and P through shared memory: 0.481 and 0.309). Tried and
-//   not kept: launch bounds of 4 CTAs per SM for the forward and dQ (D = 64: 128 / 126
-//   registers, 48 bytes spilled in the forward) with the shared-memory carveout at its
-//   maximum: forward 0.097 -> 0.096 ms, dQ 0.100 -> 0.107 (H200). The kernels are
-//   latency-bound (dependent load -> mma -> exp chains), far from the ~13 us DRAM floor of
-//   the forward.
+//   61568, dK/dV 24576 / 36864 / 61440 (two step buffers). Registers (sm_90, nvcc 13, bf16
+//   and half alike): fwd 106 / 130 / 164, dQ 114 / 130 / 160, dK/dV 127 / 160 / 167, no
+//   spills; launch bounds 3 CTAs per SM for all three (12 warps). D = 128 is left to the
+//   generic path.
+//   Instruction diet (2026-11-27, from SASS and ncu: at D = 64 the three kernels issued
+//   29-38 M warp-instructions, issue slots 38-47% busy, 0.5-0.7 eligible warps per
+//   scheduler, so both the count and the latency mattered): loaders with fixed per-thread
+//   16-byte pieces (Pieces), masks built once per row for two chunks, double-buffered dK/dV
+//   query steps, fast_exp2 and selects instead of exp2f behind branches (forward and dQ).
+//   Per 64-key chunk at D = 64 the forward went from 2,311 to 1,046 warp-instructions.
+//   Measured (H100, benchmarks/profile_gpu.py, kernel time per fwd+bwd, B=64 L=200,
+//   benchmarks/results/gpu_h100_2026-11-27e_short_loads.txt): D=64 0.321 -> 0.236 ms
+//   (fwd 0.097 -> 0.069, dQ 0.101 -> 0.068, dK/dV 0.114 -> 0.090, select 0.009); D=16
+//   0.185 -> 0.143. Flash SDPA fwd+bwd, same shape: 0.231 ms.
+//   Tried and not kept: launch bounds of 4 CTAs per SM for the forward and dQ (48 bytes
+//   spilled in the forward; forward 0.097 -> 0.096 ms, dQ 0.100 -> 0.107, H200, before the
+//   diet); fast_exp2 / selects in the dK/dV kernel (16-20 bytes of spills at D = 64). Branch
+//   `short-bwd-one` (not merged): dQ and dK/dV in one launch with ready flags, written
+//   before the diet; its dispatch model's main gain, the key-tile-major dK/dV grid, is here.
 #include <cooperative_groups.h>
 
 #include <cmath>
@@ -145,62 +152,93 @@ __device__ __forceinline__ uint64_t range_bits(int64_t lo, int64_t hi, int64_t j
   return m << static_cast<int>(lo - j0);
 }
 
-// Selected and window masks of valid query i (head group g) over keys [j0, j0 + 64).
-// vb: bit t set when key j0 + t < L and is valid.
-__device__ __forceinline__ void row_bits(const ShortMask& m, int64_t b, int i, int g, int j0,
-                                         uint64_t vb, uint64_t& sel, uint64_t& win) {
-  uint64_t lim = vb;
-  if (m.causal) {
-    if (i < j0) {
-      sel = win = 0ull;
-      return;
+// Selected and window masks of valid query i (head group g) over the key chunks c0 and
+// c0 + 2, the two a build_bits thread owns (kMaxChunks = 4 = 2 x kThreads / kRows); lim[k]
+// is chunk k's key validity (0 for a chunk past the last). The row's block indices are read
+// once for both chunks (per chunk and row they were re-read: ~12% of the forward's
+// instructions went to building masks).
+__device__ __forceinline__ void row_bits(const ShortMask& m, int64_t b, int i, int g, int c0,
+                                         uint64_t (&lim)[2], uint64_t (&sel)[2],
+                                         uint64_t (&win)[2]) {
+  int j0[2];
+  uint64_t s[2], w[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    j0[k] = (c0 + 2 * k) * kKeys;
+    if (m.causal) {
+      if (i < j0[k]) lim[k] = 0ull;
+      else if (i - j0[k] < 63) lim[k] &= (2ull << (i - j0[k])) - 1ull;  // keys j0 .. i
     }
-    if (i - j0 < 63) lim &= (2ull << (i - j0)) - 1ull;  // keys j0 .. i
+    const int64_t own = i / m.bs;
+    s[k] = range_bits(own * m.bs, own * m.bs + m.bs, j0[k]);
+    w[k] = range_bits(int64_t(i) - m.window + 1,
+                      m.causal ? int64_t(i) + 1 : int64_t(i) + m.window, j0[k]);
   }
-  const int64_t own = i / m.bs;
-  uint64_t s = range_bits(own * m.bs, own * m.bs + m.bs, j0);
+  if ((lim[0] | lim[1]) == 0ull) {
+    sel[0] = sel[1] = win[0] = win[1] = 0ull;
+    return;
+  }
   const int32_t* row = m.idx + b * m.isb + int64_t(i) * m.isl + int64_t(g) * m.ish;
   for (int t = 0; t < m.n; ++t) {
     const int c = row[t];
-    if (c >= 0 && c < m.C) s |= range_bits(int64_t(c) * m.bs, int64_t(c + 1) * m.bs, j0);
-  }
-  uint64_t w = range_bits(int64_t(i) - m.window + 1, m.causal ? int64_t(i) + 1 : int64_t(i) + m.window, j0);
-  if (m.dilated) {
-    for (int p = 1; p < m.L; p <<= 1) {  // distances 1, 2, 4, ... <= L - 1
-      const int jl = i - p, jr = i + p;
-      if (jl >= j0 && jl < j0 + kKeys) w |= 1ull << (jl - j0);
-      if (!m.causal && jr >= j0 && jr < j0 + kKeys) w |= 1ull << (jr - j0);
+    if (c >= 0 && c < m.C) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+        s[k] |= range_bits(int64_t(c) * m.bs, int64_t(c + 1) * m.bs, j0[k]);
     }
   }
-  sel = s & lim;
-  win = w & lim;
+  if (m.dilated) {
+    for (int p = 1; p < m.L; p <<= 1) {  // distances 1, 2, 4, ... <= L - 1
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const unsigned dl = unsigned(i - p - j0[k]), dr = unsigned(i + p - j0[k]);
+        if (dl < unsigned(kKeys)) w[k] |= 1ull << dl;
+        if (!m.causal && dr < unsigned(kKeys)) w[k] |= 1ull << dr;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    sel[k] = s[k] & lim[k];
+    win[k] = w[k] & lim[k];
+  }
 }
 
 __device__ __forceinline__ uint64_t vbits(const unsigned* vw) {
   return uint64_t(vw[0]) | (uint64_t(vw[1]) << 32);
 }
 
-// 64 rows of D 16-bit elements into shared memory (ld D + 8), 16-byte cp.async pieces;
-// rows whose source is null are zero-filled.
-template <int D, typename E, typename RowPtr>
-__device__ __forceinline__ void load_rows(E* dst, RowPtr rowptr) {
-  constexpr int kPer = D / 8;
-  for (int p = threadIdx.x; p < kRows * kPer; p += kThreads) {
-    const int r = p / kPer, c = p % kPer;
-    const void* src = rowptr(r);
-    E* d = dst + r * Lay<D>::kLdH + c * 8;
-    if (src != nullptr)
-      cp_async16(d, static_cast<const char*>(src) + c * 16);
-    else
-      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
-  }
-}
+// Piece assignment of the 64-row loaders below: thread t copies the 16-byte piece
+// c = t % kPer of rows t / kPer + k kStep (k < kIters). Fixed per thread, so a row's address
+// is one multiply-add and no piece index is divided (the lambda-per-piece loader this
+// replaces spent ~58 instructions per piece, ~25% of the forward's instructions at D = 64).
+template <int D>
+struct Pieces {
+  static constexpr int kPer = D / 8;              // 16-byte pieces per row
+  static constexpr int kStep = kThreads / kPer;   // rows between a thread's pieces
+  static constexpr int kIters = kRows / kStep;    // pieces per thread
+  static_assert(kThreads % kPer == 0 && kRows % kStep == 0, "bad piece split");
+};
 
-// Row of key j (kv head g), or null when j is past L or padded (zero-filled instead).
-template <typename T>
-__device__ __forceinline__ const void* key_ptr(const Bshd<const T>& x, const ShortMask& m,
-                                               int64_t b, int j, int g) {
-  return (j < m.L && m.valid(b, j)) ? static_cast<const void*>(x.at(b, j, g)) : nullptr;
+// Keys j0 .. j0 + 63 (kv head g) of x into dst (ld D + 8); keys past L or padded are
+// zero-filled (cp.async with source size 0: no branch per piece).
+template <int D, typename E, typename T>
+__device__ __forceinline__ void load_key_rows(E* dst, const Bshd<const T>& x, const ShortMask& m,
+                                              int64_t b, int g, int j0) {
+  using P = Pieces<D>;
+  const int c = threadIdx.x % P::kPer, r0 = threadIdx.x / P::kPer;
+  const int64_t row_bytes = x.stride_l * int64_t(sizeof(T));
+  const char* base = reinterpret_cast<const char*>(x.at(b, 0, g)) + c * 16;
+  const char* src = base + (j0 + r0) * row_bytes;
+  const bool* vp = m.valid.ptr != nullptr ? m.valid.ptr + b * m.valid.stride_b : nullptr;
+  E* d = dst + r0 * Lay<D>::kLdH + c * 8;
+#pragma unroll
+  for (int k = 0; k < P::kIters; ++k) {
+    const int j = j0 + r0 + k * P::kStep;
+    const bool ok = j < m.L && (vp == nullptr || vp[j]);
+    cp_async16_zfill(d + k * P::kStep * Lay<D>::kLdH, ok ? src : base, ok);
+    src += P::kStep * row_bytes;
+  }
 }
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -224,14 +262,35 @@ __device__ __forceinline__ RowId row_id(const ShortMask& m, int64_t b, int g, in
 }
 
 // The 64 query-side rows (query q0 + r / G, head g G + r % G) of x into dst; rows of
-// padded or out-of-range queries are zero-filled.
+// padded or out-of-range queries are zero-filled. Same piece split as load_key_rows; the
+// thread's rows advance by kStep, so (query, head) advance by (kStep / G, kStep % G) with a
+// carry: one division per call instead of one per piece.
 template <int D, typename E, typename T>
 __device__ __forceinline__ void load_query_rows(E* dst, const Bshd<const T>& x, const ShortMask& m,
                                                 int64_t b, int g, int G, int QT, int q0) {
-  load_rows<D>(dst, [&](int r) -> const void* {
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    return id.ok ? static_cast<const void*>(x.at(b, id.i, id.h)) : nullptr;
-  });
+  using P = Pieces<D>;
+  const int c = threadIdx.x % P::kPer, r0 = threadIdx.x / P::kPer;
+  const unsigned uG = unsigned(G);
+  unsigned qq = unsigned(r0) / uG, hh = unsigned(r0) - qq * uG;
+  const unsigned dq = unsigned(P::kStep) / uG, dh = unsigned(P::kStep) - dq * uG;
+  const int64_t row_bytes = x.stride_l * int64_t(sizeof(T));
+  const int64_t head_bytes = x.stride_h * int64_t(sizeof(T));
+  const char* base = reinterpret_cast<const char*>(x.at(b, q0, int64_t(g) * G)) + c * 16;
+  const bool* vp = m.valid.ptr != nullptr ? m.valid.ptr + b * m.valid.stride_b : nullptr;
+  E* d = dst + r0 * Lay<D>::kLdH + c * 8;
+#pragma unroll
+  for (int k = 0; k < P::kIters; ++k) {
+    const int i = q0 + int(qq);
+    const bool ok = int(qq) < QT && i < m.L && (vp == nullptr || vp[i]);
+    const char* src = base + int64_t(qq) * row_bytes + int64_t(hh) * head_bytes;
+    cp_async16_zfill(d + k * P::kStep * Lay<D>::kLdH, ok ? src : base, ok);
+    qq += dq;
+    hh += dh;
+    if (hh >= uG) {
+      hh -= uG;
+      ++qq;
+    }
+  }
 }
 
 struct Smem {
@@ -252,13 +311,20 @@ __device__ __forceinline__ void build_bits(const ShortMask& m, int64_t b, int g,
     if ((threadIdx.x & 31) == 0) sVw[j >> 5] = bal;
   }
   __syncthreads();
-  for (int x = threadIdx.x; x < nc * kRows; x += kThreads) {
-    const int r = x % kRows, c = x / kRows;
-    const RowId id = row_id(m, b, g, G, QT, q0, r);
-    uint64_t bs = 0ull, bw = 0ull;
-    if (id.ok) row_bits(m, b, id.i, g, c * kKeys, vbits(sVw + 2 * c), bs, bw);
-    sBits[(2 * c) * kRows + r] = bs;
-    sBits[(2 * c + 1) * kRows + r] = bw;
+  static_assert(kMaxChunks == 2 * (kThreads / kRows), "a thread builds chunks c0 and c0 + 2");
+  const int r = threadIdx.x % kRows, c0 = threadIdx.x / kRows;
+  if (c0 >= nc) return;
+  const RowId id = row_id(m, b, g, G, QT, q0, r);
+  uint64_t lim[2], bs[2] = {0ull, 0ull}, bw[2] = {0ull, 0ull};
+  lim[0] = vbits(sVw + 2 * c0);
+  lim[1] = c0 + 2 < nc ? vbits(sVw + 2 * (c0 + 2)) : 0ull;
+  if (id.ok) row_bits(m, b, id.i, g, c0, lim, bs, bw);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int c = c0 + 2 * k;
+    if (c >= nc) break;
+    sBits[(2 * c) * kRows + r] = bs[k];
+    sBits[(2 * c + 1) * kRows + r] = bw[k];
   }
 }
 
@@ -315,8 +381,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   auto kbuf = [&](int c) { return sm.at<E>(Ly::kK + (c & 1) * Ly::kTile); };
   auto vbuf = [&](int c) { return sm.at<E>(Ly::kV + (c & 1) * Ly::kTile); };
   auto load_chunk = [&](int c) {
-    load_rows<D>(kbuf(c), [&](int r) { return key_ptr(p.k, m, b, c * kKeys + r, g); });
-    load_rows<D>(vbuf(c), [&](int r) { return key_ptr(p.v, m, b, c * kKeys + r, g); });
+    load_key_rows<D>(kbuf(c), p.k, m, b, g, c * kKeys);
+    load_key_rows<D>(vbuf(c), p.v, m, b, g, c * kKeys);
   };
 
   load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
@@ -400,8 +466,8 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
         const float ns = fmaxf(ms[j], cs[j]), nw = fmaxf(mw[j], cw[j]);
         // Still no key: nothing accumulated yet, keep factor 1 (exp2(-inf - -inf) is NaN).
-        as[j] = ns == -INFINITY ? 1.f : exp2f(ms[j] - ns);
-        aw[j] = nw == -INFINITY ? 1.f : exp2f(mw[j] - nw);
+        as[j] = ns == -INFINITY ? 1.f : fast_exp2(ms[j] - ns);
+        aw[j] = nw == -INFINITY ? 1.f : fast_exp2(mw[j] - nw);
         ms[j] = ns;
         mw[j] = nw;
         ls[j] *= as[j];
@@ -429,10 +495,12 @@ __global__ void __launch_bounds__(kThreads, 3)
           for (int j = 0; j < 2; ++j) {
             const int bit = 8 * (2 * k + h);
             const float* x = &s[2 * k + h][2 * j];
-            const float p0 = ((bsel[j] >> bit) & 1u) ? exp2f(x[0] - ms[j]) : 0.f;
-            const float p1 = ((bsel[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - ms[j]) : 0.f;
-            const float w0 = ((bwin[j] >> bit) & 1u) ? exp2f(x[0] - mw[j]) : 0.f;
-            const float w1 = ((bwin[j] >> (bit + 1)) & 1u) ? exp2f(x[1] - mw[j]) : 0.f;
+            // fast_exp2 unconditionally, then a select: no branch per element (exp2f's
+            // range fix-up and a branch around each call were ~1/4 of this loop).
+            const float p0 = ((bsel[j] >> bit) & 1u) ? fast_exp2(x[0] - ms[j]) : 0.f;
+            const float p1 = ((bsel[j] >> (bit + 1)) & 1u) ? fast_exp2(x[1] - ms[j]) : 0.f;
+            const float w0 = ((bwin[j] >> bit) & 1u) ? fast_exp2(x[0] - mw[j]) : 0.f;
+            const float w1 = ((bwin[j] >> (bit + 1)) & 1u) ? fast_exp2(x[1] - mw[j]) : 0.f;
             ls[j] += p0 + p1;
             lw[j] += w0 + w1;
             as4[2 * h + j] = pack2<E>(p0, p1);
@@ -540,14 +608,19 @@ __device__ __forceinline__ void dq_rows_and_masks(const ShortBwdParams<T>& p, co
   build_bits(m, b, g, G, QT, q0, nc_all, sVw, sBits);
   __syncthreads();
   // Masks of every chunk to the workspace (zero past the last chunk): one 16-byte store each.
-  for (int x = tid; x < kMaxChunks * kRows; x += kThreads) {
-    const int r = x % kRows, c = x / kRows;
+  // Thread t writes chunks t / 64 and t / 64 + 2 of row t % 64 (one row_id per thread).
+  {
+    const int r = tid % kRows;
     const RowId id = row_id(m, b, g, G, QT, q0, r);
-    if (!id.live) continue;
-    const uint64_t bs = c < nc_all ? sBits[(2 * c) * kRows + r] : 0ull;
-    const uint64_t bw = c < nc_all ? sBits[(2 * c + 1) * kRows + r] : 0ull;
-    ulonglong2* wb = reinterpret_cast<ulonglong2*>(ws + ((b * L + id.i) * Hq + id.h) * kWsFloats + 8);
-    wb[c] = make_ulonglong2(bs, bw);
+    if (id.live) {
+      ulonglong2* wb =
+          reinterpret_cast<ulonglong2*>(ws + ((b * L + id.i) * Hq + id.h) * kWsFloats + 8);
+      for (int c = tid / kRows; c < kMaxChunks; c += kThreads / kRows) {
+        const uint64_t bs = c < nc_all ? sBits[(2 * c) * kRows + r] : 0ull;
+        const uint64_t bw = c < nc_all ? sBits[(2 * c + 1) * kRows + r] : 0ull;
+        wb[c] = make_ulonglong2(bs, bw);
+      }
+    }
   }
 }
 
@@ -598,8 +671,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   auto kbuf = [&](int c) { return sm.at<E>(Ly::kK + (c & 1) * Ly::kTile); };
   auto vbuf = [&](int c) { return sm.at<E>(Ly::kV + (c & 1) * Ly::kTile); };
   auto load_chunk = [&](int c) {
-    load_rows<D>(kbuf(c), [&](int r) { return key_ptr(p.k, m, b, c * kKeys + r, g); });
-    load_rows<D>(vbuf(c), [&](int r) { return key_ptr(p.v, m, b, c * kKeys + r, g); });
+    load_key_rows<D>(kbuf(c), p.k, m, b, g, c * kKeys);
+    load_key_rows<D>(vbuf(c), p.v, m, b, g, c * kKeys);
   };
 
   load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
@@ -681,10 +754,11 @@ __global__ void __launch_bounds__(kThreads, 3)
             for (int u = 0; u < 2; ++u) {
               const int e = 2 * j + u, bit = 8 * (2 * k + h) + u;
               const float x = sc[2 * k + h][e] * sl2, dpv = dp[2 * k + h][e];
-              float ds = 0.f;
-              if ((bsel[j] >> bit) & 1u) ds += exp2f(x - l2s[j]) * (ga[j] * dpv - dsel[j]);
-              if ((bwin[j] >> bit) & 1u) ds += exp2f(x - l2w[j]) * (gb[j] * dpv - dwin[j]);
-              d2[u] = ds;
+              // Both exponentials unconditionally and selects (no branches): a masked
+              // entry's factor is exactly 0 (never inf * 0: the select drops it).
+              const float ps = ((bsel[j] >> bit) & 1u) ? fast_exp2(x - l2s[j]) : 0.f;
+              const float pw = ((bwin[j] >> bit) & 1u) ? fast_exp2(x - l2w[j]) : 0.f;
+              d2[u] = ps * (ga[j] * dpv - dsel[j]) + pw * (gb[j] * dpv - dwin[j]);
             }
             da[2 * h + j] = pack2<E>(d2[0], d2[1]);
           }
@@ -774,6 +848,9 @@ __device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK
           for (int j = 0; j < 2; ++j) {
             const int e = 2 * j + u, key = key0 + 8 * j;
             const float x = st[2 * k + h][e] * sl2, dp = dpt[2 * k + h][e];
+            // Branches and exp2f kept here: the dQ kernel's select form with fast_exp2
+            // (and even fast_exp2 in this form) spilled 16-20 bytes at D = 64 under the
+            // 168-register cap of 3 CTAs per SM (nvcc 13).
             float d = 0.f, c = 0.f;
             if ((bs >> key) & 1ull) {
               const float ps = exp2f(x - r1.x);
@@ -808,26 +885,28 @@ __device__ __forceinline__ void dkdv_step_mma(const typename TcElem<T>::type* sK
   }
 }
 
-// dK/dV: K, V, Q, dO tiles, then the step's row data (kRows x kRowD floats). After the query
-// walk (its last __syncthreads and cp_async_wait<0>, when Q, dO and the row data are dead)
-// the fp32 dK, dV partials (2 x kRows x (D + 4) floats) are staged from Q on, over Q, dO,
-// the row data and past them. Bytes at D = 16 / 32 / 64: 16384 / 28672 / 53248; the
-// occupancy (4 / 3 / 3 CTAs per SM) is set by the registers, not by these.
+// dK/dV: K, V tiles, then two step buffers of (Q, dO, row data: kRows x kRowD floats). After
+// the query walk (its last __syncthreads and cp_async_wait<0>, when the step buffers are
+// dead) the fp32 dK, dV partials (2 x kRows x (D + 4) floats) are staged from the first
+// buffer on. Bytes at D = 16 / 32 / 64: 24576 / 36864 / 61440; 3 CTAs per SM (set by the
+// registers; 3 x 61440 fits the 227 KB of an SM).
 template <int D>
 struct DkdvLay {
   static constexpr int kTile = Lay<D>::kTile;
   static constexpr int kK = 0;
   static constexpr int kV = kTile;
-  static constexpr int kQ = 2 * kTile;
-  static constexpr int kDO = 3 * kTile;
-  static constexpr int kRd = 4 * kTile;
+  // Two step buffers (Q, dO, row data): step t + 1 is copied while step t is computed.
+  static constexpr int kStep = 2 * kTile + Lay<D>::kRowDB;
+  static constexpr int kQ = 2 * kTile;  // + buf * kStep
+  static constexpr int kDO = kQ + kTile;
+  static constexpr int kRd = kQ + 2 * kTile;
   static constexpr int kStage = kQ;
-  static constexpr int kWalk = kRd + Lay<D>::kRowDB;       // used during the query walk
+  static constexpr int kWalk = kQ + 2 * kStep;                 // used during the query walk
   static constexpr int kStaged = kStage + 2 * Lay<D>::kStage;  // used after it
   static constexpr int kBytes = kWalk > kStaged ? kWalk : kStaged;
 };
-static_assert(DkdvLay<16>::kBytes == 16384 && DkdvLay<32>::kBytes == 28672 &&
-                  DkdvLay<64>::kBytes == 53248,
+static_assert(DkdvLay<16>::kBytes == 24576 && DkdvLay<32>::kBytes == 36864 &&
+                  DkdvLay<64>::kBytes == 61440,
               "dK/dV shared memory changed: update the comments (and check occupancy)");
 
 // CTA (b, g, key tile, split s of nsplit): the query steps q0 = first + t QT of the key
@@ -852,18 +931,20 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   const Smem sm{smem_raw};
   E* sK = sm.at<E>(Ly::kK);
   E* sV = sm.at<E>(Ly::kV);
-  E* sQ = sm.at<E>(Ly::kQ);
-  E* sDO = sm.at<E>(Ly::kDO);
-  float* sRd = sm.at<float>(Ly::kRd);  // [64][kRowD]
   // dK, dV partials after the walk, from Q on (static_assert in DkdvLay); same offsets in
   // every CTA of a cluster, which the reduction relies on.
   float* sSk = sm.at<float>(Ly::kStage);
   float* sSv = sSk + kRows * ldo;
 
   const int tid = threadIdx.x, warp = tid >> 5;
+  // Grid order: key tile major, so every (b, g)'s key tile 0 (the longest walk when causal)
+  // is dispatched first and the short walks fill the SMs at the end; the nsplit CTAs of one
+  // (key tile, b, g) stay consecutive (one cluster).
   const int split = static_cast<int>(blockIdx.x % nsplit);
-  const int kt = static_cast<int>((blockIdx.x / nsplit) % n_ktiles);
-  const int64_t bg = blockIdx.x / (int64_t(nsplit) * n_ktiles);
+  const int64_t n_bg = gridDim.x / (int64_t(nsplit) * n_ktiles);
+  const int64_t tile_bg = blockIdx.x / nsplit;
+  const int kt = static_cast<int>(tile_bg / n_bg);
+  const int64_t bg = tile_bg % n_bg;
   const int Hk = static_cast<int>(p.shape.kv_heads);
   const int g = static_cast<int>(bg % Hk);
   const int64_t b = bg / Hk;
@@ -871,8 +952,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
   const int64_t Hq = p.shape.q_heads;
   const int k0 = kt * kKeys;
 
-  load_rows<D>(sK, [&](int r) { return key_ptr(p.k, m, b, k0 + r, g); });
-  load_rows<D>(sV, [&](int r) { return key_ptr(p.v, m, b, k0 + r, g); });
+  load_key_rows<D>(sK, p.k, m, b, g, k0);
+  load_key_rows<D>(sV, p.v, m, b, g, k0);
   cp_async_commit();
 
   float mk[D / 8][4], mv[D / 8][4];  // dK, dV accumulators: keys (rows) x head dims, C layout
@@ -881,28 +962,42 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 CTAs per SM: <= 168 registe
 #pragma unroll
     for (int e = 0; e < 4; ++e) mk[n][e] = mv[n][e] = 0.f;
 
-  // Queries below k0 see no key of this tile when causal.
-  const int first = m.causal ? k0 : 0;
-  for (int q0 = first + split * QT; q0 < L; q0 += nsplit * QT) {
-    load_query_rows<D>(sQ, p.q, m, b, g, G, QT, q0);
-    load_query_rows<D>(sDO, p.grad_out, m, b, g, G, QT, q0);
+  // Queries below k0 see no key of this tile when causal. Step q0's Q, dO and row data go
+  // to buffer buf; the next step's copies are in flight while this one is computed (one
+  // step at a time left ~1 us of load latency exposed per step, 13 steps at L = 200).
+  auto issue_step = [&](int q0, int buf) {
+    E* bq = sm.at<E>(Ly::kQ + buf * Ly::kStep);
+    E* bdo = sm.at<E>(Ly::kDO + buf * Ly::kStep);
+    float* brd = sm.at<float>(Ly::kRd + buf * Ly::kStep);
+    load_query_rows<D>(bq, p.q, m, b, g, G, QT, q0);
+    load_query_rows<D>(bdo, p.grad_out, m, b, g, G, QT, q0);
     // Row data from the dQ pass's workspace: (a, b, dsel, dwin), (lse2s, lse2w, -, -), and
     // this key tile's mask pair; zero for rows that are not valid queries (empty masks).
-    for (int x = tid; x < kRows * 3; x += kThreads) {
-      const int r = x / 3, part = x % 3;
-      const RowId id = row_id(m, b, g, G, QT, q0, r);
-      float* dst = sRd + r * kRowD + part * 4;
-      if (id.ok)
-        cp_async16(dst, ws + ((b * L + id.i) * Hq + id.h) * kWsFloats +
-                            (part < 2 ? part * 4 : 8 + kt * 4));
-      else
-        *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    // Thread t copies part t / 64 of row t % 64, threads t < 64 part 2 as well.
+    const int r = tid % kRows;
+    const RowId id = row_id(m, b, g, G, QT, q0, r);
+    const float* src = ws + ((b * L + id.i) * Hq + id.h) * kWsFloats;
+    for (int part = tid / kRows; part < 3; part += 2)
+      cp_async16_zfill(brd + r * kRowD + part * 4,
+                       id.ok ? src + (part < 2 ? part * 4 : 8 + kt * 4) : ws, id.ok);
     cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    dkdv_step_mma<T, D>(sK, sV, sQ, sDO, sRd, sl2, mk, mv);
-    __syncthreads();  // sQ, sDO, sRd are rewritten by the next step
+  };
+  const int first = m.causal ? k0 : 0;
+  const int walk = nsplit * QT;
+  int buf = 0;
+  if (first + split * QT < L) issue_step(first + split * QT, 0);
+  for (int q0 = first + split * QT; q0 < L; q0 += walk, buf ^= 1) {
+    if (q0 + walk < L) {
+      issue_step(q0 + walk, buf ^ 1);  // into the buffer the previous step computed from
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // step q0's rows (and K, V) landed for every thread
+    dkdv_step_mma<T, D>(sK, sV, sm.at<E>(Ly::kQ + buf * Ly::kStep),
+                        sm.at<E>(Ly::kDO + buf * Ly::kStep),
+                        sm.at<float>(Ly::kRd + buf * Ly::kStep), sl2, mk, mv);
+    __syncthreads();  // buffer buf is refilled by the next iteration's issue
   }
   cp_async_wait<0>();  // K/V copies of a CTA that walked no query step
   __syncthreads();

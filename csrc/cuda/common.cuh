@@ -30,6 +30,16 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kFrag = 8;  // elements per lane fragment
 
 // ---- scalar conversions ---------------------------------------------------------------
+// 2^x on the SFU (ex2.approx.ftz), -inf -> exactly 0, ~2 ulp, denormal results flushed to 0.
+// The tensor-core kernels call it on base-2 logits minus a running max or a log-sum-exp
+// (results <= ~1), where a flushed denormal changes nothing measurable; exp2f adds a
+// range fix-up of ~4 instructions per call, and a branch when the call is conditional.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(c10::Half x) {
   return __half2float(__ushort_as_half(x.x));

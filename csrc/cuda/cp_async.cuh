@@ -29,11 +29,31 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #endif
 }
 
-// 16 bytes when `bits` != 0, else 16 zero bytes written without reading src (the
-// ignore-src predicate; src should still point into the tensor). A masked row becomes zeros
-// with no separate fill and no branch: the staged block-chunk kernels rely on it to keep
-// padding NaNs out of shared memory. Passing a mask word (mask & bit) lets ptxas turn four
-// of them into one R2P.
+// 16 bytes when ok, else 16 zero bytes (src-size 0: nothing is read from src, which should
+// still be a mapped address, e.g. the tensor base). Branch-free zero fill of padded or
+// out-of-range rows; kL1 as in cp_async16.
+template <bool kL1 = true>
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int n = ok ? 16 : 0;
+  if (kL1)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(n)
+                 : "memory");
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(n)
+                 : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) =
+      ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+// The same zero fill through the ignore-src predicate: copies when `bits` != 0. Passing a
+// mask word (mask & bit) instead of a bool lets ptxas set four of the predicates with one
+// R2P (the src-size form costs a shift, a mask and a compare per row). The staged
+// block-chunk kernels use it to keep padding NaNs and stale rows out of shared memory.
 __device__ __forceinline__ void cp_async16_masked(void* dst, const void* src, unsigned bits) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
@@ -42,7 +62,8 @@ __device__ __forceinline__ void cp_async16_masked(void* dst, const void* src, un
       "l"(src), "r"(bits)
       : "memory");
 #else
-  *reinterpret_cast<uint4*>(dst) = bits != 0u ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+  *reinterpret_cast<uint4*>(dst) =
+      bits != 0u ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
 #endif
 }
 

@@ -119,12 +119,6 @@ struct TcLayout {
   static int64_t bytes(int64_t C) { return kBlockValid + ((C + 15) / 16) * 16; }
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> 0; ~2 ulp
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // ldmatrix.x4 / cp.async with a 32-bit shared-memory address kept in a register (the
 // generic-pointer versions convert the address at every use).
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], unsigned saddr) {

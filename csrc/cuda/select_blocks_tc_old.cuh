@@ -120,12 +120,6 @@ struct TcLayout {
   static int64_t bytes(int64_t C) { return kBlockValid + ((C + 15) / 16) * 16; }
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> 0; ~2 ulp
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // A list entry packs (importance, block) into one unsigned 64-bit key whose integer order
 // is the selection order: high word = importance bits + 1 (an importance is a sum of exp2
 // results, so it is >= +0 and its bits order like an unsigned int; NaN, or anything that is

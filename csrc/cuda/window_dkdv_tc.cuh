@@ -178,34 +178,6 @@ constexpr int win_min_ctas() {
   return D == 64 ? 3 : 4;
 }
 
-// 16-byte cp.async that zero-fills the destination instead of reading when !full.
-template <bool kL1>
-__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool full) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const int n = full ? 16 : 0;
-  if (kL1)
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(n)
-                 : "memory");
-  else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(n)
-                 : "memory");
-#else
-  *reinterpret_cast<uint4*>(dst) =
-      full ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-// 2^x on the SFU, flushing denormal results to 0 (exact 0 for x = -inf). The arguments are
-// base-2 logits minus the row's log-sum-exp, so results are <= ~1 and a flushed denormal
-// changes nothing measurable; exp2f would add a range fix-up of 4 instructions per call.
-__device__ __forceinline__ float win_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // base + kBytes * off as one IMAD.WIDE.U32 (the compiler otherwise re-adds the 64-bit element
 // offset of the base and shifts: 4 instructions per row address).
 template <int kBytes>
@@ -453,8 +425,8 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
         const float q0 = dj ? dp[0][1] : dp[0][0], q1 = dj ? dp[1][3] : dp[1][2];
         // Lanes off the diagonal get bias -inf, so P = exp2(-inf) = 0 without a branch.
         const float b0 = bias_of(meta[cj]), b1 = bias_of(meta[8 + cj]);
-        const float p0 = win_exp2(fmaf(s0, sl2, don ? b0 : -INFINITY));
-        const float p1 = win_exp2(fmaf(s1, sl2, don ? b1 : -INFINITY));
+        const float p0 = fast_exp2(fmaf(s0, sl2, don ? b0 : -INFINITY));
+        const float p1 = fast_exp2(fmaf(s1, sl2, don ? b1 : -INFINITY));
         const float e0 = p0 * (q0 - meta[16 + cj]);
         const float e1 = p1 * (q1 - meta[24 + cj]);
         pa[0] = dj ? pack2<E>(0.f, p0) : pack2<E>(p0, 0.f);
@@ -485,7 +457,7 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
               const bool allowed = static_cast<unsigned>(x) < static_cast<unsigned>(plan.xlen) &&
                                    ((plan.bits >> (x & 31)) & 1u) != 0u;
               const int e = 2 * hr + uu;
-              const float pr = win_exp2(fmaf(sc[t][e], sl2, bias[t][uu]));
+              const float pr = fast_exp2(fmaf(sc[t][e], sl2, bias[t][uu]));
               pv[uu] = allowed ? pr : 0.f;
               sv[uu] = pv[uu] * (dp[t][e] - dlt[t][uu]);
             }
