@@ -27,13 +27,33 @@ attn_fwd_kernel_tc_blk / attn_dq_kernel_tc_blk) behind block_sparse_attention.
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import torch
 
 import blossom_ops
 from blossom_ops import reference as ref
 from profile_gpu import kernel_times  # same directory
+
+# A kernel that never finishes shows as the last "start" line without its "done": every case
+# is announced before it runs and timed after (flushed at once, so a timeout or a kill keeps
+# them). SYNC_EACH_STEP=1 also synchronises after the forward and after the backward, so the
+# last line names the pass that hangs. ONLY=substring runs only the matching cases.
+SYNC_EACH_STEP = os.environ.get("SYNC_EACH_STEP", "0") == "1"
+ONLY = os.environ.get("ONLY", "")
+T0 = time.time()
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f} s] {msg}", flush=True)
+
+
+def step_sync(what: str) -> None:
+    if SYNC_EACH_STEP:
+        torch.cuda.synchronize()
+        progress(f"  {what} finished on the GPU")
 
 
 def make_idx(B, L, Hk, n, bs, causal, g, odd=True):
@@ -69,7 +89,9 @@ def run(q, k, v, go, idx, bs, causal, valid):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = blossom_ops.block_sparse_attention(*leaves, idx, block_size=bs, causal=causal,
                                                   valid=valid, return_lse=True)
+    step_sync("forward")
     out.backward(go)
+    step_sync("backward")
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
 
 
@@ -95,6 +117,10 @@ WINDOW_CASES = [  # G, L, window, causal, pad
 ]
 
 
+def case_key(dtype, D, G, L, bs, n, causal, pad) -> str:
+    return f"{str(dtype)[6:]} D={D} G={G} L={L} bs={bs} n={n} causal={causal} pad={pad}"
+
+
 def inputs(dtype, D, G, L, bs, n, causal, pad, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     B, Hk = 2, 2
@@ -115,10 +141,17 @@ def check() -> int:
     for dtype in (torch.bfloat16, torch.float16):
         for D in (16, 32, 64, 128):
             for ci, (G, L, bs, n, causal, pad) in enumerate(CASES):
+                key = case_key(dtype, D, G, L, bs, n, causal, pad)
+                if ONLY and ONLY not in key:
+                    continue
+                progress(f"start {key}")
                 q, k, v, go, idx, valid = inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci)
+                t_gpu = time.time()
                 r1 = run(q, k, v, go, idx, bs, causal, valid)
                 r2 = run(q, k, v, go, idx, bs, causal, valid)
-                det = all(torch.equal(a, b) for a, b in zip(r1, r2))
+                det = all(torch.equal(a, b) for a, b in zip(r1, r2))  # synchronises
+                t_gpu = time.time() - t_gpu
+                t_ref = time.time()
                 c64 = lambda t: t.double().cpu()  # noqa: E731
                 # The reference sees zeros where the kernels see NaN padding (masked anyway).
                 z = lambda t: t if valid is None else torch.where(  # noqa: E731
@@ -145,10 +178,10 @@ def check() -> int:
                     worst = max(worst, e / max(elp, 1e-30))
                     msg.append(f"{nm} {e:.1e}/{elp:.1e}{' NaN' if nan else ''}")
                 bad += 0 if ok else 1
-                print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]} D={D} G={G} L={L} bs={bs} "
-                      f"n={n} causal={causal} pad={pad} det={det} | " + " | ".join(msg),
-                      flush=True)
-    print(f"worst error ratio {worst:.2f}; {bad} failing")
+                t_ref = time.time() - t_ref
+                progress(f"{'ok  ' if ok else 'FAIL'} {key} det={det} | " + " | ".join(msg) +
+                         f" | gpu {t_gpu:.2f} s, references {t_ref:.2f} s")
+    progress(f"worst error ratio {worst:.2f}; {bad} failing")
     return 1 if bad else 0
 
 
@@ -157,25 +190,37 @@ def dump(path: str) -> int:
     for dtype in (torch.bfloat16, torch.float16):
         for D in (16, 32, 64, 128):
             for ci, (G, L, bs, n, causal, pad) in enumerate(CASES):
+                key = case_key(dtype, D, G, L, bs, n, causal, pad)
+                if ONLY and ONLY not in key:
+                    continue
+                progress(f"start {key}")
+                t0 = time.time()
                 q, k, v, go, idx, valid = inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci)
-                key = f"{str(dtype)[6:]} D={D} G={G} L={L} bs={bs} n={n} causal={causal} pad={pad}"
                 res[key] = [t.cpu() for t in run(q, k, v, go, idx, bs, causal, valid)]
+                progress(f"done  {key} ({time.time() - t0:.2f} s)")
     # The window's per-slot kernels (LEAN by default): same keys, same order, so the A/B must
     # show 0 differing elements here too (probabilities below 2^-126 aside).
     for dtype in (torch.bfloat16, torch.float16):
         for D in (16, 32, 64, 128):
             for ci, (G, L, window, causal, pad) in enumerate(WINDOW_CASES):
+                key = (f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} "
+                       f"pad={pad}")
+                if ONLY and ONLY not in key:
+                    continue
+                progress(f"start {key}")
+                t0 = time.time()
                 q, k, v, go, _, valid = inputs(dtype, D, G, L, 16, 1, causal, pad, 200 + ci)
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                 out, lse = blossom_ops.sliding_window_attention(
                     *leaves, window=window, dilated=True, causal=causal, valid=valid,
                     return_lse=True)
+                step_sync("forward")
                 out.backward(go)
-                key = (f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} "
-                       f"pad={pad}")
+                step_sync("backward")
                 res[key] = [t.detach().cpu() for t in [out, lse] + [t.grad for t in leaves]]
+                progress(f"done  {key} ({time.time() - t0:.2f} s)")
     torch.save(res, path)
-    print(f"{len(res)} cases -> {path}")
+    progress(f"{len(res)} cases -> {path}")
     return 0
 
 

@@ -741,7 +741,13 @@ struct TcBlkWarp {
   __device__ __forceinline__ int list_blocks(const Policy& pol, int64_t g) const {
     const int c = lane < pol.blk_slots() ? pol.slot_block(b, i, g, lane) : -1;
     const unsigned lt = (1u << lane) - 1u;
-    const bool keep = c >= 0 && (__match_any_sync(kFullMask, c) & lt) == 0u;
+    // Every lane must execute the full-mask match: written as the right operand of
+    // `c >= 0 && ...` it was short-circuited (SASS: @!P BRA around WARPSYNC.ALL; MATCH.ANY), so
+    // the lanes with c < 0 skipped it while the others waited for them at the warp sync:
+    // undefined behaviour, a hang on the H100 (2026-11-27). Keep collectives out of &&, ||
+    // and ?: operands (scripts/emulate_staged_blk.py lints for it).
+    const unsigned same = __match_any_sync(kFullMask, c);
+    const bool keep = c >= 0 && (same & lt) == 0u;
     const unsigned km = __ballot_sync(kFullMask, keep);
     if (keep) blist[__popc(km & lt)] = c;
     __syncwarp();
