@@ -18,12 +18,22 @@ attn_fwd_kernel_tc_blk / attn_dq_kernel_tc_blk) behind block_sparse_attention.
   bench L D    per-kernel CUDA time of block_sparse_attention forward + backward at B=64,
                Hq=8, Hk=2, bf16, block_size 16, top_n 4 (random distinct earlier blocks).
 
-    python3 benchmarks/check_staged_blk_gpu.py check
-    python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_new.pt
-    BLOSSOM_OPS_CUDA_STAGED=old python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_old.pt
-    python3 benchmarks/check_staged_blk_gpu.py cmp /tmp/blk_new.pt /tmp/blk_old.pt
-    python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
-    BLOSSOM_OPS_CUDA_STAGED=old python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
+Every case of check / dump prints a "start" line before it runs and an "ok" / "FAIL" / "done"
+line with its times after (flushed): a kernel that never finishes is the last "start" without
+its result. Do not filter the output. SYNC_EACH_STEP=1 synchronises after the forward and
+after the backward (names the pass); ONLY=substring runs only the cases whose name contains
+it. Run each command under `timeout` (check needs the float64 CPU references: ~140 s on 2
+cores, far less on 16):
+
+    timeout 120 env SYNC_EACH_STEP=1 ONLY="bfloat16 D=64 G=4 L=203" \
+        python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_one.pt
+    timeout 300 python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_new.pt
+    timeout 300 env BLOSSOM_OPS_CUDA_STAGED=old \
+        python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_old.pt
+    timeout 120 python3 benchmarks/check_staged_blk_gpu.py cmp /tmp/blk_new.pt /tmp/blk_old.pt
+    timeout 400 python3 benchmarks/check_staged_blk_gpu.py check
+    timeout 300 python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
+    timeout 300 env BLOSSOM_OPS_CUDA_STAGED=old python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
 """
 from __future__ import annotations
 

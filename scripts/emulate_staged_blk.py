@@ -28,7 +28,9 @@ padding, block sizes 16, 32, 64, n = 1 .. 31, queries near the causal edge.
     python3 scripts/emulate_staged_blk.py
 """
 import itertools
+import os
 import random
+import re
 
 import numpy as np
 
@@ -168,12 +170,30 @@ def slot_block(row, s, i, L, bs, causal):
     return -1 if (c < 0 or c >= C or c == own or (causal and c * bs > i)) else c
 
 
-def list_blocks(row, i, L, bs, causal):
-    """TcBlkWarp::list_blocks, lane by lane."""
+FULL = (1 << 32) - 1
+
+
+def match_any(values, mask, participants):
+    """__match_any_sync(mask, value) as the hardware needs it: every lane named in mask
+    executes it (else undefined: on the H100 the warp deadlocked). Returns each participant's
+    mask of lanes with the same value."""
+    part = sum(1 << lane for lane in participants)
+    if part != mask:
+        raise AssertionError(f"__match_any_sync({mask:#x}) reached by lanes {part:#x} only: "
+                             "the missing lanes never arrive (warp deadlock)")
+    return {lane: sum(1 << l2 for l2 in participants if values[l2] == values[lane])
+            for lane in participants}
+
+
+def list_blocks(row, i, L, bs, causal, short_circuit=False):
+    """TcBlkWarp::list_blocks, lane by lane. short_circuit=True replays the code as it was
+    before 2026-11-27 (`keep = c >= 0 && (__match_any_sync(...) & lt) == 0`): C++ evaluates
+    the match only on the lanes with c >= 0, which match_any rejects."""
     ns = len(row) + 1
     assert ns <= 32
     c = [slot_block(row, lane, i, L, bs, causal) if lane < ns else -1 for lane in range(32)]
-    peers = [sum(1 << l2 for l2 in range(32) if c[l2] == c[lane]) for lane in range(32)]
+    callers = [lane for lane in range(32) if c[lane] >= 0] if short_circuit else range(32)
+    peers = match_any(c, FULL, callers)
     keep = [c[lane] >= 0 and (peers[lane] & ((1 << lane) - 1)) == 0 for lane in range(32)]
     km = sum(1 << lane for lane in range(32) if keep[lane])
     blist = [None] * 32
@@ -363,8 +383,108 @@ def run_case(rng, L, bs, n, causal, pad, n_queries):
     return checked
 
 
+# ---- warp collectives in short-circuit operands ------------------------------------------
+# A full-mask collective (__match_any_sync, __ballot_sync, __shfl*_sync, __syncwarp, ...) that
+# is an operand of &&, || or ?: after the operator runs only on the lanes where the left side
+# lets it: the 2026-11-27 H100 hang (list_blocks). The replay above cannot see C++ evaluation
+# order, so the sources are linted: for each collective call, the operators of the statement
+# that enclose it (groups still open at the call) must contain no &&, || or ?.
+COLLECTIVE = re.compile(r"\b(__(?:match_any|match_all|ballot|any|all|uni|shfl|shfl_up|shfl_down|"
+                        r"shfl_xor|reduce_add|reduce_min|reduce_max|reduce_and|reduce_or|"
+                        r"reduce_xor)_sync|__syncwarp)\s*\(")
+
+
+def strip_comments(src):
+    src = re.sub(r"/\*.*?\*/", lambda m: " " * len(m.group(0)), src, flags=re.S)
+    src = re.sub(r"//[^\n]*", lambda m: " " * len(m.group(0)), src)
+    return re.sub(r'"(?:\\.|[^"\\])*"', lambda m: " " * len(m.group(0)), src)
+
+
+def short_circuit_collectives(src):
+    """(line, text) of every collective call in a short-circuit / conditional operand."""
+    code = strip_comments(src)
+    bad = []
+    for m in COLLECTIVE.finditer(code):
+        start = max(code.rfind(ch, 0, m.start()) for ch in ";{}") + 1
+        prefix = code[start:m.start()]
+        stack = [[]]
+        k = 0
+        while k < len(prefix):
+            two = prefix[k:k + 2]
+            if prefix[k] == "(":
+                stack.append([])
+            elif prefix[k] == ")":
+                if len(stack) > 1:
+                    stack.pop()
+            elif two in ("&&", "||"):
+                stack[-1].append(two)
+                k += 1
+            elif prefix[k] == "?":
+                stack[-1].append("?")
+            k += 1
+        if any(stack):
+            line = code.count("\n", 0, m.start()) + 1
+            bad.append((line, " ".join(code[start:code.find(";", m.start()) + 1].split())))
+    return bad
+
+
+def check_collectives_source():
+    planted = [  # must be caught
+        "const bool keep = c >= 0 && (__match_any_sync(kFullMask, c) & lt) == 0u;",
+        "if (ok || __any_sync(0xffffffffu, v)) x = 1;",
+        "const float y = lane < 8 ? __shfl_sync(kFullMask, x, 0) : 0.f;",
+    ]
+    fine = [  # must pass
+        "const unsigned same = __match_any_sync(kFullMask, c); const bool k = c >= 0 && same;",
+        "mask &= __ballot_sync(kFullMask, lane < nk && ok);",
+        "const float y = __shfl_sync(kFullMask, a > 0 ? a : b, 0);",
+        "if (__any_sync(kFullMask, v) && w) x = 1;",
+    ]
+    for t in planted:
+        assert short_circuit_collectives(t), t
+    for t in fine:
+        assert not short_circuit_collectives(t), t
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc", "cuda")
+    files = sorted(f for f in os.listdir(root) if f.endswith((".cu", ".cuh", ".h")))
+    found = []
+    for f in files:
+        with open(os.path.join(root, f)) as fh:
+            found += [(f, ln, txt) for ln, txt in short_circuit_collectives(fh.read())]
+    assert not found, "warp collectives in short-circuit operands:\n" + "\n".join(
+        f"  csrc/cuda/{f}:{ln}: {txt}" for f, ln, txt in found)
+    return len(files)
+
+
+def check_short_circuit_replay(rng):
+    """The pre-fix list_blocks must be rejected for the rows the GPU check runs (some lane
+    has c < 0: -1 entries, own-block entries, lanes past n + 1), the fixed one accepted."""
+    rejected = 0
+    for t in range(200):
+        L, bs = rng.choice([(203, 16), (150, 32), (257, 64), (33, 32), (1100, 16)])
+        n = rng.randint(1, 31)
+        C = -(-L // bs)
+        i = rng.randrange(L)
+        row = [rng.randrange(-1, C) for _ in range(n)]
+        if t == 0:  # n = 31 with every slot usable: all 32 lanes reach the match either way
+            L, bs, n, i, row = 1100, 16, 31, 1099, list(range(31))
+        list_blocks(row, i, L, bs, True)
+        some_idle = n + 1 < 32 or any(slot_block(row, s, i, L, bs, True) < 0 for s in range(32))
+        try:
+            list_blocks(row, i, L, bs, True, short_circuit=True)
+            assert not some_idle, "short-circuited match accepted"
+        except AssertionError as e:
+            assert some_idle and "deadlock" in str(e), e
+            rejected += 1
+    assert rejected == 199, rejected
+    return rejected
+
+
 def main() -> int:
     rng = random.Random(20261127)
+    n_files = check_collectives_source()
+    n_sc = check_short_circuit_replay(random.Random(7))
+    print(f"warp collectives: none in a short-circuit operand ({n_files} files of csrc/cuda); "
+          f"pre-fix list_blocks rejected for {n_sc} of 200 rows (the 200th has no idle lane)")
     n_lean = check_lean(rng)
     n_div = check_tcdiv(rng)
     n_coord = check_coords(rng)
