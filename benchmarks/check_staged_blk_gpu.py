@@ -22,18 +22,19 @@ Every case of check / dump prints a "start" line before it runs and an "ok" / "F
 line with its times after (flushed): a kernel that never finishes is the last "start" without
 its result. Do not filter the output. SYNC_EACH_STEP=1 synchronises after the forward and
 after the backward (names the pass); ONLY=substring runs only the cases whose name contains
-it. Run each command under `timeout` (check needs the float64 CPU references: ~140 s on 2
-cores, far less on 16):
+it. Run each command under `timeout -k 10` (a process stuck on a hung kernel may need the
+KILL; check needs the float64 CPU references: ~140 s on 2 cores, far less on 16):
 
-    timeout 120 env SYNC_EACH_STEP=1 ONLY="bfloat16 D=64 G=4 L=203" \
+    timeout -k 10 120 env SYNC_EACH_STEP=1 ONLY="bfloat16 D=64 G=4 L=203" \
         python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_one.pt
-    timeout 300 python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_new.pt
-    timeout 300 env BLOSSOM_OPS_CUDA_STAGED=old \
+    timeout -k 10 300 python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_new.pt
+    timeout -k 10 300 env BLOSSOM_OPS_CUDA_STAGED=old \
         python3 benchmarks/check_staged_blk_gpu.py dump /tmp/blk_old.pt
-    timeout 120 python3 benchmarks/check_staged_blk_gpu.py cmp /tmp/blk_new.pt /tmp/blk_old.pt
-    timeout 400 python3 benchmarks/check_staged_blk_gpu.py check
-    timeout 300 python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
-    timeout 300 env BLOSSOM_OPS_CUDA_STAGED=old python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
+    timeout -k 10 120 python3 benchmarks/check_staged_blk_gpu.py cmp /tmp/blk_new.pt /tmp/blk_old.pt
+    timeout -k 10 400 python3 benchmarks/check_staged_blk_gpu.py check
+    timeout -k 10 300 python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
+    timeout -k 10 300 env BLOSSOM_OPS_CUDA_STAGED=old \
+        python3 benchmarks/check_staged_blk_gpu.py bench 4096 64
 """
 from __future__ import annotations
 

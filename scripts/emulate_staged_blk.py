@@ -484,7 +484,8 @@ def main() -> int:
     n_files = check_collectives_source()
     n_sc = check_short_circuit_replay(random.Random(7))
     print(f"warp collectives: none in a short-circuit operand ({n_files} files of csrc/cuda); "
-          f"pre-fix list_blocks rejected for {n_sc} of 200 rows (the other: n = 31, all 32 lanes busy)")
+          f"pre-fix list_blocks rejected for {n_sc} of 200 rows "
+          "(the other: n = 31, all 32 lanes busy)")
     n_lean = check_lean(rng)
     n_div = check_tcdiv(rng)
     n_coord = check_coords(rng)
