@@ -46,8 +46,60 @@
 //
 // Shared memory per warp (D=64, KC=16): K/V 2 buffers * 2 * 16 rows * 144 B = 9 KB + indices.
 //
+// Block chunks ("staged diet", 2026-11-27; BLOSSOM_OPS_CUDA_STAGED=old keeps the per-slot
+// kernels above for A/B). A Policy with kBlockChunks (block-sparse, power-of-two block size
+// >= 16) takes attn_fwd_kernel_tc_blk / attn_dq_kernel_tc_blk instead: the keys of a selected
+// block are contiguous, so a chunk is one 16-key segment of a listed block and needs no
+// per-key enumeration. Per warp, once: lane s <= n computes slot_block(s) (one index load),
+// repeats go by __match_any_sync, a ballot / popc compaction lists the distinct blocks in slot
+// order (own block first) in shared memory. Per chunk: block = one LDS, the key mask from
+// key_end(i) (causal edge, length) and, with key padding only, one validity byte per lane and
+// a ballot; every row of the segment is copied with cp.async ignore-src (masked rows become
+// zeros: no zero fill of the buffers, no stale rows), one IMAD.WIDE per row address, four
+// predicates per R2P, the LDGSTS back to back (ptxas pads each group with 3 dummy LDS that
+// also take issue slots: the per-slot loop paid them for every row). Warp coordinates by
+// multiply-high division (TcDiv); exp2 without the denormal fix-up (fast_exp2). Same chunk order
+// and, when each chunk's keys are a prefix of it (no key padding, or right padding), the same
+// key positions as the per-slot kernel at KC = 16, so D >= 64 keeps its summation order; the
+// bits differ only where a probability is below 2^-126 (flushed to 0 by fast_exp2), or the
+// chunk max of two NaN scores (garbage in). D <= 32 (per-slot KC = 32) and left / random key
+// padding (keys keep their block position instead of being compacted) give other rounding.
+// scripts/emulate_staged_blk.py replays the index math against the DESIGN mask.
+// Policies without block chunks (sliding window, compressed branch) take the per-slot kernels
+// with LEAN = true unless BLOSSOM_OPS_CUDA_STAGED=old: TcDiv coordinates, fast_exp2, and a copy
+// loop unrolled over the lane's rows with the rows past cnt zero-filled (so no tc_zero), the
+// row address one mad.wide per row and the LDGSTS back to back. Same keys, positions and
+// summation order as before (bits differ only for probabilities below 2^-126). Window, causal
+// D = 64 HPW = 4, one 16-key chunk (8 band + 8 dilation slots): forward 320 -> 252, dQ 300 ->
+// 228 warp-instructions (the copies 137 -> 79); per warp also ~-120 (coordinates) and ~-40
+// (zero fill), but a 1-key chunk now issues all 8 row copies (+~50): ~-12% per window warp.
+//
+// Counts: static SASS (nvcc 13, sm_90, nvdisasm), bf16 D = 64 HPW = 4 block-sparse, the hot
+// path of one chunk (16 attending keys of a selected block in slot 2, next chunk issued, no
+// padding), warp-instructions:
+//                        enumerate/  copy    ldmatrix/  softmax/  loop/   chunk
+//                        compact     issue   mma        rescale   sync
+//   forward, per-slot       143       124       39         83       37      427 (+1)
+//   forward, block chunk     17        36       31         64       22      170
+//   dQ, per-slot            144       125       50         40       37      401 (+5)
+//   dQ, block chunk          17        36       40         21       22      136
+// ((+n): instructions the line table gives to no job. Per-slot: the ~21-instruction
+// division of fwd_key and selected_block's repeat loop per key, 13 instructions per cp.async
+// (kidx LDS, 64-bit multiply, 3 dummy LDS); softmax: exp2f is 4 issue slots, fast_exp2
+// one.) Per warp (5 chunks at top_n 4), the same static count:
+// forward ~2,510 (ncu measured ~2,660) -> ~1,290 (prologue with the block list and the first
+// chunk's copies ~330, 4 x 170 + 117, epilogue ~160); dQ ~2,540 -> ~1,270 (prologue ~540, of
+// which ~130 are the delta rowsums, kept in the per-slot kernel's order so that delta keeps
+// its bits; epilogue ~100).
+// Predicted (H100, B=64 Hq=8 Hk=2 D=64 L=4096 bf16, top_n 4): the forward issued ~1.39 G
+// warp-instructions in 2.09 ms; at the same issue rate ~0.67 G take ~1.0 ms, but the K/V
+// gather (8.6 GB of rows from L2; 0.81 ms gather-only floor on an H200) limits it: ~1.1-1.2 ms
+// forward, ~1.2-1.4 ms dQ (2.51 now). D = 16: ~0.6-0.7 ms each (1.08 / 1.16; ~1.7x fewer
+// instructions per warp: 5 chunks of 16 keys at ~130 instead of 3 of 32 at ~370).
+//
 #pragma once
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/params.h"
@@ -74,9 +126,10 @@ __device__ __forceinline__ float pick(const float (&a)[HPW], int hh) {
 constexpr size_t tc_align128(size_t x) { return (x + 127) & ~size_t(127); }
 
 // Compile-time configuration and per-warp shared-memory layout (byte offsets, 128-aligned).
-template <int D>
+// KCX forces the chunk length (the block-chunk kernels use 16 at every D).
+template <int D, int KCX = 0>
 struct TcCfg {
-  static constexpr int KC = D <= 32 ? 32 : 16;  // keys per chunk
+  static constexpr int KC = KCX != 0 ? KCX : (D <= 32 ? 32 : 16);  // keys per chunk
   static constexpr int KT = KC / 16;            // 16-key tiles per chunk
   static constexpr int NF = D / 16;             // 16-column slices of a row (k steps of S)
   static constexpr int CPR = D / kFrag;         // 16-byte pieces per row
@@ -90,8 +143,20 @@ struct TcCfg {
   static_assert(size_t(8) * OLD * 4 <= kv_bytes, "output staging must fit the K/V buffers");
 };
 
-// Warp coordinates, staging buffers and the enumerate + copy step of one chunk.
-template <typename T, class C, class Policy>
+// base + j * stride_bytes as one IMAD.WIDE (mad.wide.s32): from C++ the compiler keeps a
+// 64 x 64-bit multiply when the stride came from an int64_t (3-4 instructions per row).
+__device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int stride_bytes) {
+  const char* r;
+  asm("mad.wide.s32 %0, %1, %2, %3;" : "=l"(r) : "r"(j), "r"(stride_bytes), "l"(base));
+  return r;
+}
+
+// Warp coordinates, staging buffers and the enumerate + copy step of one chunk. LEAN (the
+// default path of policies without block chunks; BLOSSOM_OPS_CUDA_STAGED=old turns it off):
+// the copies are unrolled over the lane's rows, rows past cnt are zero-filled (cp.async
+// ignore-src), so the buffers need no zero fill, one IMAD.WIDE per row address and the
+// LDGSTS back to back (3 dummy issue slots per group instead of per row).
+template <typename T, class C, class Policy, bool LEAN = false>
 struct TcWarp {
   using E = typename TcElem<T>::type;
   E* kv;           // [2][2][KC][RS]
@@ -124,8 +189,30 @@ struct TcWarp {
     const T* src = (is_v ? vbase : kbase) + c * kFrag;
     const int64_t st = is_v ? sv : sk;
     E* dst = (is_v ? vbuf(buf) : kbuf(buf)) + c * kFrag;
-    for (int r = lane / PPK; r < cnt; r += KPP)
-      cp_async16(dst + r * C::RS, src + static_cast<int64_t>(ki[r]) * st);
+    if constexpr (LEAN) {
+      if (cnt > 0) {  // |st| < 2^26 elements (launcher): a key times the byte stride is a
+                      // 32 x 32 -> 64-bit product, one IMAD.WIDE with the base as addend
+        const char* srcb = reinterpret_cast<const char*>(src);
+        const int stb = static_cast<int>(st * static_cast<int64_t>(sizeof(T)));
+        const int r0 = lane / PPK;
+        const int* kl = ki + r0;
+        const int last = ki[cnt - 1];  // rows past cnt read a valid row's address
+        E* d = dst + r0 * C::RS;
+        int jr[C::KC / KPP];
+#pragma unroll
+        for (int k = 0; k < C::KC / KPP; ++k) {
+          const int j = kl[KPP * k];  // past cnt: a stale entry of kidx, not used
+          jr[k] = r0 + KPP * k < cnt ? j : last;
+        }
+#pragma unroll
+        for (int k = 0; k < C::KC / KPP; ++k)
+          cp_async16_masked(d + KPP * k * C::RS, tc_row_addr(srcb, jr[k], stb),
+                            static_cast<unsigned>(r0 + KPP * k < cnt));
+      }
+    } else {
+      for (int r = lane / PPK; r < cnt; r += KPP)
+        cp_async16(dst + r * C::RS, src + static_cast<int64_t>(ki[r]) * st);
+    }
     cp_async_commit();
     return cnt;
   }
@@ -234,6 +321,63 @@ __device__ __forceinline__ bool stage_coords(const AttnShape& s, int wib, int64_
   return true;
 }
 
+// n / d for 0 <= n < 2^31 as a multiply-high and a shift, with d >= 1 fixed on the host
+// (round-up reciprocal: m = ceil(2^(31 + l) / d), l = ceil(log2 d), q = umulhi(n, m) >> (l - 1);
+// m = 0 stands for d = 1). Three instructions where a 32-bit division by a runtime value
+// is ~20: stage_coords divided four times per warp, ~140 of a block-chunk warp's ~1,100.
+// scripts/emulate_staged_blk.py checks it against n / d.
+struct TcDiv {
+  uint32_t d = 1, m = 0, s = 0;
+  static TcDiv make(uint32_t d) {
+    TcDiv r;
+    r.d = d;
+    if (d > 1) {
+      uint32_t l = 0;
+      while ((uint64_t(1) << l) < d) ++l;
+      r.m = static_cast<uint32_t>(((uint64_t(1) << (31 + l)) + d - 1) / d);
+      r.s = l - 1;
+    }
+    return r;
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return m == 0 ? n : __umulhi(n, m) >> s;
+  }
+};
+
+// Warp -> (b, i, g, h0) for the block-chunk kernels: stage_coords with the divisions done by
+// TcDiv (the launcher checks that the warp count is below 2^31).
+struct TcGrid {
+  TcDiv by_len, by_hcs, by_chunks;  // L, Hk * chunks, chunks = G / HPW
+  uint32_t group = 1;               // G
+  uint32_t warps = 0;               // B * Hk * chunks * L
+  static TcGrid make(const AttnShape& s, int hpw) {
+    TcGrid r;
+    const uint32_t chunks = static_cast<uint32_t>(s.group() / hpw);
+    r.by_len = TcDiv::make(static_cast<uint32_t>(s.q_len));
+    r.by_hcs = TcDiv::make(static_cast<uint32_t>(s.kv_heads) * chunks);
+    r.by_chunks = TcDiv::make(chunks);
+    r.group = static_cast<uint32_t>(s.group());
+    r.warps = static_cast<uint32_t>(s.batch * s.kv_heads * chunks * s.q_len);
+    return r;
+  }
+};
+
+template <int HPW>
+__device__ __forceinline__ bool stage_coords_fast(const TcGrid& gr, int wib, int64_t& b,
+                                                  int64_t& i, int64_t& g, int64_t& h0) {
+  const uint32_t warp = blockIdx.x * kStageWarps + static_cast<uint32_t>(wib);
+  if (warp >= gr.warps) return false;
+  const uint32_t rest = gr.by_len.div(warp);
+  const uint32_t bb = gr.by_hcs.div(rest);
+  const uint32_t hc = rest - bb * gr.by_hcs.d;
+  const uint32_t gg = gr.by_chunks.div(hc);
+  i = warp - rest * gr.by_len.d;
+  b = bb;
+  g = gg;
+  h0 = static_cast<int64_t>(gg) * gr.group + (hc - gg * gr.by_chunks.d) * HPW;
+  return true;
+}
+
 // Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
 // dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
 template <int D, bool DQ>
@@ -242,9 +386,9 @@ constexpr int tc_min_ctas() {
 }
 
 // ------------------------------------------------------------------------------ forward
-template <typename T, int D, int HPW, class Policy>
+template <typename T, int D, int HPW, class Policy, bool LEAN = false>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
-    attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol) {
+    attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
@@ -255,10 +399,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
   int64_t b, i, g, h0;
-  if (!stage_coords<HPW>(s, wib, b, i, g, h0)) return;  // uniform per warp
+  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
+           : !stage_coords<HPW>(s, wib, b, i, g, h0))
+    return;  // uniform per warp
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy> w;
+  TcWarp<T, C, Policy, LEAN> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -277,8 +423,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   if (pol.query_valid(b, i)) {
     uint32_t qb[C::NF][2];
     load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
-    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    __syncwarp();
+    if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+      tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+      __syncwarp();
+    }
     const float qsc = static_cast<float>(s.scale) * kLog2e;
     const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
     w.n_slots = pol.fwd_slots(b, i, g);
@@ -317,7 +465,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
           cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
         const float mn = fmaxf(m[j], cmax[j]);
         msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = exp2f(m[j] - msub[j]);
+        alpha[j] = LEAN ? fast_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
         m[j] = mn;
         lp[j] *= alpha[j];
       }
@@ -333,7 +481,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
         if (t * 16 < cnt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            sc[t][e] = exp2f(sc[t][e] - msub[e & 1]);
+            sc[t][e] = LEAN ? fast_exp2(sc[t][e] - msub[e & 1]) : exp2f(sc[t][e] - msub[e & 1]);
             lp[e & 1] += sc[t][e];
           }
           uint32_t pb0, pb1;
@@ -383,9 +531,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 // ------------------------------------------------------------------------------ dQ
 // Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
 // gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh).
-template <typename T, int D, int HPW, class Policy>
+template <typename T, int D, int HPW, class Policy, bool LEAN = false>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
-    attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta) {
+    attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
+                      const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
@@ -396,11 +545,13 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
   int64_t b, i, g, h0;
-  if (!stage_coords<HPW>(s, wib, b, i, g, h0)) return;  // uniform per warp
+  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
+           : !stage_coords<HPW>(s, wib, b, i, g, h0))
+    return;  // uniform per warp
   const int64_t row = (b * L + i) * Hq + h0;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy> w;
+  TcWarp<T, C, Policy, LEAN> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -450,8 +601,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
       uint32_t qb[C::NF][2], ob[C::NF][2];
       load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
       load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
-      tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-      __syncwarp();
+      if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+        tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+        __syncwarp();
+      }
       const float qsc = static_cast<float>(s.scale) * kLog2e;
       const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
       w.n_slots = pol.fwd_slots(b, i, g);
@@ -477,7 +630,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
               const int key = t * 16 + gid + (e >> 1) * 8;
               const int j = e & 1;
               sc[e] = key < cnt && real[j]
-                          ? exp2f(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                          ? (LEAN ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
+                                  : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
+                                (dp[e] - my_dlt[j])
                           : 0.f;
             }
             uint32_t db0, db1;
@@ -490,6 +645,394 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
               mma16816<E>(dq[f], a, db0, db1);
             }
           }
+        }
+      });
+    }
+  } else if (lane == 0) {
+#pragma unroll
+    for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = 0.f;
+  }
+
+  __syncwarp();  // the K/V buffers become the output staging area
+  float* ost = reinterpret_cast<float*>(base);
+  const float sc = static_cast<float>(s.scale);
+  const float mul[2] = {sc, sc};
+  stage_heads<C>(ost, dq, mul, lane);
+  __syncwarp();
+  for (int t = lane; t < HPW * C::CPR; t += 32) {
+    const int hh = t / C::CPR, c = t % C::CPR;
+    const float* src = ost + hh * C::OLD + c * kFrag;
+    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
+    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
+    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store8_acc(p.grad_q.at(b, i, h0 + hh) + c * kFrag, v8, p.accumulate);
+  }
+}
+
+// ------------------------------------------------------------------------ block chunks
+// A Policy whose keys come in aligned blocks (block-sparse attention) may describe them per
+// block instead of per slot; the kernels below then stage one 16-key segment of a block per
+// chunk, with no per-key enumeration, division or compaction:
+//   static constexpr bool kBlockChunks = true;
+//   bool block_chunks_ok() const;       // host: the mask fits (block size % 16 == 0, <= 32
+//                                       // slots, positions < 2^30)
+//   int blk_size() const;               // keys per block
+//   int blk_slots() const;              // slots per query: the own block + n selected
+//   int slot_block(b, i, g, s) const;   // block of slot s (s = 0: the own block), or -1;
+//                                       // repeats are removed here, by the kernel
+//   int key_end(i) const;               // keys >= key_end(i) never attend (length, causal)
+//   bool keys_all_valid() const;        // no key padding: key_valid(b, j) is always true
+// Everything else of the mask (key_valid, query_valid) comes from the usual hooks.
+template <class P, class = void>
+struct has_block_chunks : std::false_type {};
+template <class P>
+struct has_block_chunks<P, std::void_t<decltype(P::kBlockChunks)>>
+    : std::integral_constant<bool, P::kBlockChunks> {};
+
+// One warp's block list, staging buffers and copy geometry for the block-chunk kernels.
+// Chunk ch is segment ch % spb (16 keys) of the (ch / spb)-th listed block, spb = bs / 16.
+// Every row of a staged chunk is written: the row's K/V piece when the key attends, zeros
+// otherwise (cp.async with src-size 0), so the buffers need no zero fill and no stale or
+// padding (possibly NaN) row is ever multiplied, even by p = 0.
+template <typename T, class C, class Policy>
+struct TcBlkWarp {
+  using E = typename TcElem<T>::type;
+  static_assert(C::KC == 16, "a block chunk is one 16-key segment");
+  // This lane's 16-byte piece: PPK lanes cover the K and V pieces of one row, KPP rows per
+  // pass, RPL passes (D = 64: rows lane / 16 + 2 k, k < 8).
+  static constexpr int PPK = 2 * C::CPR, KPP = 32 / PPK, RPL = C::KC / KPP;
+  E* kv;           // [2][2][KC][RS]
+  int* blist;      // the listed blocks, slot order (the idx area: 2 * KC ints)
+  const char* src;  // this lane's piece of row r0 of key 0: (k or v).at(b, r0, g) + column
+  E* dst0;          // its piece of row r0 in buffer 0
+  int st;           // row stride of src in bytes (|stride| < 2^26 elements: launcher)
+  int bs, kend, len;
+  bool all_valid;
+  int64_t b, i;
+  int lane;
+
+  __device__ __forceinline__ E* kbuf(int buf) const { return kv + (buf * 2) * C::KC * C::RS; }
+  __device__ __forceinline__ E* vbuf(int buf) const { return kv + (buf * 2 + 1) * C::KC * C::RS; }
+
+  __device__ __forceinline__ void init(unsigned char* base, const Bshd<const T>& k,
+                                       const Bshd<const T>& v, int64_t b_, int64_t i_, int64_t g,
+                                       int64_t kv_len, const Policy& pol, int lane_) {
+    kv = reinterpret_cast<E*>(base);
+    blist = reinterpret_cast<int*>(base + C::idx_off);
+    lane = lane_;
+    b = b_;
+    i = i_;
+    const int w = lane % PPK, r0 = lane / PPK;
+    const bool is_v = w >= C::CPR;
+    const int c = is_v ? w - C::CPR : w;
+    const int64_t st_el = is_v ? v.stride_l : k.stride_l;
+    st = static_cast<int>(st_el * static_cast<int64_t>(sizeof(T)));
+    src = reinterpret_cast<const char*>((is_v ? v.at(b, 0, g) : k.at(b, 0, g)) + c * kFrag +
+                                        r0 * st_el);
+    dst0 = kv + (is_v ? C::KC * C::RS : 0) + c * kFrag + r0 * C::RS;
+    bs = pol.blk_size();
+    kend = pol.key_end(i);
+    len = static_cast<int>(kv_len);
+    all_valid = pol.keys_all_valid();
+  }
+
+  // Lists the distinct blocks of the query's slots in slot order (own block first) in blist;
+  // returns their number (warp-uniform). A repeat keeps its first slot, like selected_block.
+  __device__ __forceinline__ int list_blocks(const Policy& pol, int64_t g) const {
+    const int c = lane < pol.blk_slots() ? pol.slot_block(b, i, g, lane) : -1;
+    const unsigned lt = (1u << lane) - 1u;
+    // Every lane must execute the full-mask match: written as the right operand of
+    // `c >= 0 && ...` it was short-circuited (SASS: @!P BRA around WARPSYNC.ALL; MATCH.ANY), so
+    // the lanes with c < 0 skipped it while the others waited for them at the warp sync:
+    // undefined behaviour, a hang on the H100 (2026-11-27). Keep collectives out of &&, ||
+    // and ?: operands (scripts/emulate_staged_blk.py lints for it).
+    const unsigned same = __match_any_sync(kFullMask, c);
+    const bool keep = c >= 0 && (same & lt) == 0u;
+    const unsigned km = __ballot_sync(kFullMask, keep);
+    if (keep) blist[__popc(km & lt)] = c;
+    __syncwarp();
+    return __popc(km);
+  }
+
+  // Stages keys [key0, key0 + 16) into buffer buf; returns the mask of keys that attend
+  // (bit r: key0 + r), warp-uniform. Rows at or past len are clamped to the last row inside
+  // (their copy is a zero fill; the clamp only keeps the unread address in bounds).
+  __device__ __forceinline__ uint32_t issue(const Policy& pol, int key0, int buf) const {
+    const int nk = kend - key0;
+    uint32_t mask = nk >= C::KC ? 0xffffu : (nk > 0 ? (1u << nk) - 1u : 0u);
+    if (!all_valid) {
+      const bool v = lane < nk && lane < C::KC && pol.key_valid(b, key0 + lane);
+      mask &= __ballot_sync(kFullMask, v);
+    }
+    if (mask != 0u) {
+      E* d = dst0 + buf * (2 * C::KC * C::RS);
+      // 32 x 32 -> 64-bit multiply-adds (IMAD.WIDE): one instruction per row address.
+      const char* s = src + static_cast<int64_t>(key0) * st;
+      const uint32_t mr = mask >> (lane / PPK);  // bit KPP k: this lane's row of pass k
+      const int nl = len - key0;                 // rows inside the tensor, >= 1
+      if (nl >= C::KC) {
+#pragma unroll
+        for (int k = 0; k < RPL; ++k)
+          cp_async16_masked(d + KPP * k * C::RS, s + static_cast<int64_t>(KPP * k) * st,
+                            mr & (1u << (KPP * k)));
+      } else {
+        const int last = nl - 1 - lane / PPK;  // may be negative: row key0 + r0 + last >= key0
+#pragma unroll
+        for (int k = 0; k < RPL; ++k) {
+          const int r = KPP * k < last ? KPP * k : last;
+          cp_async16_masked(d + KPP * k * C::RS, s + static_cast<int64_t>(r) * st,
+                            mr & (1u << (KPP * k)));
+        }
+      }
+    }
+    cp_async_commit();
+    return mask;
+  }
+
+  // Double-buffered chunk loop over the nblk listed blocks: body(buf, mask) runs for every
+  // chunk with an attending key, with its rows in buffer buf while the next chunk's copies
+  // are in flight.
+  template <class Body>
+  __device__ __forceinline__ void for_each_chunk(const Policy& pol, int nblk, Body&& body) const {
+    const int spb = bs >> 4;
+    const int n_chunks = nblk * spb;
+    const int* next = blist;  // issue cursor: block *next, segment seg
+    int seg = 0;
+    auto next_key0 = [&]() {
+      const int key0 = *next * bs + seg * C::KC;
+      if (++seg == spb) {
+        seg = 0;
+        ++next;
+      }
+      return key0;
+    };
+    uint32_t mask = n_chunks > 0 ? issue(pol, next_key0(), 0) : 0u;
+    for (int ch = 0; ch < n_chunks; ++ch) {
+      const int buf = ch & 1;
+      uint32_t mask_next = 0u;
+      if (ch + 1 < n_chunks) {
+        mask_next = issue(pol, next_key0(), buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncwarp();  // every lane's copies visible to the whole warp
+      if (mask != 0u) body(buf, mask);
+      __syncwarp();  // buffer `buf` is rewritten by the next iteration's copies
+      mask = mask_next;
+    }
+  }
+};
+
+// Forward over block chunks: attn_fwd_kernel_tc with one 16-key segment of a listed block
+// per chunk. The arithmetic per chunk is the generic kernel's at KC = 16 (same operations in
+// the same order: D >= 64 gives the same bits when each chunk's attending keys are a prefix
+// of it, which holds without key padding or with right padding), except exp2 (fast_exp2).
+template <typename T, int D, int HPW, class Policy>
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
+    attn_fwd_kernel_tc_blk(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
+  using C = TcCfg<D, 16>;
+  using E = typename TcElem<T>::type;
+  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const int lane = threadIdx.x & 31;
+  const int wib = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const AttnShape& s = p.shape;
+  const int64_t L = s.q_len, Hq = s.q_heads;
+  int64_t b, i, g, h0;
+  if (!stage_coords_fast<HPW>(grid, wib, b, i, g, h0)) return;  // uniform per warp
+
+  unsigned char* base = smem_tc + wib * C::warp_bytes;
+  float o[C::NF][4];
+#pragma unroll
+  for (int f = 0; f < C::NF; ++f) o[f][0] = o[f][1] = o[f][2] = o[f][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, lp[2] = {0.f, 0.f};
+
+  if (pol.query_valid(b, i)) {
+    uint32_t qb[C::NF][2];  // loads in flight while the block list is built
+    load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
+    TcBlkWarp<T, C, Policy> w;
+    w.init(base, p.k, p.v, b, i, g, s.kv_len, pol, lane);
+    const int nblk = w.list_blocks(pol, g);
+    const float qsc = static_cast<float>(s.scale) * kLog2e;
+    const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+    w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask) {
+      const E* kb = w.kbuf(buf);
+      const E* vb = w.vbuf(buf);
+      float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int f = 0; f < C::NF; ++f) {
+        uint32_t a[4];
+        ldmatrix_x4(a, kb + 16 * f + a_row);
+        mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+      }
+      // Scaled scores (keys that do not attend: -inf) and the chunk max of heads 2 tig + {0, 1}.
+      const uint32_t mk = mask >> gid;  // bit 0: key gid, bit 8: key gid + 8
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[e] = (mk >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
+      // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
+      float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
+      float alpha[2], msub[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int o2 = 4; o2 < 32; o2 <<= 1)
+          cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
+        const float mn = fmaxf(m[j], cmax[j]);
+        msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
+        alpha[j] = fast_exp2(m[j] - msub[j]);
+        m[j] = mn;
+        lp[j] *= alpha[j];
+      }
+#pragma unroll
+      for (int f = 0; f < C::NF; ++f) {
+        o[f][0] *= alpha[0];
+        o[f][1] *= alpha[1];
+        o[f][2] *= alpha[0];
+        o[f][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[e] = fast_exp2(sc[e] - msub[e & 1]);
+        lp[e & 1] += sc[e];
+      }
+      uint32_t pb0, pb1;
+      keys_heads_to_b<E>(sc, pb0, pb1);
+#pragma unroll
+      for (int f = 0; f < C::NF; ++f) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, vb + 16 * f + a_col);
+        mma16816<E>(o[f], a, pb0, pb1);
+      }
+    });
+  }
+
+  // l of heads 2 tig + {0, 1}: the 8 lanes' partial sums, fixed butterfly.
+  float l[2], inv[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    l[j] = lp[j];
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1) l[j] += __shfl_xor_sync(kFullMask, l[j], o2);
+    inv[j] = l[j] > 0.f ? 1.f / l[j] : 0.f;
+  }
+  __syncwarp();  // the K/V buffers become the output staging area
+  float* ost = reinterpret_cast<float*>(base);
+  stage_heads<C>(ost, o, inv, lane);
+  __syncwarp();
+  for (int t = lane; t < HPW * C::CPR; t += 32) {
+    const int hh = t / C::CPR, c = t % C::CPR;
+    const float* src = ost + hh * C::OLD + c * kFrag;
+    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
+    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
+    const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store8_aligned(p.out.at(b, i, h0 + hh) + c * kFrag, v8);
+  }
+  if (gid == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int hh = 2 * tig + j;
+      if (hh < HPW)
+        p.lse[(b * L + i) * Hq + h0 + hh] = l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// dQ over block chunks: attn_dq_kernel_tc with one 16-key segment of a listed block per chunk
+// (same arithmetic per key as the generic kernel at KC = 16, exp2 by fast_exp2). The columns
+// of the padding heads (2 tig + j >= HPW) are not forced to 0 here: a column of the mma
+// output depends only on its own B column, and those columns are never stored.
+template <typename T, int D, int HPW, class Policy>
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
+    attn_dq_kernel_tc_blk(const AttnBwdParams<T, float> p, const Policy pol,
+                          float* __restrict__ delta, const TcGrid grid) {
+  using C = TcCfg<D, 16>;
+  using E = typename TcElem<T>::type;
+  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const int lane = threadIdx.x & 31;
+  const int wib = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const AttnShape& s = p.shape;
+  const int64_t L = s.q_len, Hq = s.q_heads;
+  int64_t b, i, g, h0;
+  if (!stage_coords_fast<HPW>(grid, wib, b, i, g, h0)) return;  // uniform per warp
+  const int64_t row = (b * L + i) * Hq + h0;
+
+  unsigned char* base = smem_tc + wib * C::warp_bytes;
+  float dq[C::NF][4];
+#pragma unroll
+  for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
+
+  const bool qv = pol.query_valid(b, i);
+  // A gated backward (attn_gate_fold.cuh) also needs rowsum(dO * O) of the padded rows, for
+  // their gate gradient; warp-uniform, like qv.
+  if (qv || p.gate.ptr != nullptr) {
+    // Rowsums: lane-strided partial sums, then a butterfly (fixed order, as the generic
+    // kernel; every lane ends with the same bits).
+    float x[HPW];
+#pragma unroll
+    for (int hh = 0; hh < HPW; ++hh) {
+      const T* orow = p.out.at(b, i, h0 + hh);
+      const T* drow = p.grad_out.at(b, i, h0 + hh);
+      float xs = 0.f;
+      for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
+#pragma unroll
+      for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
+      x[hh] = xs;
+    }
+    // Per-row terms of head h0 + hl by lane hl, then this lane's heads 2 tig + {0, 1} by
+    // shuffles (lanes >= HPW computed head h0: finite, and only read for padding heads).
+    const int hl = lane < HPW ? lane : 0;
+    float t_dlt, t_lse2;
+    dq_row_terms(p, b, i, h0 + hl, row + hl, pick<HPW>(x, hl), qv, lane < HPW, delta, t_dlt,
+                 t_lse2);
+    float my_lse2[2], my_dlt[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
+      my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
+    }
+    if (qv) {
+      uint32_t qb[C::NF][2], ob[C::NF][2];  // loads in flight while the block list is built
+      load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
+      load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
+      TcBlkWarp<T, C, Policy> w;
+      w.init(base, p.k, p.v, b, i, g, s.kv_len, pol, lane);
+      const int nblk = w.list_blocks(pol, g);
+      const float qsc = static_cast<float>(s.scale) * kLog2e;
+      const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+      w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask) {
+        const E* kb = w.kbuf(buf);
+        const E* vb = w.vbuf(buf);
+        // S^T = K Q^T and dP^T = V dO^T.
+        float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int f = 0; f < C::NF; ++f) {
+          uint32_t a[4];
+          ldmatrix_x4(a, kb + 16 * f + a_row);
+          mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+          ldmatrix_x4(a, vb + 16 * f + a_row);
+          mma16816<E>(dp, a, ob[f][0], ob[f][1]);
+        }
+        // dS^T, exactly 0 for the keys that do not attend.
+        const uint32_t mk = mask >> gid;  // bit 0: key gid, bit 8: key gid + 8
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = e & 1;
+          sc[e] = (mk >> ((e >> 1) * 8)) & 1u
+                      ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                      : 0.f;
+        }
+        uint32_t db0, db1;
+        keys_heads_to_b<E>(sc, db0, db1);
+        // dQ^T += K^T dS^T.
+#pragma unroll
+        for (int f = 0; f < C::NF; ++f) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, kb + 16 * f + a_col);
+          mma16816<E>(dq[f], a, db0, db1);
         }
       });
     }
@@ -550,6 +1093,37 @@ inline bool dispatch_stage_config(int64_t D, int64_t G, bool vec, F&& f) {
   }
 }
 
+// True when BLOSSOM_OPS_CUDA_STAGED=old: policies with block chunks (block-sparse) take the
+// per-slot staged kernels again, for A/B runs. Read once per process, on the host.
+inline bool staged_old_requested() {
+  static const bool old = [] {
+    const char* e = std::getenv("BLOSSOM_OPS_CUDA_STAGED");
+    return e != nullptr && std::strcmp(e, "old") == 0;
+  }();
+  return old;
+}
+
+// Whether the lean kernels (block chunks, or the LEAN per-slot kernels) may take this call:
+// not switched off, and the K / V row strides fit their 32-bit byte offsets (|stride| < 2^26
+// elements: 16 rows or a 32-bit key index times the stride stay 64-bit products of 32-bit
+// factors).
+template <typename T>
+inline bool use_lean_staged(const Bshd<const T>& k, const Bshd<const T>& v) {
+  constexpr int64_t lim = int64_t(1) << 26;
+  return !staged_old_requested() && k.stride_l > -lim && k.stride_l < lim &&
+         v.stride_l > -lim && v.stride_l < lim;
+}
+
+// Whether the block-chunk kernels take this call: the policy has them and accepts the mask.
+template <class Policy, typename T>
+inline bool use_block_chunks(const Policy& pol, const Bshd<const T>& k, const Bshd<const T>& v) {
+  if constexpr (has_block_chunks<Policy>::value) {
+    return use_lean_staged(k, v) && pol.block_chunks_ok();
+  } else {
+    return false;
+  }
+}
+
 inline unsigned stage_grid(int64_t warps) {
   const int64_t blocks = ceil_div(warps, kStageWarps);
   BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
@@ -564,13 +1138,35 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
     return false;
   } else {
     const AttnShape& s = p.shape;
+    const bool blk = use_block_chunks(pol, p.k, p.v), lean = use_lean_staged(p.k, p.v);
+    (void)blk;  // no block-chunk kernels for this policy
+    (void)lean;  // block-chunk policies keep the per-slot kernel as it was for their fallbacks
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
       const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+      if constexpr (has_block_chunks<Policy>::value) {
+        if (blk && warps < (int64_t(1) << 31)) {
+          const size_t bytes = kStageWarps * TcCfg<D, 16>::warp_bytes;
+          auto kernel = attn_fwd_kernel_tc_blk<T, D, HPW, Policy>;
+          stage_smem_attr(kernel, bytes);
+          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol,
+                                                                         TcGrid::make(s, HPW));
+          return;
+        }
+      }
       const size_t bytes = kStageWarps * TcCfg<D>::warp_bytes;
+      const TcGrid grid = TcGrid::make(s, HPW);
+      if constexpr (!has_block_chunks<Policy>::value) {
+        if (lean && warps < (int64_t(1) << 31)) {
+          auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true>;
+          stage_smem_attr(kernel, bytes);
+          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, grid);
+          return;
+        }
+      }
       auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy>;
       stage_smem_attr(kernel, bytes);
-      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol);
+      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, grid);
     });
   }
 }
@@ -582,13 +1178,35 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
     return false;
   } else {
     const AttnShape& s = p.shape;
+    const bool blk = use_block_chunks(pol, p.k, p.v), lean = use_lean_staged(p.k, p.v);
+    (void)blk;  // no block-chunk kernels for this policy
+    (void)lean;  // block-chunk policies keep the per-slot kernel as it was for their fallbacks
     return dispatch_stage_config(s.head_dim, s.group(), vec, [&](auto d_c, auto hpw_c) {
       constexpr int D = decltype(d_c)::value, HPW = decltype(hpw_c)::value;
       const int64_t warps = s.batch * s.kv_heads * (s.group() / HPW) * s.q_len;
+      if constexpr (has_block_chunks<Policy>::value) {
+        if (blk && warps < (int64_t(1) << 31)) {
+          const size_t bytes = kStageWarps * TcCfg<D, 16>::warp_bytes;
+          auto kernel = attn_dq_kernel_tc_blk<T, D, HPW, Policy>;
+          stage_smem_attr(kernel, bytes);
+          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta,
+                                                                         TcGrid::make(s, HPW));
+          return;
+        }
+      }
       const size_t bytes = kStageWarps * TcCfg<D>::warp_bytes;
+      const TcGrid grid = TcGrid::make(s, HPW);
+      if constexpr (!has_block_chunks<Policy>::value) {
+        if (lean && warps < (int64_t(1) << 31)) {
+          auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true>;
+          stage_smem_attr(kernel, bytes);
+          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta, grid);
+          return;
+        }
+      }
       auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy>;
       stage_smem_attr(kernel, bytes);
-      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta);
+      kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta, grid);
     });
   }
 }

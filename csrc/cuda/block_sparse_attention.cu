@@ -56,6 +56,29 @@ struct BlockSparsePolicy {
     return j;
   }
 
+  // Block chunks (attn_staged_tc.cuh): the staged forward and dQ stage one 16-key segment of
+  // a listed block per chunk instead of enumerating fwd_key slot by slot (block sizes 16, 32,
+  // 64, ...; others keep the per-slot kernels). slot_block is selected_block without the
+  // repeat test (the kernel drops repeats with __match_any_sync).
+  static constexpr bool kBlockChunks = true;
+  bool block_chunks_ok() const {
+    const int64_t bs = m.block_size;
+    return bs >= 16 && (bs & (bs - 1)) == 0 && m.n + 1 <= 32 && L <= (int64_t(1) << 30);
+  }
+  __device__ __forceinline__ int blk_size() const { return static_cast<int>(m.block_size); }
+  __device__ __forceinline__ int blk_slots() const { return static_cast<int>(m.n) + 1; }
+  __device__ __forceinline__ int slot_block(int64_t b, int64_t i, int64_t g, int s) const {
+    const int bs = static_cast<int>(m.block_size), ii = static_cast<int>(i);
+    const int own = ii >> (31 - __clz(bs));  // bs is a power of two (block_chunks_ok)
+    if (s == 0) return own;
+    const int c = m.at(b, i, g)[s - 1];
+    return (c < 0 || c >= static_cast<int>(C) || c == own || (m.causal && c * bs > ii)) ? -1 : c;
+  }
+  __device__ __forceinline__ int key_end(int64_t i) const {
+    return static_cast<int>(m.causal && i + 1 < L ? i + 1 : L);
+  }
+  __device__ __forceinline__ bool keys_all_valid() const { return valid.ptr == nullptr; }
+
   __device__ __forceinline__ int64_t bwd_slots(int64_t b, int64_t j, int64_t g) const {
     const int32_t* o = off + (b * Hk + g) * (C + 1) + static_cast<int>(j) / static_cast<int>(m.block_size);
     return m.block_size + (o[1] - o[0]);

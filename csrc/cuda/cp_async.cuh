@@ -50,6 +50,23 @@ __device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, boo
 #endif
 }
 
+// The same zero fill through the ignore-src predicate: copies when `bits` != 0. Passing a
+// mask word (mask & bit) instead of a bool lets ptxas set four of the predicates with one
+// R2P (the src-size form costs a shift, a mask and a compare per row). The staged
+// block-chunk kernels use it to keep padding NaNs and stale rows out of shared memory.
+__device__ __forceinline__ void cp_async16_masked(void* dst, const void* src, unsigned bits) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "{\n .reg .pred ign;\n setp.eq.u32 ign, %2, 0;\n"
+      " cp.async.ca.shared.global [%0], [%1], 16, ign;\n}\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bits)
+      : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) =
+      bits != 0u ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src)
