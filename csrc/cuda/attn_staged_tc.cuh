@@ -345,19 +345,21 @@ struct TcDiv {
 };
 
 // Warp -> (b, i, g, h0) for the block-chunk kernels: stage_coords with the divisions done by
-// TcDiv (the launcher checks that the warp count is below 2^31).
+// TcDiv (the launcher checks that the warp count is below 2^31). With qpw > 1 (query groups
+// of the block-chunk kernels) a warp takes qpw consecutive queries and i counts groups.
 struct TcGrid {
-  TcDiv by_len, by_hcs, by_chunks;  // L, Hk * chunks, chunks = G / HPW
+  TcDiv by_len, by_hcs, by_chunks;  // ceil(L / qpw), Hk * chunks, chunks = G / HPW
   uint32_t group = 1;               // G
-  uint32_t warps = 0;               // B * Hk * chunks * L
-  static TcGrid make(const AttnShape& s, int hpw) {
+  uint32_t warps = 0;               // B * Hk * chunks * ceil(L / qpw)
+  static TcGrid make(const AttnShape& s, int hpw, int qpw = 1) {
     TcGrid r;
     const uint32_t chunks = static_cast<uint32_t>(s.group() / hpw);
-    r.by_len = TcDiv::make(static_cast<uint32_t>(s.q_len));
+    const int64_t groups = (s.q_len + qpw - 1) / qpw;
+    r.by_len = TcDiv::make(static_cast<uint32_t>(groups));
     r.by_hcs = TcDiv::make(static_cast<uint32_t>(s.kv_heads) * chunks);
     r.by_chunks = TcDiv::make(chunks);
     r.group = static_cast<uint32_t>(s.group());
-    r.warps = static_cast<uint32_t>(s.batch * s.kv_heads * chunks * s.q_len);
+    r.warps = static_cast<uint32_t>(s.batch * s.kv_heads * chunks * groups);
     return r;
   }
 };
@@ -694,10 +696,23 @@ struct has_block_chunks<P, std::void_t<decltype(P::kBlockChunks)>>
 // Every row of a staged chunk is written: the row's K/V piece when the key attends, zeros
 // otherwise (cp.async with src-size 0), so the buffers need no zero fill and no stale or
 // padding (possibly NaN) row is ever multiplied, even by p = 0.
-template <typename T, class C, class Policy>
+//
+// Query groups (QPW > 1): the warp serves QPW consecutive queries i0 .. i0 + QPW - 1, whose
+// HPW heads fill the N = 8 columns of the products (column n: query n / HPW, head n % HPW;
+// with QPW = 1 the columns past HPW are padding). The list holds the distinct blocks of all
+// of them (first appearance in (query, slot) order) with the bit set of the queries that
+// list each; a chunk's key mask is then per column: the block is the column's, and the key
+// is before the column's causal edge. The per-warp work (coordinates, Q / dO fragments,
+// rowsums, epilogue) is shared by QPW queries, and a block two of them select (the own
+// block, nearly always) is staged once.
+template <typename T, class C, class Policy, int QPW = 1>
 struct TcBlkWarp {
   using E = typename TcElem<T>::type;
   static_assert(C::KC == 16, "a block chunk is one 16-key segment");
+  static_assert(QPW == 1 || QPW == 2 || QPW == 4 || QPW == 8, "queries per warp");
+  // List entry: block | (query bit set << kQShift); the launcher keeps blocks below 2^23.
+  static constexpr int kQShift = 23;
+  static constexpr int SPQ = 32 / QPW;  // lanes (slots) per query in list_blocks
   // This lane's 16-byte piece: PPK lanes cover the K and V pieces of one row, KPP rows per
   // pass, RPL passes (D = 64: rows lane / 16 + 2 k, k < 8).
   static constexpr int PPK = 2 * C::CPR, KPP = 32 / PPK, RPL = C::KC / KPP;
@@ -706,22 +721,23 @@ struct TcBlkWarp {
   const char* src;  // this lane's piece of row r0 of key 0: (k or v).at(b, r0, g) + column
   E* dst0;          // its piece of row r0 in buffer 0
   int st;           // row stride of src in bytes (|stride| < 2^26 elements: launcher)
-  int bs, kend, len;
+  int bs, len;
+  int kend0;  // key_end(i0 + QPW - 1): the causal edge of the staged rows (the group's last)
   bool all_valid;
-  int64_t b, i;
+  int64_t b, i0;
   int lane;
 
   __device__ __forceinline__ E* kbuf(int buf) const { return kv + (buf * 2) * C::KC * C::RS; }
   __device__ __forceinline__ E* vbuf(int buf) const { return kv + (buf * 2 + 1) * C::KC * C::RS; }
 
   __device__ __forceinline__ void init(unsigned char* base, const Bshd<const T>& k,
-                                       const Bshd<const T>& v, int64_t b_, int64_t i_, int64_t g,
+                                       const Bshd<const T>& v, int64_t b_, int64_t i0_, int64_t g,
                                        int64_t kv_len, const Policy& pol, int lane_) {
     kv = reinterpret_cast<E*>(base);
     blist = reinterpret_cast<int*>(base + C::idx_off);
     lane = lane_;
     b = b_;
-    i = i_;
+    i0 = i0_;
     const int w = lane % PPK, r0 = lane / PPK;
     const bool is_v = w >= C::CPR;
     const int c = is_v ? w - C::CPR : w;
@@ -731,15 +747,20 @@ struct TcBlkWarp {
                                         r0 * st_el);
     dst0 = kv + (is_v ? C::KC * C::RS : 0) + c * kFrag + r0 * C::RS;
     bs = pol.blk_size();
-    kend = pol.key_end(i);
     len = static_cast<int>(kv_len);
+    kend0 = pol.key_end(i0 + QPW - 1);
     all_valid = pol.keys_all_valid();
   }
 
-  // Lists the distinct blocks of the query's slots in slot order (own block first) in blist;
-  // returns their number (warp-uniform). A repeat keeps its first slot, like selected_block.
-  __device__ __forceinline__ int list_blocks(const Policy& pol, int64_t g) const {
-    const int c = lane < pol.blk_slots() ? pol.slot_block(b, i, g, lane) : -1;
+  // Lists the distinct blocks of the slots of the queries in qbits (bit q: query i0 + q
+  // attends) in blist, in (query, slot) order of first appearance (own block first); returns
+  // their number (warp-uniform). A repeat keeps its first slot, like selected_block. With
+  // QPW > 1 lane q * SPQ + s takes slot s of query q (the launcher checks slots <= SPQ), and
+  // each entry carries the set of queries that list the block.
+  __device__ __forceinline__ int list_blocks(const Policy& pol, int64_t g, unsigned qbits) const {
+    const int q = QPW == 1 ? 0 : lane / SPQ, sl = QPW == 1 ? lane : lane % SPQ;
+    const bool act = sl < pol.blk_slots() && ((qbits >> q) & 1u) != 0u;
+    const int c = act ? pol.slot_block(b, i0 + q, g, sl) : -1;
     const unsigned lt = (1u << lane) - 1u;
     // Every lane must execute the full-mask match: written as the right operand of
     // `c >= 0 && ...` it was short-circuited (SASS: @!P BRA around WARPSYNC.ALL; MATCH.ANY), so
@@ -749,15 +770,25 @@ struct TcBlkWarp {
     const unsigned same = __match_any_sync(kFullMask, c);
     const bool keep = c >= 0 && (same & lt) == 0u;
     const unsigned km = __ballot_sync(kFullMask, keep);
-    if (keep) blist[__popc(km & lt)] = c;
+    if (keep) {
+      unsigned qm = 1u;
+      if constexpr (QPW > 1) {
+        qm = 0u;
+#pragma unroll
+        for (int qq = 0; qq < QPW; ++qq)
+          if (((same >> (qq * SPQ)) & ((1u << SPQ) - 1u)) != 0u) qm |= 1u << qq;
+      }
+      blist[__popc(km & lt)] = QPW == 1 ? c : (c | static_cast<int>(qm << kQShift));
+    }
     __syncwarp();
     return __popc(km);
   }
 
   // Stages keys [key0, key0 + 16) into buffer buf; returns the mask of keys that attend
-  // (bit r: key0 + r), warp-uniform. Rows at or past len are clamped to the last row inside
-  // (their copy is a zero fill; the clamp only keeps the unread address in bounds).
-  __device__ __forceinline__ uint32_t issue(const Policy& pol, int key0, int buf) const {
+  // (bit r: key0 + r; keys >= kend do not), warp-uniform. Rows at or past len are clamped to
+  // the last row inside (their copy is a zero fill; the clamp only keeps the unread address
+  // in bounds).
+  __device__ __forceinline__ uint32_t issue(const Policy& pol, int key0, int kend, int buf) const {
     const int nk = kend - key0;
     uint32_t mask = nk >= C::KC ? 0xffffu : (nk > 0 ? (1u << nk) - 1u : 0u);
     if (!all_valid) {
@@ -789,59 +820,150 @@ struct TcBlkWarp {
     return mask;
   }
 
-  // Double-buffered chunk loop over the nblk listed blocks: body(buf, mask) runs for every
-  // chunk with an attending key, with its rows in buffer buf while the next chunk's copies
-  // are in flight.
+  // Double-buffered chunk loop over the nblk listed blocks: body(buf, mask, key0, qm) runs
+  // for every chunk with an attending key, with its rows in buffer buf while the next
+  // chunk's copies are in flight; qm is the set of queries that list the block (1 for
+  // QPW = 1), mask the keys before the causal edge of the group's last query (rows past a
+  // column's own edge are real rows that the column masks out: ColumnMasks).
   template <class Body>
   __device__ __forceinline__ void for_each_chunk(const Policy& pol, int nblk, Body&& body) const {
     const int spb = bs >> 4;
     const int n_chunks = nblk * spb;
     const int* next = blist;  // issue cursor: block *next, segment seg
     int seg = 0;
-    auto next_key0 = [&]() {
-      const int key0 = *next * bs + seg * C::KC;
+    int key0_next = 0;
+    unsigned qm_next = 1u;
+    auto issue_next = [&](int buf) {
+      const int e = *next;
+      const int blk = QPW == 1 ? e : (e & ((1 << kQShift) - 1));
+      qm_next = QPW == 1 ? 1u : static_cast<unsigned>(e) >> kQShift;
+      key0_next = blk * bs + seg * C::KC;
       if (++seg == spb) {
         seg = 0;
         ++next;
       }
-      return key0;
+      return issue(pol, key0_next, kend0, buf);
     };
-    uint32_t mask = n_chunks > 0 ? issue(pol, next_key0(), 0) : 0u;
+    uint32_t mask = n_chunks > 0 ? issue_next(0) : 0u;
+    int key0 = key0_next;
+    unsigned qm = qm_next;
     for (int ch = 0; ch < n_chunks; ++ch) {
       const int buf = ch & 1;
       uint32_t mask_next = 0u;
       if (ch + 1 < n_chunks) {
-        mask_next = issue(pol, next_key0(), buf ^ 1);
+        mask_next = issue_next(buf ^ 1);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
       __syncwarp();  // every lane's copies visible to the whole warp
-      if (mask != 0u) body(buf, mask);
+      if (mask != 0u) body(buf, mask, key0, qm);
       __syncwarp();  // buffer `buf` is rewritten by the next iteration's copies
       mask = mask_next;
+      key0 = key0_next;
+      qm = qm_next;
     }
   }
 };
+
+// Per-column chunk masks of a query-group warp. Column 2 tig + j belongs to query
+// i0 + q[j]; a chunk at key0, listed by the queries qm, with staged mask `mask`, attends for
+// that column at keys before its causal edge kend[j], and only when q[j] is in qm. bits()
+// returns, for column j, the chunk mask shifted by gid (bit 0: key gid, bit 8: key gid + 8),
+// like the QPW = 1 kernels' `mask >> gid`. Only a chunk that reaches past the first query's
+// edge (the diagonal chunk of causal attention) needs the per-column edge (warp-uniform
+// branch); the others cost two instructions per column.
+template <int HPW, int QPW>
+struct ColumnMasks {
+  unsigned qbit[2] = {1u, 1u};
+  int kend[2] = {0, 0}, kend_first = 0;
+  template <class Policy>
+  __device__ __forceinline__ void init(const Policy& pol, int64_t i0, int tig) {
+    if constexpr (QPW > 1) {
+      kend_first = pol.key_end(i0);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int q = (2 * tig + j) / HPW;
+        qbit[j] = 1u << q;
+        kend[j] = pol.key_end(i0 + q);
+      }
+    }
+  }
+  __device__ __forceinline__ void bits(uint32_t mask, int key0, unsigned qm, int gid,
+                                       uint32_t (&mk)[2]) const {
+    const uint32_t m = mask >> gid;
+    if constexpr (QPW == 1) {
+      mk[0] = mk[1] = m;
+    } else if (key0 + 16 <= kend_first) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) mk[j] = (qm & qbit[j]) != 0u ? m : 0u;
+    } else {
+      const int kg = key0 + gid;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t lo = kg < kend[j] ? 1u : 0u, hi = kg + 8 < kend[j] ? 0x100u : 0u;
+        mk[j] = (qm & qbit[j]) != 0u ? m & (lo | hi) : 0u;
+      }
+    }
+  }
+};
+
+// B fragments of X^T for a query-group warp: row n = gid of the N = 8 side is head h0 + n %
+// HPW of query i0 + n / HPW, zero past HPW * QPW and for the queries not in qbits.
+template <typename T, int D, int HPW, int QPW>
+__device__ __forceinline__ void load_group_frags(uint32_t (&xb)[D / 16][2],
+                                                 const Bshd<const T>& x, int64_t b, int64_t i0,
+                                                 int64_t h0, unsigned qbits, int lane) {
+  const int gid = lane >> 2, tig = lane & 3;
+  const int q = gid / HPW;
+  const bool on = gid < HPW * QPW && ((qbits >> q) & 1u) != 0u;
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) {
+    xb[f][0] = 0u;
+    xb[f][1] = 0u;
+    if (on) {
+      const uint32_t* row =
+          reinterpret_cast<const uint32_t*>(x.at(b, i0 + q, h0 + gid % HPW) + 16 * f);
+      xb[f][0] = __ldg(row + tig);
+      xb[f][1] = __ldg(row + 4 + tig);
+    }
+  }
+}
+
+// Bit q: query i0 + q of a query-group warp exists (< L) and attends (query_valid).
+template <int QPW, class Policy>
+__device__ __forceinline__ unsigned group_query_bits(const Policy& pol, int64_t b, int64_t i0,
+                                                     int64_t L) {
+  unsigned bits = 0u;
+#pragma unroll
+  for (int q = 0; q < QPW; ++q)
+    if (i0 + q < L && pol.query_valid(b, i0 + q)) bits |= 1u << q;
+  return bits;
+}
 
 // Forward over block chunks: attn_fwd_kernel_tc with one 16-key segment of a listed block
 // per chunk. The arithmetic per chunk is the generic kernel's at KC = 16 (same operations in
 // the same order: D >= 64 gives the same bits when each chunk's attending keys are a prefix
 // of it, which holds without key padding or with right padding), except exp2 (fast_exp2).
-template <typename T, int D, int HPW, class Policy>
+// QPW > 1: query groups (TcBlkWarp); a column's chunks come in the group's list order, and
+// the chunks of the other queries add exactly 0 to it (alpha = 1, p = 0), so the first
+// query of a group keeps the bits of QPW = 1 and the others round as their blocks' order in
+// the shared list says.
+template <typename T, int D, int HPW, class Policy, int QPW = 1>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     attn_fwd_kernel_tc_blk(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D, 16>;
   using E = typename TcElem<T>::type;
-  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
+  static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
-  int64_t b, i, g, h0;
-  if (!stage_coords_fast<HPW>(grid, wib, b, i, g, h0)) return;  // uniform per warp
+  int64_t b, i0, g, h0;
+  if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
+  i0 *= QPW;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
   float o[C::NF][4];
@@ -849,15 +971,18 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   for (int f = 0; f < C::NF; ++f) o[f][0] = o[f][1] = o[f][2] = o[f][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, lp[2] = {0.f, 0.f};
 
-  if (pol.query_valid(b, i)) {
+  const unsigned qbits = group_query_bits<QPW>(pol, b, i0, L);
+  if (qbits != 0u) {
     uint32_t qb[C::NF][2];  // loads in flight while the block list is built
-    load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
-    TcBlkWarp<T, C, Policy> w;
-    w.init(base, p.k, p.v, b, i, g, s.kv_len, pol, lane);
-    const int nblk = w.list_blocks(pol, g);
+    load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i0, h0, qbits, lane);
+    TcBlkWarp<T, C, Policy, QPW> w;
+    w.init(base, p.k, p.v, b, i0, g, s.kv_len, pol, lane);
+    const int nblk = w.list_blocks(pol, g, qbits);
+    ColumnMasks<HPW, QPW> cm;
+    cm.init(pol, i0, tig);
     const float qsc = static_cast<float>(s.scale) * kLog2e;
     const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-    w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask) {
+    w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask, int key0, unsigned qm) {
       const E* kb = w.kbuf(buf);
       const E* vb = w.vbuf(buf);
       float sc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -868,9 +993,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
         mma16816<E>(sc, a, qb[f][0], qb[f][1]);
       }
       // Scaled scores (keys that do not attend: -inf) and the chunk max of heads 2 tig + {0, 1}.
-      const uint32_t mk = mask >> gid;  // bit 0: key gid, bit 8: key gid + 8
+      // Bit 0 of mk[j]: key gid for column 2 tig + j, bit 8: key gid + 8.
+      uint32_t mk[2];
+      cm.bits(mask, key0, qm, gid, mk);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sc[e] = (mk >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
+      for (int e = 0; e < 4; ++e)
+        sc[e] = (mk[e & 1] >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
       // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
       float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
       float alpha[2], msub[2];
@@ -921,89 +1049,111 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   float* ost = reinterpret_cast<float*>(base);
   stage_heads<C>(ost, o, inv, lane);
   __syncwarp();
-  for (int t = lane; t < HPW * C::CPR; t += 32) {
-    const int hh = t / C::CPR, c = t % C::CPR;
-    const float* src = ost + hh * C::OLD + c * kFrag;
+  // Rows of the queries past L (the last group of an odd L) are not written.
+  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
+    const int n = t / C::CPR, c = t % C::CPR;
+    const int q = n / HPW;
+    if (QPW > 1 && i0 + q >= L) continue;
+    const float* src = ost + n * C::OLD + c * kFrag;
     const float4 a0 = reinterpret_cast<const float4*>(src)[0];
     const float4 a1 = reinterpret_cast<const float4*>(src)[1];
     const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store8_aligned(p.out.at(b, i, h0 + hh) + c * kFrag, v8);
+    store8_aligned(p.out.at(b, i0 + q, h0 + n % HPW) + c * kFrag, v8);
   }
   if (gid == 0) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int hh = 2 * tig + j;
-      if (hh < HPW)
-        p.lse[(b * L + i) * Hq + h0 + hh] = l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
+      const int n = 2 * tig + j, q = n / HPW;
+      if (n < HPW * QPW && (QPW == 1 || i0 + q < L))
+        p.lse[(b * L + i0 + q) * Hq + h0 + n % HPW] =
+            l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
     }
   }
 }
 
 // dQ over block chunks: attn_dq_kernel_tc with one 16-key segment of a listed block per chunk
 // (same arithmetic per key as the generic kernel at KC = 16, exp2 by fast_exp2). The columns
-// of the padding heads (2 tig + j >= HPW) are not forced to 0 here: a column of the mma
-// output depends only on its own B column, and those columns are never stored.
-template <typename T, int D, int HPW, class Policy>
+// of the padding heads (2 tig + j >= HPW * QPW) are not forced to 0 here: a column of the mma
+// output depends only on its own B column, and those columns are never stored. QPW > 1:
+// query groups as in the forward; a column's dS is 0 for the chunks of the other queries.
+template <typename T, int D, int HPW, class Policy, int QPW = 1>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     attn_dq_kernel_tc_blk(const AttnBwdParams<T, float> p, const Policy pol,
                           float* __restrict__ delta, const TcGrid grid) {
   using C = TcCfg<D, 16>;
   using E = typename TcElem<T>::type;
-  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
+  constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
+  static_assert(NR <= 8, "the (query, head) columns are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
-  int64_t b, i, g, h0;
-  if (!stage_coords_fast<HPW>(grid, wib, b, i, g, h0)) return;  // uniform per warp
-  const int64_t row = (b * L + i) * Hq + h0;
+  int64_t b, i0, g, h0;
+  if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
+  i0 *= QPW;
+  // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
+  const int hl = lane < NR ? lane : 0, ql = hl / HPW;
+  const int64_t my_row = (b * L + i0 + ql) * Hq + h0 + hl % HPW;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
   float dq[C::NF][4];
 #pragma unroll
   for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
-  const bool qv = pol.query_valid(b, i);
+  const unsigned qbits = group_query_bits<QPW>(pol, b, i0, L);
   // A gated backward (attn_gate_fold.cuh) also needs rowsum(dO * O) of the padded rows, for
-  // their gate gradient; warp-uniform, like qv.
-  if (qv || p.gate.ptr != nullptr) {
+  // their gate gradient; rbits: the queries whose rows get their terms (warp-uniform).
+  unsigned rbits = qbits;
+  if (p.gate.ptr != nullptr) {
+#pragma unroll
+    for (int q = 0; q < QPW; ++q)
+      if (i0 + q < L) rbits |= 1u << q;
+  }
+  if (rbits != 0u) {
     // Rowsums: lane-strided partial sums, then a butterfly (fixed order, as the generic
     // kernel; every lane ends with the same bits).
-    float x[HPW];
+    float x[NR];
 #pragma unroll
-    for (int hh = 0; hh < HPW; ++hh) {
-      const T* orow = p.out.at(b, i, h0 + hh);
-      const T* drow = p.grad_out.at(b, i, h0 + hh);
+    for (int n = 0; n < NR; ++n) {
+      x[n] = 0.f;
+      if (((rbits >> (n / HPW)) & 1u) == 0u) continue;
+      const T* orow = p.out.at(b, i0 + n / HPW, h0 + n % HPW);
+      const T* drow = p.grad_out.at(b, i0 + n / HPW, h0 + n % HPW);
       float xs = 0.f;
       for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
 #pragma unroll
       for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
-      x[hh] = xs;
+      x[n] = xs;
     }
-    // Per-row terms of head h0 + hl by lane hl, then this lane's heads 2 tig + {0, 1} by
-    // shuffles (lanes >= HPW computed head h0: finite, and only read for padding heads).
-    const int hl = lane < HPW ? lane : 0;
-    float t_dlt, t_lse2;
-    dq_row_terms(p, b, i, h0 + hl, row + hl, pick<HPW>(x, hl), qv, lane < HPW, delta, t_dlt,
-                 t_lse2);
+    // Per-row terms of row n by lane n, then this lane's columns 2 tig + {0, 1} by shuffles
+    // (lanes >= NR computed row 0: finite, and only read for padding columns).
+    float t_dlt = 0.f, t_lse2 = 0.f;
+    if (((rbits >> ql) & 1u) != 0u) {
+      dq_row_terms(p, b, i0 + ql, h0 + hl % HPW, my_row, pick<NR>(x, hl), ((qbits >> ql) & 1u) != 0u,
+                   lane < NR, delta, t_dlt, t_lse2);
+    } else if (lane < NR && i0 + ql < L) {
+      delta[my_row] = 0.f;
+    }
     float my_lse2[2], my_dlt[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
       my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
     }
-    if (qv) {
+    if (qbits != 0u) {
       uint32_t qb[C::NF][2], ob[C::NF][2];  // loads in flight while the block list is built
-      load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
-      load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
-      TcBlkWarp<T, C, Policy> w;
-      w.init(base, p.k, p.v, b, i, g, s.kv_len, pol, lane);
-      const int nblk = w.list_blocks(pol, g);
+      load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i0, h0, qbits, lane);
+      load_group_frags<T, D, HPW, QPW>(ob, p.grad_out, b, i0, h0, qbits, lane);
+      TcBlkWarp<T, C, Policy, QPW> w;
+      w.init(base, p.k, p.v, b, i0, g, s.kv_len, pol, lane);
+      const int nblk = w.list_blocks(pol, g, qbits);
+      ColumnMasks<HPW, QPW> cm;
+      cm.init(pol, i0, tig);
       const float qsc = static_cast<float>(s.scale) * kLog2e;
       const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-      w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask) {
+      w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask, int key0, unsigned qm) {
         const E* kb = w.kbuf(buf);
         const E* vb = w.vbuf(buf);
         // S^T = K Q^T and dP^T = V dO^T.
@@ -1016,12 +1166,14 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
           ldmatrix_x4(a, vb + 16 * f + a_row);
           mma16816<E>(dp, a, ob[f][0], ob[f][1]);
         }
-        // dS^T, exactly 0 for the keys that do not attend.
-        const uint32_t mk = mask >> gid;  // bit 0: key gid, bit 8: key gid + 8
+        // dS^T, exactly 0 for the keys that do not attend (bit 0 of mk[j]: key gid for
+        // column 2 tig + j, bit 8: key gid + 8).
+        uint32_t mk[2];
+        cm.bits(mask, key0, qm, gid, mk);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = e & 1;
-          sc[e] = (mk >> ((e >> 1) * 8)) & 1u
+          sc[e] = (mk[j] >> ((e >> 1) * 8)) & 1u
                       ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
                       : 0.f;
         }
@@ -1036,9 +1188,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
         }
       });
     }
-  } else if (lane == 0) {
-#pragma unroll
-    for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = 0.f;
+  } else if (lane < NR && i0 + ql < L) {
+    delta[my_row] = 0.f;
   }
 
   __syncwarp();  // the K/V buffers become the output staging area
@@ -1047,13 +1198,15 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   const float mul[2] = {sc, sc};
   stage_heads<C>(ost, dq, mul, lane);
   __syncwarp();
-  for (int t = lane; t < HPW * C::CPR; t += 32) {
-    const int hh = t / C::CPR, c = t % C::CPR;
-    const float* src = ost + hh * C::OLD + c * kFrag;
+  for (int t = lane; t < NR * C::CPR; t += 32) {
+    const int n = t / C::CPR, c = t % C::CPR;
+    const int q = n / HPW;
+    if (QPW > 1 && i0 + q >= L) continue;
+    const float* src = ost + n * C::OLD + c * kFrag;
     const float4 a0 = reinterpret_cast<const float4*>(src)[0];
     const float4 a1 = reinterpret_cast<const float4*>(src)[1];
     float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store8_acc(p.grad_q.at(b, i, h0 + hh) + c * kFrag, v8, p.accumulate);
+    store8_acc(p.grad_q.at(b, i0 + q, h0 + n % HPW) + c * kFrag, v8, p.accumulate);
   }
 }
 
@@ -1124,6 +1277,36 @@ inline bool use_block_chunks(const Policy& pol, const Bshd<const T>& k, const Bs
   }
 }
 
+// Queries per warp of the block-chunk kernels: 8 / HPW (the (query, head) columns fill the
+// N = 8 side of the products) when the policy accepts it (slots <= 32 / qpw, blocks < 2^23),
+// else 1. BLOSSOM_OPS_CUDA_QUERY_GROUPS=0 keeps one query per warp (A/B; read once).
+inline bool query_groups_off() {
+  static const bool off = env_equals("BLOSSOM_OPS_CUDA_QUERY_GROUPS", "0");
+  return off;
+}
+template <int HPW, class Policy>
+inline int block_group_size(const Policy& pol) {
+  constexpr int q = 8 / HPW;  // a full N = 8 side; half of it when the slots need more lanes
+  if (q == 1 || query_groups_off()) return 1;
+  if (pol.block_groups_ok(q)) return q;
+  if (q >= 4 && pol.block_groups_ok(q / 2)) return q / 2;
+  return 1;
+}
+
+// Launches kernel<QPW> for the group size qpw block_group_size picked (8 / HPW, its half, 1).
+template <int HPW, class Launch>
+inline void with_group_size(int qpw, Launch&& launch) {
+  using std::integral_constant;
+  constexpr int q = 8 / HPW;
+  if constexpr (q > 1) {
+    if (qpw == q) return launch(integral_constant<int, q>{});
+  }
+  if constexpr (q >= 4) {
+    if (qpw == q / 2) return launch(integral_constant<int, q / 2>{});
+  }
+  launch(integral_constant<int, 1>{});
+}
+
 inline unsigned stage_grid(int64_t warps) {
   const int64_t blocks = ceil_div(warps, kStageWarps);
   BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
@@ -1147,10 +1330,14 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
       if constexpr (has_block_chunks<Policy>::value) {
         if (blk && warps < (int64_t(1) << 31)) {
           const size_t bytes = kStageWarps * TcCfg<D, 16>::warp_bytes;
-          auto kernel = attn_fwd_kernel_tc_blk<T, D, HPW, Policy>;
-          stage_smem_attr(kernel, bytes);
-          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol,
-                                                                         TcGrid::make(s, HPW));
+          const int qpw = block_group_size<HPW>(pol);
+          const int64_t gw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + qpw - 1) / qpw);
+          with_group_size<HPW>(qpw, [&](auto qpw_c) {
+            auto kernel = attn_fwd_kernel_tc_blk<T, D, HPW, Policy, decltype(qpw_c)::value>;
+            stage_smem_attr(kernel, bytes);
+            kernel<<<stage_grid(gw), kStageWarps * 32, bytes, stream>>>(
+                p, pol, TcGrid::make(s, HPW, qpw));
+          });
           return;
         }
       }
@@ -1187,10 +1374,14 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
       if constexpr (has_block_chunks<Policy>::value) {
         if (blk && warps < (int64_t(1) << 31)) {
           const size_t bytes = kStageWarps * TcCfg<D, 16>::warp_bytes;
-          auto kernel = attn_dq_kernel_tc_blk<T, D, HPW, Policy>;
-          stage_smem_attr(kernel, bytes);
-          kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta,
-                                                                         TcGrid::make(s, HPW));
+          const int qpw = block_group_size<HPW>(pol);
+          const int64_t gw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + qpw - 1) / qpw);
+          with_group_size<HPW>(qpw, [&](auto qpw_c) {
+            auto kernel = attn_dq_kernel_tc_blk<T, D, HPW, Policy, decltype(qpw_c)::value>;
+            stage_smem_attr(kernel, bytes);
+            kernel<<<stage_grid(gw), kStageWarps * 32, bytes, stream>>>(
+                p, pol, delta, TcGrid::make(s, HPW, qpw));
+          });
           return;
         }
       }

@@ -65,6 +65,11 @@ struct BlockSparsePolicy {
     const int64_t bs = m.block_size;
     return bs >= 16 && (bs & (bs - 1)) == 0 && m.n + 1 <= 32 && L <= (int64_t(1) << 30);
   }
+  // Query groups of the block-chunk kernels (qpw queries per warp): every query's slots fit
+  // 32 / qpw lanes of the list pass, and a block index fits the list entry's 23 bits.
+  bool block_groups_ok(int qpw) const {
+    return m.n + 1 <= 32 / qpw && C < (int64_t(1) << 23);
+  }
   __device__ __forceinline__ int blk_size() const { return static_cast<int>(m.block_size); }
   __device__ __forceinline__ int blk_slots() const { return static_cast<int>(m.n) + 1; }
   __device__ __forceinline__ int slot_block(int64_t b, int64_t i, int64_t g, int s) const {
