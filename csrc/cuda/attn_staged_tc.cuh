@@ -1112,26 +1112,48 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
       if (i0 + q < L) rbits |= 1u << q;
   }
   if (rbits != 0u) {
-    // Rowsums: lane-strided partial sums, then a butterfly (fixed order, as the generic
-    // kernel; every lane ends with the same bits).
-    float x[NR];
+    float xl;  // rowsum(dO * O) of lane hl's row
+    if constexpr (QPW == 1) {
+      // Rowsums: lane-strided partial sums, then a butterfly (fixed order, as the generic
+      // kernel; every lane ends with the same bits).
+      float x[NR];
 #pragma unroll
-    for (int n = 0; n < NR; ++n) {
-      x[n] = 0.f;
-      if (((rbits >> (n / HPW)) & 1u) == 0u) continue;
-      const T* orow = p.out.at(b, i0 + n / HPW, h0 + n % HPW);
-      const T* drow = p.grad_out.at(b, i0 + n / HPW, h0 + n % HPW);
+      for (int n = 0; n < NR; ++n) {
+        const T* orow = p.out.at(b, i0, h0 + n);
+        const T* drow = p.grad_out.at(b, i0, h0 + n);
+        float xs = 0.f;
+        for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
+        x[n] = xs;
+      }
+      xl = pick<NR>(x, hl);
+    } else {
+      // Eight rows at once: lanes 4 r .. 4 r + 3 take row r (< NR), 8-element pieces
+      // p, p + 4, ... (16-byte loads), then a two-step butterfly; lane hl reads its row's sum.
+      const int r = lane >> 2, pc = lane & 3;
       float xs = 0.f;
-      for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
+      if (r < NR && ((rbits >> (r / HPW)) & 1u) != 0u) {
+        const T* orow = p.out.at(b, i0 + r / HPW, h0 + r % HPW);
+        const T* drow = p.grad_out.at(b, i0 + r / HPW, h0 + r % HPW);
 #pragma unroll
-      for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
-      x[n] = xs;
+        for (int c = pc; c < D / kFrag; c += 4) {
+          float fo[kFrag], fd[kFrag];
+          load8_aligned(orow + c * kFrag, fo);
+          load8_aligned(drow + c * kFrag, fd);
+#pragma unroll
+          for (int e = 0; e < kFrag; ++e) xs = fmaf(fd[e], fo[e], xs);
+        }
+      }
+      xs += __shfl_xor_sync(kFullMask, xs, 1);
+      xs += __shfl_xor_sync(kFullMask, xs, 2);
+      xl = __shfl_sync(kFullMask, xs, 4 * hl);
     }
     // Per-row terms of row n by lane n, then this lane's columns 2 tig + {0, 1} by shuffles
     // (lanes >= NR computed row 0: finite, and only read for padding columns).
     float t_dlt = 0.f, t_lse2 = 0.f;
     if (((rbits >> ql) & 1u) != 0u) {
-      dq_row_terms(p, b, i0 + ql, h0 + hl % HPW, my_row, pick<NR>(x, hl), ((qbits >> ql) & 1u) != 0u,
+      dq_row_terms(p, b, i0 + ql, h0 + hl % HPW, my_row, xl, ((qbits >> ql) & 1u) != 0u,
                    lane < NR, delta, t_dlt, t_lse2);
     } else if (lane < NR && i0 + ql < L) {
       delta[my_row] = 0.f;
@@ -1279,15 +1301,17 @@ inline bool use_block_chunks(const Policy& pol, const Bshd<const T>& k, const Bs
 
 // Queries per warp of the block-chunk kernels: 8 / HPW (the (query, head) columns fill the
 // N = 8 side of the products) when the policy accepts it (slots <= 32 / qpw, blocks < 2^23),
-// else 1. BLOSSOM_OPS_CUDA_QUERY_GROUPS=0 keeps one query per warp (A/B; read once).
-inline bool query_groups_off() {
+// else 1. BLOSSOM_OPS_CUDA_QUERY_GROUPS=0 keeps one query per warp in both kernels, =fwd
+// only in the dQ kernel (A/B; read once).
+inline bool query_groups_off(bool dq) {
   static const bool off = env_equals("BLOSSOM_OPS_CUDA_QUERY_GROUPS", "0");
-  return off;
+  static const bool fwd_only = env_equals("BLOSSOM_OPS_CUDA_QUERY_GROUPS", "fwd");
+  return off || (dq && fwd_only);
 }
 template <int HPW, class Policy>
-inline int block_group_size(const Policy& pol) {
+inline int block_group_size(const Policy& pol, bool dq) {
   constexpr int q = 8 / HPW;  // a full N = 8 side; half of it when the slots need more lanes
-  if (q == 1 || query_groups_off()) return 1;
+  if (q == 1 || query_groups_off(dq)) return 1;
   if (pol.block_groups_ok(q)) return q;
   if (q >= 4 && pol.block_groups_ok(q / 2)) return q / 2;
   return 1;
@@ -1330,7 +1354,7 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
       if constexpr (has_block_chunks<Policy>::value) {
         if (blk && warps < (int64_t(1) << 31)) {
           const size_t bytes = kStageWarps * TcCfg<D, 16>::warp_bytes;
-          const int qpw = block_group_size<HPW>(pol);
+          const int qpw = block_group_size<HPW>(pol, false);
           const int64_t gw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + qpw - 1) / qpw);
           with_group_size<HPW>(qpw, [&](auto qpw_c) {
             auto kernel = attn_fwd_kernel_tc_blk<T, D, HPW, Policy, decltype(qpw_c)::value>;
@@ -1374,7 +1398,7 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
       if constexpr (has_block_chunks<Policy>::value) {
         if (blk && warps < (int64_t(1) << 31)) {
           const size_t bytes = kStageWarps * TcCfg<D, 16>::warp_bytes;
-          const int qpw = block_group_size<HPW>(pol);
+          const int qpw = block_group_size<HPW>(pol, true);
           const int64_t gw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + qpw - 1) / qpw);
           with_group_size<HPW>(qpw, [&](auto qpw_c) {
             auto kernel = attn_dq_kernel_tc_blk<T, D, HPW, Policy, decltype(qpw_c)::value>;
