@@ -6,7 +6,8 @@
 // mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) with every intermediate in registers.
 //
 // Work decomposition: one warp per (b, query i, HPW heads of KV group g; HPW = 8, 4, 2 or 1
-// dividing G), kStageWarps warps per CTA, no CTA barrier. Each warp has its own key list
+// dividing G), kStageWarps warps per CTA, no CTA barrier. (The block-chunk kernels further
+// down take 8 / HPW consecutive queries per warp: "query groups", TcBlkWarp.) Each warp has its own key list
 // (the selected blocks of one query), so tiles of queries share no keys: the products are
 // per query, with the keys as the M dimension and the heads, padded to 8, as N.
 // Per chunk of KC keys (16, or 32 for D <= 32):
