@@ -134,8 +134,12 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;", 1),
     ("lo[j] = cq[j] == 0 ? 0 : c0;", 1),
     ("hi[j] = cq[j] == 0 ? c0 : cnt;", 1),
-    ("if (QPW > 1 && i + q >= L) continue;", 2),
-    ("if (n < HPW * QPW && (QPW == 1 || i + q < L))", 1),
+    # the epilogues (finish_fwd_warp, store_dq_warp), shared with the block-chunk kernels:
+    # the pair kernels pass their first query i as i0
+    ("if (QPW > 1 && i0 + q >= L) continue;", 2),
+    ("if (n < HPW * QPW && (QPW == 1 || i0 + q < L))", 1),
+    ("finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    ("store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);", 1),
 ]
 
 
@@ -887,7 +891,7 @@ def run_compressed(rng, stats, Ls=(1, 2, 3, 5, 16, 17, 33, 97, 200), strides=(1,
 SOURCE_PLANTS = [
     ("*c0_out = __popc(mask & first);", "*c0_out = __popc(mask & first) + 1;"),
     ("const int64_t ub = ns0 - n0;", "const int64_t ub = ns0;"),
-    ("if (QPW > 1 && i + q >= L) continue;", ""),
+    ("if (QPW > 1 && i0 + q >= L) continue;", ""),
     ("pol.fwd_slots(b, i + 1, g) : 0);", "pol.fwd_slots(b, i, g) : 0);"),
     ("(cq[j] == 1 ? cnt : 0));", "cnt);"),
     ("c0 = c0_next;", ""),

@@ -391,6 +391,76 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   }
 }
 
+// End of a staged forward warp: l of each column summed over its 8 lanes (fixed butterfly),
+// O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
+// lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
+// rows of queries past L (the last group of an odd L) are not written.
+template <class C, int HPW, int QPW, typename T>
+__device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p,
+                                                unsigned char* base, const float (&o)[C::NF][4],
+                                                const float (&m)[2], const float (&lp)[2],
+                                                int64_t b, int64_t i0, int64_t h0, int lane) {
+  const int gid = lane >> 2, tig = lane & 3;
+  const int64_t L = p.shape.q_len, Hq = p.shape.q_heads;
+  float l[2], inv[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    l[j] = lp[j];
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1) l[j] += __shfl_xor_sync(kFullMask, l[j], o2);
+    inv[j] = l[j] > 0.f ? 1.f / l[j] : 0.f;
+  }
+  __syncwarp();  // the K/V buffers become the output staging area
+  float* ost = reinterpret_cast<float*>(base);
+  stage_heads<C>(ost, o, inv, lane);
+  __syncwarp();
+  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
+    const int n = t / C::CPR, c = t % C::CPR;
+    const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
+    if (QPW > 1 && i0 + q >= L) continue;
+    const float* src = ost + n * C::OLD + c * kFrag;
+    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
+    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
+    const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store8_aligned(p.out.at(b, i0 + q, h0 + hh) + c * kFrag, v8);
+  }
+  if (gid == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = 2 * tig + j;
+      const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
+      if (n < HPW * QPW && (QPW == 1 || i0 + q < L))
+        p.lse[(b * L + i0 + q) * Hq + h0 + hh] =
+            l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// End of a staged dQ warp: dQ^T times scale written (or added, p.accumulate) through shared
+// memory as 16-byte rows; rows as in finish_fwd_warp.
+template <class C, int HPW, int QPW, typename T>
+__device__ __forceinline__ void store_dq_warp(const AttnBwdParams<T, float>& p, unsigned char* base,
+                                              const float (&dq)[C::NF][4], int64_t b, int64_t i0,
+                                              int64_t h0, int lane) {
+  const int64_t L = p.shape.q_len;
+  __syncwarp();  // the K/V buffers become the output staging area
+  float* ost = reinterpret_cast<float*>(base);
+  const float sc = static_cast<float>(p.shape.scale);
+  const float mul[2] = {sc, sc};
+  stage_heads<C>(ost, dq, mul, lane);
+  __syncwarp();
+  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
+    const int n = t / C::CPR, c = t % C::CPR;
+    const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
+    if (QPW > 1 && i0 + q >= L) continue;
+    const float* src = ost + n * C::OLD + c * kFrag;
+    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
+    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
+    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store8_acc(p.grad_q.at(b, i0 + q, h0 + hh) + c * kFrag, v8, p.accumulate);
+  }
+}
+
 // Warp -> (b, query i, KV group g, first head h0) of the staged kernels; false past the
 // last warp. 32-bit division: stage_grid keeps the warp count below 2^32, and each 64-bit
 // division is a ~70-instruction call (four of them were ~10% of a block-sparse forward warp).
@@ -490,7 +560,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
-  const int64_t L = s.q_len, Hq = s.q_heads;
+  const int64_t L = s.q_len;
   int64_t b, i, g, h0;
   if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
            : !stage_coords<HPW>(s, wib, b, i, g, h0))
@@ -606,38 +676,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     });
   }
 
-  // l of heads 2 tig + {0, 1}: the 8 lanes' partial sums, fixed butterfly.
-  float l[2], inv[2];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    l[j] = lp[j];
-#pragma unroll
-    for (int o2 = 4; o2 < 32; o2 <<= 1) l[j] += __shfl_xor_sync(kFullMask, l[j], o2);
-    inv[j] = l[j] > 0.f ? 1.f / l[j] : 0.f;
-  }
-  __syncwarp();  // the K/V buffers become the output staging area
-  float* ost = reinterpret_cast<float*>(base);
-  stage_heads<C>(ost, o, inv, lane);
-  __syncwarp();
-  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
-    const int n = t / C::CPR, c = t % C::CPR;
-    const int q = n / HPW;
-    if (QPW > 1 && i + q >= L) continue;
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store8_aligned(p.out.at(b, i + q, h0 + n % HPW) + c * kFrag, v8);
-  }
-  if (gid == 0) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = 2 * tig + j, q = n / HPW;
-      if (n < HPW * QPW && (QPW == 1 || i + q < L))
-        p.lse[(b * L + i + q) * Hq + h0 + n % HPW] =
-            l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
-    }
-  }
+  finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);
 }
 
 // ------------------------------------------------------------------------------ dQ
@@ -803,22 +842,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     delta[my_row] = 0.f;
   }
 
-  __syncwarp();  // the K/V buffers become the output staging area
-  float* ost = reinterpret_cast<float*>(base);
-  const float sc = static_cast<float>(s.scale);
-  const float mul[2] = {sc, sc};
-  stage_heads<C>(ost, dq, mul, lane);
-  __syncwarp();
-  for (int t = lane; t < NR * C::CPR; t += 32) {
-    const int n = t / C::CPR, c = t % C::CPR;
-    const int q = n / HPW;
-    if (QPW > 1 && i + q >= L) continue;
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store8_acc(p.grad_q.at(b, i + q, h0 + n % HPW) + c * kFrag, v8, p.accumulate);
-  }
+  store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);
 }
 
 // ------------------------------------------------------------------------ block chunks
@@ -1077,7 +1101,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
-  const int64_t L = s.q_len, Hq = s.q_heads;
+  const int64_t L = s.q_len;
   int64_t b, i0, g, h0;
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
@@ -1153,39 +1177,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     });
   }
 
-  // l of heads 2 tig + {0, 1}: the 8 lanes' partial sums, fixed butterfly.
-  float l[2], inv[2];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    l[j] = lp[j];
-#pragma unroll
-    for (int o2 = 4; o2 < 32; o2 <<= 1) l[j] += __shfl_xor_sync(kFullMask, l[j], o2);
-    inv[j] = l[j] > 0.f ? 1.f / l[j] : 0.f;
-  }
-  __syncwarp();  // the K/V buffers become the output staging area
-  float* ost = reinterpret_cast<float*>(base);
-  stage_heads<C>(ost, o, inv, lane);
-  __syncwarp();
-  // Rows of the queries past L (the last group of an odd L) are not written.
-  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
-    const int n = t / C::CPR, c = t % C::CPR;
-    const int q = n / HPW;
-    if (QPW > 1 && i0 + q >= L) continue;
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store8_aligned(p.out.at(b, i0 + q, h0 + n % HPW) + c * kFrag, v8);
-  }
-  if (gid == 0) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = 2 * tig + j, q = n / HPW;
-      if (n < HPW * QPW && (QPW == 1 || i0 + q < L))
-        p.lse[(b * L + i0 + q) * Hq + h0 + n % HPW] =
-            l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
-    }
-  }
+  finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i0, h0, lane);
 }
 
 // dQ over block chunks: attn_dq_kernel_tc with one 16-key segment of a listed block per chunk
@@ -1313,22 +1305,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     delta[my_row] = 0.f;
   }
 
-  __syncwarp();  // the K/V buffers become the output staging area
-  float* ost = reinterpret_cast<float*>(base);
-  const float sc = static_cast<float>(s.scale);
-  const float mul[2] = {sc, sc};
-  stage_heads<C>(ost, dq, mul, lane);
-  __syncwarp();
-  for (int t = lane; t < NR * C::CPR; t += 32) {
-    const int n = t / C::CPR, c = t % C::CPR;
-    const int q = n / HPW;
-    if (QPW > 1 && i0 + q >= L) continue;
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store8_acc(p.grad_q.at(b, i0 + q, h0 + n % HPW) + c * kFrag, v8, p.accumulate);
-  }
+  store_dq_warp<C, HPW, QPW>(p, base, dq, b, i0, h0, lane);
 }
 
 // ------------------------------------------------------------------------------ dispatch
