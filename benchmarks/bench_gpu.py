@@ -1,7 +1,7 @@
 """GPU benchmark: blossom_attention vs dense causal SDPA (flash) and FlexAttention.
 
-All in one run on one card, bf16, B=64, Hq=8, Hk=2, D in {16, 64},
-L in {50, 200, 1024, 4096, 16384}; forward and forward+backward; median time of
+All in one run on one card, bf16, B=64, Hq=8, Hk=2 (--q-heads / --kv-heads: e.g. 8 / 8 for
+plain multi-head attention), D in {16, 64}, L in {50, 200, 1024, 4096, 16384}; forward and forward+backward; median time of
 triton.testing.do_bench. Peers:
   * SDPA: torch.nn.functional.scaled_dot_product_attention, causal, flash backend, with
     k / v expanded to Hq heads beforehand (the expansion is not timed: favours SDPA);
@@ -235,6 +235,9 @@ def main() -> int:
     ap.add_argument("--lengths", default="50,200,1024,4096,16384")
     ap.add_argument("--dims", default="16,64")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--q-heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2,
+                    help="KV heads (8 with --q-heads 8: plain multi-head attention, G = 1)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-min-len", type=int, default=0,
                     help="run FlexAttention only from this L on (each shape costs a compile)")
@@ -250,11 +253,14 @@ def main() -> int:
     meta = dict(device=dev, torch=torch.__version__, cuda=torch.version.cuda,
                 python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                copy_bandwidth_GBps=bw / 1e9, config=CFG, batch=args.batch, q_heads=8, kv_heads=2)
+                copy_bandwidth_GBps=bw / 1e9, config=CFG, batch=args.batch, q_heads=args.q_heads,
+                kv_heads=args.kv_heads)
     print(f"# {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
           f"measured copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
-    B, Hq, Hk = args.batch, 8, 2
+    B, Hq, Hk = args.batch, args.q_heads, args.kv_heads
+    if Hq % Hk != 0:
+        raise SystemExit("--q-heads must be a multiple of --kv-heads")
     for D in [int(x) for x in args.dims.split(",")]:
         for L in [int(x) for x in args.lengths.split(",")]:
             row = dict(B=B, Hq=Hq, Hk=Hk, D=D, L=L)

@@ -4,6 +4,7 @@ Shows where the fused op spends its time, kernel by kernel, at the benchmark's s
 (bf16, B=64, Hq=8, Hk=2, default BlossomRec configuration).
 
 Usage: python3 benchmarks/profile_gpu.py [--cases 64x4096,16x200] [--batch 64] [--steps 5]
+                                         [--q-heads 8 --kv-heads 2]
 """
 from __future__ import annotations
 
@@ -60,11 +61,16 @@ def main() -> None:
                     help="comma-separated DxL")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--q-heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2,
+                    help="KV heads (8 with --q-heads 8: plain multi-head attention, G = 1)")
     a = ap.parse_args()
+    if a.q_heads % a.kv_heads != 0:
+        ap.error("--q-heads must be a multiple of --kv-heads")
     print(torch.cuda.get_device_name(), torch.__version__)
     for c in a.cases.split(","):
         D, L = (int(x) for x in c.split("x"))
-        profile_case(a.batch, L, D, a.steps)
+        profile_case(a.batch, L, D, a.steps, a.q_heads, a.kv_heads)
 
 
 if __name__ == "__main__":

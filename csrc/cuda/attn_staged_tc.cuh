@@ -99,8 +99,6 @@
 // instructions per warp: 5 chunks of 16 keys at ~130 instead of 3 of 32 at ~370).
 //
 #pragma once
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "common/params.h"
@@ -1347,10 +1345,7 @@ inline bool dispatch_stage_config(int64_t D, int64_t G, bool vec, F&& f) {
 // True when BLOSSOM_OPS_CUDA_STAGED=old: policies with block chunks (block-sparse) take the
 // per-slot staged kernels again, for A/B runs. Read once per process, on the host.
 inline bool staged_old_requested() {
-  static const bool old = [] {
-    const char* e = std::getenv("BLOSSOM_OPS_CUDA_STAGED");
-    return e != nullptr && std::strcmp(e, "old") == 0;
-  }();
+  static const bool old = env_equals("BLOSSOM_OPS_CUDA_STAGED", "old");
   return old;
 }
 

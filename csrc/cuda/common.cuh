@@ -80,9 +80,6 @@ struct TcElem<c10::BFloat16> {
   static __device__ __forceinline__ float to(type x) { return __bfloat162float(x); }
 };
 
-// True when BLOSSOM_OPS_CUDA_SIMPLE=1: every launcher then takes the first-generation SIMT
-// kernels instead of its fast path (A/B runs, and a way out if a fast path misbehaves).
-// Read once per process, on the host.
 // True when the environment variable `name` is set to exactly `value` (host side; the A/B
 // switches of the CUDA path call it once per process and keep the answer in a static).
 inline bool env_equals(const char* name, const char* value) {
@@ -90,6 +87,9 @@ inline bool env_equals(const char* name, const char* value) {
   return e != nullptr && std::strcmp(e, value) == 0;
 }
 
+// True when BLOSSOM_OPS_CUDA_SIMPLE=1: every launcher then takes the first-generation SIMT
+// kernels instead of its fast path (A/B runs, and a way out if a fast path misbehaves).
+// Read once per process, on the host.
 inline bool simple_kernels_requested() {
   static const bool simple = env_equals("BLOSSOM_OPS_CUDA_SIMPLE", "1");
   return simple;
