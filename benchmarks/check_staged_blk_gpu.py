@@ -15,8 +15,10 @@ attn_fwd_kernel_tc_blk / attn_dq_kernel_tc_blk) behind block_sparse_attention.
                padding (same chunk order and key positions; only probabilities < 2^-126 may
                differ), small rounding differences at D = 16 / 32 and with left / random padding;
                0 for every sliding-window case (LEAN per-slot kernels, same order).
-  bench L D    per-kernel CUDA time of block_sparse_attention forward + backward at B=64,
-               Hq=8, Hk=2, bf16, block_size 16, top_n 4 (random distinct earlier blocks).
+  bench L D [Hk]  per-kernel CUDA time of block_sparse_attention forward + backward at B=64,
+               Hq=8, Hk=2 (or the given Hk: 8 is plain multi-head attention, G = 1), bf16,
+               block_size 16, top_n 4 (random distinct earlier blocks). The time comes first
+               on each line.
 
 Every case of check / dump prints a "start" line before it runs and an "ok" / "FAIL" / "done"
 line with its times after (flushed): a kernel that never finishes is the last "start" without
@@ -250,8 +252,10 @@ def cmp(pa: str, pb: str) -> int:
     return 0
 
 
-def bench(L: int, D: int) -> int:
-    B, Hq, Hk, bs, n = 64, 8, 2, 16, 4
+def bench(L: int, D: int, Hk: int = 2) -> int:
+    B, Hq, bs, n = 64, 8, 16, 4
+    if Hq % Hk != 0:
+        raise SystemExit(f"bench: Hk = {Hk} must divide Hq = {Hq}")
     g = torch.Generator(device="cuda").manual_seed(1)
     mk = lambda h: torch.randn(B, L, h, D, device="cuda", dtype=torch.bfloat16,  # noqa: E731
                                generator=g).requires_grad_()
@@ -271,14 +275,14 @@ def bench(L: int, D: int) -> int:
         o = blossom_ops.block_sparse_attention(q, k, v, idx, block_size=bs, causal=True)
         torch.autograd.grad(o, (q, k, v), go)
     for ms, cnt, key in kernel_times(step, 5, warmup=2):
-        print(f"L={L} D={D} {key[:90]:90s} {ms:.3f} ms per step (x{cnt})", flush=True)
+        print(f"{ms:8.3f} ms per step (x{cnt})  L={L} D={D} Hk={Hk}  {key[:90]}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else "check"
     if cmd == "bench":
-        sys.exit(bench(int(sys.argv[2]), int(sys.argv[3])))
+        sys.exit(bench(*(int(x) for x in sys.argv[2:5])))
     if cmd == "dump":
         sys.exit(dump(sys.argv[2]))
     if cmd == "cmp":
