@@ -301,6 +301,34 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   }
 }
 
+// One online-softmax step of a chunk for this lane's columns 2 tig + {0, 1}: the chunk max
+// cmax reduced over each column's 8 lanes (fixed butterfly), the new running max m, msub (0
+// while a column has seen no key: exp2(-inf - 0) = 0, never -inf - -inf), and alpha =
+// exp2(m_old - msub) applied to lp and the O^T accumulators. FAST: fast_exp2, else exp2f.
+template <class C, bool FAST>
+__device__ __forceinline__ void softmax_rescale(float (&cmax)[2], float (&m)[2], float (&lp)[2],
+                                                float (&o)[C::NF][4], float (&msub)[2]) {
+  float alpha[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1)
+      cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
+    const float mn = fmaxf(m[j], cmax[j]);
+    msub[j] = mn == -INFINITY ? 0.f : mn;
+    alpha[j] = FAST ? fast_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
+    m[j] = mn;
+    lp[j] *= alpha[j];
+  }
+#pragma unroll
+  for (int f = 0; f < C::NF; ++f) {
+    o[f][0] *= alpha[0];
+    o[f][1] *= alpha[1];
+    o[f][2] *= alpha[0];
+    o[f][3] *= alpha[1];
+  }
+}
+
 // End of a staged forward warp: l of each column summed over its 8 lanes (fixed butterfly),
 // O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
 // lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
@@ -527,25 +555,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
           sc[t][e] = x;
           cmax[e & 1] = fmaxf(cmax[e & 1], x);
         }
-      float alpha[2], msub[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int o2 = 4; o2 < 32; o2 <<= 1)
-          cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
-        const float mn = fmaxf(m[j], cmax[j]);
-        msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = LEAN ? fast_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
-        m[j] = mn;
-        lp[j] *= alpha[j];
-      }
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        o[f][0] *= alpha[0];
-        o[f][1] *= alpha[1];
-        o[f][2] *= alpha[0];
-        o[f][3] *= alpha[1];
-      }
+      float msub[2];
+      softmax_rescale<C, LEAN>(cmax, m, lp, o, msub);
 #pragma unroll
       for (int t = 0; t < C::KT; ++t) {
         if (t * 16 < cnt) {
@@ -1036,25 +1047,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
         sc[e] = (mk[e & 1] >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
       // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
       float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
-      float alpha[2], msub[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int o2 = 4; o2 < 32; o2 <<= 1)
-          cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
-        const float mn = fmaxf(m[j], cmax[j]);
-        msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = fast_exp2(m[j] - msub[j]);
-        m[j] = mn;
-        lp[j] *= alpha[j];
-      }
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        o[f][0] *= alpha[0];
-        o[f][1] *= alpha[1];
-        o[f][2] *= alpha[0];
-        o[f][3] *= alpha[1];
-      }
+      float msub[2];
+      softmax_rescale<C, true>(cmax, m, lp, o, msub);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         sc[e] = fast_exp2(sc[e] - msub[e & 1]);
