@@ -148,9 +148,9 @@ def inputs(dtype, D, G, L, bs, n, causal, pad, seed):
     return q, k, v, go, idx, valid
 
 
-def check() -> int:
-    worst, bad = 0.0, 0
-    names = ["out", "lse", "dq", "dk", "dv"]
+def block_cases():
+    """The block-sparse cases ONLY selects, each announced by a "start" line: yields (key,
+    inputs, bs, causal) with inputs = (q, k, v, go, idx, valid)."""
     for dtype in (torch.bfloat16, torch.float16):
         for D in (16, 32, 64, 128):
             for ci, (G, L, bs, n, causal, pad) in enumerate(CASES):
@@ -158,59 +158,60 @@ def check() -> int:
                 if ONLY and ONLY not in key:
                     continue
                 progress(f"start {key}")
-                q, k, v, go, idx, valid = inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci)
-                t_gpu = time.time()
-                r1 = run(q, k, v, go, idx, bs, causal, valid)
-                r2 = run(q, k, v, go, idx, bs, causal, valid)
-                det = all(torch.equal(a, b) for a, b in zip(r1, r2))  # synchronises
-                t_gpu = time.time() - t_gpu
-                t_ref = time.time()
-                c64 = lambda t: t.double().cpu()  # noqa: E731
-                # The reference sees zeros where the kernels see NaN padding (masked anyway).
-                z = lambda t: t if valid is None else torch.where(  # noqa: E731
-                    valid[..., None, None], t, torch.zeros_like(t))
-                vv = None if valid is None else valid.cpu()
-                r64 = run_ref(c64(q), c64(z(k)), c64(z(v)), c64(go), idx.cpu(), bs, causal, vv)
-                rlp = run_ref(q, z(k), z(v), go, idx, bs, causal, valid)
-                ok, msg = det, []
-                for nm, a, r, lp in zip(names, r1, r64, rlp):
-                    a64, lp64 = a.double().cpu(), lp.double().cpu()
-                    fin = torch.isfinite(r)
-                    if nm in ("dk", "dv") and valid is not None:  # padded keys: no gradient
-                        keep = vv[..., None, None].expand_as(r)
-                        a64, lp64, r = a64[keep], lp64[keep], r[keep]
-                        fin = torch.isfinite(r)
-                    same_inf = torch.equal(torch.isinf(a64) & ~fin, ~fin) if nm == "lse" else True
-                    a64, lp64, r = a64[fin], lp64[fin], r[fin]
-                    e = (a64 - r).norm().item() / max(r.norm().item(), 1e-30)
-                    elp = (lp64 - r).norm().item() / max(r.norm().item(), 1e-30)
-                    nan = torch.isnan(a64).any().item()
-                    lim = (2 if nm in ("out", "lse") else 3) * elp + \
-                        (1e-2 if dtype == torch.bfloat16 else 2e-3)
-                    ok = ok and (not nan) and same_inf and e <= lim
-                    worst = max(worst, e / max(elp, 1e-30))
-                    msg.append(f"{nm} {e:.1e}/{elp:.1e}{' NaN' if nan else ''}")
-                bad += 0 if ok else 1
-                t_ref = time.time() - t_ref
-                progress(f"{'ok  ' if ok else 'FAIL'} {key} det={det} | " + " | ".join(msg) +
-                         f" | gpu {t_gpu:.2f} s, references {t_ref:.2f} s")
+                yield key, inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci), bs, causal
+
+
+def check() -> int:
+    worst, bad = 0.0, 0
+    names = ["out", "lse", "dq", "dk", "dv"]
+    for key, (q, k, v, go, idx, valid), bs, causal in block_cases():
+        dtype = q.dtype
+        t_gpu = time.time()
+        r1 = run(q, k, v, go, idx, bs, causal, valid)
+        r2 = run(q, k, v, go, idx, bs, causal, valid)
+        det = all(torch.equal(a, b) for a, b in zip(r1, r2))  # synchronises
+        t_gpu = time.time() - t_gpu
+        t_ref = time.time()
+        c64 = lambda t: t.double().cpu()  # noqa: E731
+        # The reference sees zeros where the kernels see NaN padding (masked anyway).
+        z = lambda t: t if valid is None else torch.where(  # noqa: E731
+            valid[..., None, None], t, torch.zeros_like(t))
+        vv = None if valid is None else valid.cpu()
+        r64 = run_ref(c64(q), c64(z(k)), c64(z(v)), c64(go), idx.cpu(), bs, causal, vv)
+        rlp = run_ref(q, z(k), z(v), go, idx, bs, causal, valid)
+        ok, msg = det, []
+        for nm, a, r, lp in zip(names, r1, r64, rlp):
+            a64, lp64 = a.double().cpu(), lp.double().cpu()
+            fin = torch.isfinite(r)
+            if nm in ("dk", "dv") and valid is not None:  # padded keys: no gradient
+                keep = vv[..., None, None].expand_as(r)
+                a64, lp64, r = a64[keep], lp64[keep], r[keep]
+                fin = torch.isfinite(r)
+            same_inf = torch.equal(torch.isinf(a64) & ~fin, ~fin) if nm == "lse" else True
+            a64, lp64, r = a64[fin], lp64[fin], r[fin]
+            e = (a64 - r).norm().item() / max(r.norm().item(), 1e-30)
+            elp = (lp64 - r).norm().item() / max(r.norm().item(), 1e-30)
+            nan = torch.isnan(a64).any().item()
+            lim = (2 if nm in ("out", "lse") else 3) * elp + \
+                (1e-2 if dtype == torch.bfloat16 else 2e-3)
+            ok = ok and (not nan) and same_inf and e <= lim
+            worst = max(worst, e / max(elp, 1e-30))
+            msg.append(f"{nm} {e:.1e}/{elp:.1e}{' NaN' if nan else ''}")
+        bad += 0 if ok else 1
+        t_ref = time.time() - t_ref
+        progress(f"{'ok  ' if ok else 'FAIL'} {key} det={det} | " + " | ".join(msg) +
+                 f" | gpu {t_gpu:.2f} s, references {t_ref:.2f} s")
     progress(f"worst error ratio {worst:.2f}; {bad} failing")
     return 1 if bad else 0
 
 
 def dump(path: str) -> int:
     res = {}
-    for dtype in (torch.bfloat16, torch.float16):
-        for D in (16, 32, 64, 128):
-            for ci, (G, L, bs, n, causal, pad) in enumerate(CASES):
-                key = case_key(dtype, D, G, L, bs, n, causal, pad)
-                if ONLY and ONLY not in key:
-                    continue
-                progress(f"start {key}")
-                t0 = time.time()
-                q, k, v, go, idx, valid = inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci)
-                res[key] = [t.cpu() for t in run(q, k, v, go, idx, bs, causal, valid)]
-                progress(f"done  {key} ({time.time() - t0:.2f} s)")
+    t0 = time.time()
+    for key, (q, k, v, go, idx, valid), bs, causal in block_cases():
+        res[key] = [t.cpu() for t in run(q, k, v, go, idx, bs, causal, valid)]
+        progress(f"done  {key} ({time.time() - t0:.2f} s)")
+        t0 = time.time()
     # The window's per-slot kernels (LEAN by default): same keys, same order, so the A/B must
     # show 0 differing elements here too (probabilities below 2^-126 aside).
     for dtype in (torch.bfloat16, torch.float16):

@@ -358,17 +358,35 @@ def softmax_replay(chunks, scores):
     return (o / l if l > 0 else 0.0), ((m + np.log2(l)) if l > 0 else -np.inf)
 
 
-def run_case(rng, L, bs, n, causal, pad, n_queries):
-    C = -(-L // bs)
-    valid = [True] * L
+def check_dense_softmax(o, lse, keys, scores):
+    """(o, lse) of a replayed chunk loop == the dense base-2 softmax over `keys` (v_j = j);
+    no key: o = 0, lse = -inf."""
+    if keys:
+        ks = np.array(sorted(keys))
+        e = np.exp2(scores[ks] - scores[ks].max())
+        o_ref = float((e * ks).sum() / e.sum())
+        lse_ref = float(np.log2(e.sum()) + scores[ks].max())
+        assert abs(o - o_ref) <= 1e-9 * max(1.0, abs(o_ref)) and abs(lse - lse_ref) <= 1e-9
+    else:
+        assert o == 0.0 and lse == -np.inf
+
+
+def padding_validity(rng, L, pad):
+    """valid[j] for a padding kind: none, right (lengths), left, or random (70% valid)."""
     if pad == "right":
         end = rng.randrange(1, L + 1)
-        valid = [j < end for j in range(L)]
-    elif pad == "left":
+        return [j < end for j in range(L)]
+    if pad == "left":
         start = rng.randrange(0, L)
-        valid = [j >= start for j in range(L)]
-    elif pad == "random":
-        valid = [rng.random() < 0.7 for _ in range(L)]
+        return [j >= start for j in range(L)]
+    if pad == "random":
+        return [rng.random() < 0.7 for _ in range(L)]
+    return [True] * L
+
+
+def run_case(rng, L, bs, n, causal, pad, n_queries):
+    C = -(-L // bs)
+    valid = padding_validity(rng, L, pad)
     all_valid = pad == "none"
     qs = set(rng.sample(range(L), min(n_queries, L))) | {0, L - 1, min(bs - 1, L - 1)}
     qs |= {i for i in (bs, bs + 1, L - 2) if 0 <= i < L}
@@ -403,14 +421,7 @@ def run_case(rng, L, bs, n, causal, pad, n_queries):
             assert gen == blk, (i, row, gen, blk)
         # Online softmax over the chunks == dense softmax over the same keys.
         o, lse = softmax_replay(chunks, scores)
-        if want:
-            ks = np.array(sorted(want))
-            e = np.exp2(scores[ks] - scores[ks].max())
-            o_ref = float((e * ks).sum() / e.sum())
-            lse_ref = float(np.log2(e.sum()) + scores[ks].max())
-            assert abs(o - o_ref) <= 1e-9 * max(1.0, abs(o_ref)) and abs(lse - lse_ref) <= 1e-9
-        else:
-            assert o == 0.0 and lse == -np.inf
+        check_dense_softmax(o, lse, want, scores)
         checked += 1
     return checked
 
@@ -728,15 +739,7 @@ def run_group_case(rng, L, bs, n, causal, pad, hpw, n_groups, stats):
     C = -(-L // bs)
     qpw = block_group_size(hpw, n, C)
     stats["qpw"].add((hpw, qpw))
-    valid = [True] * L
-    if pad == "right":
-        end = rng.randrange(1, L + 1)
-        valid = [j < end for j in range(L)]
-    elif pad == "left":
-        start = rng.randrange(0, L)
-        valid = [j >= start for j in range(L)]
-    elif pad == "random":
-        valid = [rng.random() < 0.7 for _ in range(L)]
+    valid = padding_validity(rng, L, pad)
     all_valid = pad == "none"
     n_grp = -(-L // qpw)
     grps = {0, n_grp - 1, (bs - 1) // qpw, bs // qpw, (L - 2) // qpw}
@@ -817,14 +820,7 @@ def run_group_case(rng, L, bs, n, causal, pad, hpw, n_groups, stats):
             scores = np.array([rng.uniform(-8, 8) for _ in range(L)])
             o, lse = group_softmax(chunks, [col[nn] for col in cols], scores)
             stats["zero"] += sum(1 for col in cols if col[nn] == 0)
-            ks = np.array(sorted(wants[q]))
-            if len(ks):
-                e = np.exp2(scores[ks] - scores[ks].max())
-                o_ref = float((e * ks).sum() / e.sum())
-                lse_ref = float(np.log2(e.sum()) + scores[ks].max())
-                assert abs(o - o_ref) <= 1e-9 * max(1.0, abs(o_ref)) and abs(lse - lse_ref) <= 1e-9
-            else:
-                assert o == 0.0 and lse == -np.inf
+            check_dense_softmax(o, lse, wants[q], scores)
             if q == 0:  # same operations in the same order as one query per warp
                 assert (o, lse) == softmax_replay(single, scores)
             stats["queries"] += 1

@@ -389,6 +389,34 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   }
 }
 
+// One online-softmax step of a chunk for this lane's columns 2 tig + {0, 1}: the chunk max
+// cmax reduced over each column's 8 lanes (fixed butterfly), the new running max m, msub (0
+// while a column has seen no key: exp2(-inf - 0) = 0, never -inf - -inf), and alpha =
+// exp2(m_old - msub) applied to lp and the O^T accumulators. FAST: fast_exp2, else exp2f.
+template <class C, bool FAST>
+__device__ __forceinline__ void softmax_rescale(float (&cmax)[2], float (&m)[2], float (&lp)[2],
+                                                float (&o)[C::NF][4], float (&msub)[2]) {
+  float alpha[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int o2 = 4; o2 < 32; o2 <<= 1)
+      cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
+    const float mn = fmaxf(m[j], cmax[j]);
+    msub[j] = mn == -INFINITY ? 0.f : mn;
+    alpha[j] = FAST ? fast_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
+    m[j] = mn;
+    lp[j] *= alpha[j];
+  }
+#pragma unroll
+  for (int f = 0; f < C::NF; ++f) {
+    o[f][0] *= alpha[0];
+    o[f][1] *= alpha[1];
+    o[f][2] *= alpha[0];
+    o[f][3] *= alpha[1];
+  }
+}
+
 // End of a staged forward warp: l of each column summed over its 8 lanes (fixed butterfly),
 // O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
 // lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
@@ -634,25 +662,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
           sc[t][e] = x;
           cmax[e & 1] = fmaxf(cmax[e & 1], x);
         }
-      float alpha[2], msub[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int o2 = 4; o2 < 32; o2 <<= 1)
-          cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
-        const float mn = fmaxf(m[j], cmax[j]);
-        msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = LEAN ? fast_exp2(m[j] - msub[j]) : exp2f(m[j] - msub[j]);
-        m[j] = mn;
-        lp[j] *= alpha[j];
-      }
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        o[f][0] *= alpha[0];
-        o[f][1] *= alpha[1];
-        o[f][2] *= alpha[0];
-        o[f][3] *= alpha[1];
-      }
+      float msub[2];
+      softmax_rescale<C, LEAN>(cmax, m, lp, o, msub);
 #pragma unroll
       for (int t = 0; t < C::KT; ++t) {
         if (t * 16 < cnt) {
@@ -863,6 +874,48 @@ template <class P>
 struct has_block_chunks<P, std::void_t<decltype(P::kBlockChunks)>>
     : std::integral_constant<bool, P::kBlockChunks> {};
 
+// Per-column chunk masks of a query-group warp. Column 2 tig + j belongs to query
+// i0 + q[j]; a chunk at key0, listed by the queries qm, with staged mask `mask`, attends for
+// that column at keys before its causal edge kend[j], and only when q[j] is in qm. bits()
+// returns, for column j, the chunk mask shifted by gid (bit 0: key gid, bit 8: key gid + 8),
+// like the QPW = 1 kernels' `mask >> gid`. Only a chunk that reaches past the first query's
+// edge (the diagonal chunk of causal attention) needs the per-column edge (warp-uniform
+// branch); the others cost two instructions per column.
+template <int HPW, int QPW>
+struct ColumnMasks {
+  unsigned qbit[2] = {1u, 1u};
+  int kend[2] = {0, 0}, kend_first = 0;
+  template <class Policy>
+  __device__ __forceinline__ void init(const Policy& pol, int64_t i0, int tig) {
+    if constexpr (QPW > 1) {
+      kend_first = pol.key_end(i0);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int q = (2 * tig + j) / HPW;
+        qbit[j] = 1u << q;
+        kend[j] = pol.key_end(i0 + q);
+      }
+    }
+  }
+  __device__ __forceinline__ void bits(uint32_t mask, int key0, unsigned qm, int gid,
+                                       uint32_t (&mk)[2]) const {
+    const uint32_t m = mask >> gid;
+    if constexpr (QPW == 1) {
+      mk[0] = mk[1] = m;
+    } else if (key0 + 16 <= kend_first) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) mk[j] = (qm & qbit[j]) != 0u ? m : 0u;
+    } else {
+      const int kg = key0 + gid;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t lo = kg < kend[j] ? 1u : 0u, hi = kg + 8 < kend[j] ? 0x100u : 0u;
+        mk[j] = (qm & qbit[j]) != 0u ? m & (lo | hi) : 0u;
+      }
+    }
+  }
+};
+
 // One warp's block list, staging buffers and copy geometry for the block-chunk kernels.
 // Chunk ch is segment ch % spb (16 keys) of the (ch / spb)-th listed block, spb = bs / 16.
 // Every row of a staged chunk is written: the row's K/V piece when the key attends, zeros
@@ -1036,47 +1089,21 @@ struct TcBlkWarp {
       qm = qm_next;
     }
   }
-};
 
-// Per-column chunk masks of a query-group warp. Column 2 tig + j belongs to query
-// i0 + q[j]; a chunk at key0, listed by the queries qm, with staged mask `mask`, attends for
-// that column at keys before its causal edge kend[j], and only when q[j] is in qm. bits()
-// returns, for column j, the chunk mask shifted by gid (bit 0: key gid, bit 8: key gid + 8),
-// like the QPW = 1 kernels' `mask >> gid`. Only a chunk that reaches past the first query's
-// edge (the diagonal chunk of causal attention) needs the per-column edge (warp-uniform
-// branch); the others cost two instructions per column.
-template <int HPW, int QPW>
-struct ColumnMasks {
-  unsigned qbit[2] = {1u, 1u};
-  int kend[2] = {0, 0}, kend_first = 0;
-  template <class Policy>
-  __device__ __forceinline__ void init(const Policy& pol, int64_t i0, int tig) {
-    if constexpr (QPW > 1) {
-      kend_first = pol.key_end(i0);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int q = (2 * tig + j) / HPW;
-        qbit[j] = 1u << q;
-        kend[j] = pol.key_end(i0 + q);
-      }
-    }
-  }
-  __device__ __forceinline__ void bits(uint32_t mask, int key0, unsigned qm, int gid,
-                                       uint32_t (&mk)[2]) const {
-    const uint32_t m = mask >> gid;
-    if constexpr (QPW == 1) {
-      mk[0] = mk[1] = m;
-    } else if (key0 + 16 <= kend_first) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) mk[j] = (qm & qbit[j]) != 0u ? m : 0u;
-    } else {
-      const int kg = key0 + gid;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const uint32_t lo = kg < kend[j] ? 1u : 0u, hi = kg + 8 < kend[j] ? 0x100u : 0u;
-        mk[j] = (qm & qbit[j]) != 0u ? m & (lo | hi) : 0u;
-      }
-    }
+  // The kernels' whole key loop: lists the blocks of the queries in qbits, then runs
+  // body(kb, vb, mk) for every chunk with an attending key, kb / vb its staged K / V rows and
+  // mk[j] its key mask for column 2 tig + j shifted by gid (bit 0: key gid, bit 8: gid + 8).
+  template <int HPW, class Body>
+  __device__ __forceinline__ void for_each_group_chunk(const Policy& pol, int64_t g,
+                                                       unsigned qbits, Body&& body) const {
+    const int nblk = list_blocks(pol, g, qbits);
+    ColumnMasks<HPW, QPW> cm;
+    cm.init(pol, i0, lane & 3);
+    for_each_chunk(pol, nblk, [&](int buf, uint32_t mask, int key0, unsigned qm) {
+      uint32_t mk[2];
+      cm.bits(mask, key0, qm, lane >> 2, mk);
+      body(static_cast<const E*>(kbuf(buf)), static_cast<const E*>(vbuf(buf)), mk);
+    });
   }
 };
 
@@ -1097,7 +1124,6 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
-  const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len;
   int64_t b, i0, g, h0;
@@ -1116,14 +1142,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i0, h0, qbits, lane);
     TcBlkWarp<T, C, Policy, QPW> w;
     w.init(base, p.k, p.v, b, i0, g, s.kv_len, pol, lane);
-    const int nblk = w.list_blocks(pol, g, qbits);
-    ColumnMasks<HPW, QPW> cm;
-    cm.init(pol, i0, tig);
     const float qsc = static_cast<float>(s.scale) * kLog2e;
     const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-    w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask, int key0, unsigned qm) {
-      const E* kb = w.kbuf(buf);
-      const E* vb = w.vbuf(buf);
+    w.template for_each_group_chunk<HPW>(pol, g, qbits, [&](const E* kb, const E* vb,
+                                                            const uint32_t (&mk)[2]) {
       float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int f = 0; f < C::NF; ++f) {
@@ -1132,33 +1154,13 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
         mma16816<E>(sc, a, qb[f][0], qb[f][1]);
       }
       // Scaled scores (keys that do not attend: -inf) and the chunk max of heads 2 tig + {0, 1}.
-      // Bit 0 of mk[j]: key gid for column 2 tig + j, bit 8: key gid + 8.
-      uint32_t mk[2];
-      cm.bits(mask, key0, qm, gid, mk);
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         sc[e] = (mk[e & 1] >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
       // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
       float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
-      float alpha[2], msub[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int o2 = 4; o2 < 32; o2 <<= 1)
-          cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(kFullMask, cmax[j], o2));
-        const float mn = fmaxf(m[j], cmax[j]);
-        msub[j] = mn == -INFINITY ? 0.f : mn;  // exp2(-inf - 0) = 0, never -inf - -inf
-        alpha[j] = fast_exp2(m[j] - msub[j]);
-        m[j] = mn;
-        lp[j] *= alpha[j];
-      }
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        o[f][0] *= alpha[0];
-        o[f][1] *= alpha[1];
-        o[f][2] *= alpha[0];
-        o[f][3] *= alpha[1];
-      }
+      float msub[2];
+      softmax_rescale<C, true>(cmax, m, lp, o, msub);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         sc[e] = fast_exp2(sc[e] - msub[e & 1]);
@@ -1194,7 +1196,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
-  const int gid = lane >> 2, tig = lane & 3;
+  const int tig = lane & 3;
   const AttnShape& s = p.shape;
   const int64_t L = s.q_len, Hq = s.q_heads;
   int64_t b, i0, g, h0;
@@ -1259,14 +1261,10 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
       load_group_frags<T, D, HPW, QPW>(ob, p.grad_out, b, i0, h0, qbits, lane);
       TcBlkWarp<T, C, Policy, QPW> w;
       w.init(base, p.k, p.v, b, i0, g, s.kv_len, pol, lane);
-      const int nblk = w.list_blocks(pol, g, qbits);
-      ColumnMasks<HPW, QPW> cm;
-      cm.init(pol, i0, tig);
       const float qsc = static_cast<float>(s.scale) * kLog2e;
       const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-      w.for_each_chunk(pol, nblk, [&](int buf, uint32_t mask, int key0, unsigned qm) {
-        const E* kb = w.kbuf(buf);
-        const E* vb = w.vbuf(buf);
+      w.template for_each_group_chunk<HPW>(pol, g, qbits, [&](const E* kb, const E* vb,
+                                                              const uint32_t (&mk)[2]) {
         // S^T = K Q^T and dP^T = V dO^T.
         float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -1277,10 +1275,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
           ldmatrix_x4(a, vb + 16 * f + a_row);
           mma16816<E>(dp, a, ob[f][0], ob[f][1]);
         }
-        // dS^T, exactly 0 for the keys that do not attend (bit 0 of mk[j]: key gid for
-        // column 2 tig + j, bit 8: key gid + 8).
-        uint32_t mk[2];
-        cm.bits(mask, key0, qm, gid, mk);
+        // dS^T, exactly 0 for the keys that do not attend.
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = e & 1;
