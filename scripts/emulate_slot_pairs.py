@@ -134,9 +134,10 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;", 1),
     ("lo[j] = cq[j] == 0 ? 0 : c0;", 1),
     ("hi[j] = cq[j] == 0 ? c0 : cnt;", 1),
-    # the epilogues (finish_fwd_warp, store_dq_warp), shared with the block-chunk kernels:
-    # the pair kernels pass their first query i as i0
-    ("if (QPW > 1 && i0 + q >= L) continue;", 2),
+    # the epilogues (finish_fwd_warp, store_dq_warp, both through for_each_staged_piece),
+    # shared with the block-chunk kernels: the pair kernels pass their first query i as i0
+    ("if (QPW > 1 && i0 + q >= L) continue;", 1),
+    ("for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,", 2),
     ("if (n < HPW * QPW && (QPW == 1 || i0 + q < L))", 1),
     ("finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);", 1),
     ("store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);", 1),

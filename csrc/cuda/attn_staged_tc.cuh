@@ -325,6 +325,26 @@ __device__ __forceinline__ unsigned group_query_bits(const Policy& pol, int64_t 
   return bits;
 }
 
+// rowsum(dO * O) of head h0 + hl of query i, for a one-query warp: lane-strided partial sums
+// of each of the HPW rows, then a butterfly (fixed order: every lane ends with the same bits,
+// the order the generic kernel uses), and lane-uniform pick of row hl.
+template <typename T, int D, int HPW>
+__device__ __forceinline__ float head_rowsum(const Bshd<const T>& out, const Bshd<const T>& dout,
+                                             int64_t b, int64_t i, int64_t h0, int hl, int lane) {
+  float x[HPW];
+#pragma unroll
+  for (int hh = 0; hh < HPW; ++hh) {
+    const T* orow = out.at(b, i, h0 + hh);
+    const T* drow = dout.at(b, i, h0 + hh);
+    float xs = 0.f;
+    for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
+#pragma unroll
+    for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
+    x[hh] = xs;
+  }
+  return pick<HPW>(x, hl);
+}
+
 // rowsum(dO * O) of lane hl's (query, head) row for a query-group warp (QPW > 1), the rows
 // n < HPW * QPW being head h0 + n % HPW of query i0 + n / HPW, for the queries in rbits (0
 // for the others): lanes 4 r .. 4 r + 3 take row r, 8-element pieces pc, pc + 4, ...
@@ -417,6 +437,24 @@ __device__ __forceinline__ void softmax_rescale(float (&cmax)[2], float (&m)[2],
   }
 }
 
+// The 16-byte pieces of the staged output rows (float [8][OLD], column n = head h0 + n % HPW
+// of query i0 + n / HPW), spread over the lanes: store(q, hh, c, v8) for piece c of every row
+// of a query below L.
+template <class C, int HPW, int QPW, class Store>
+__device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t i0, int64_t L,
+                                                      int lane, Store&& store) {
+  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
+    const int n = t / C::CPR, c = t % C::CPR;
+    const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
+    if (QPW > 1 && i0 + q >= L) continue;
+    const float* src = ost + n * C::OLD + c * kFrag;
+    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
+    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
+    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    store(q, hh, c, v8);
+  }
+}
+
 // End of a staged forward warp: l of each column summed over its 8 lanes (fixed butterfly),
 // O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
 // lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
@@ -440,16 +478,10 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
   float* ost = reinterpret_cast<float*>(base);
   stage_heads<C>(ost, o, inv, lane);
   __syncwarp();
-  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
-    const int n = t / C::CPR, c = t % C::CPR;
-    const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
-    if (QPW > 1 && i0 + q >= L) continue;
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    const float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
+                                     [&](int q, int hh, int c, float (&v8)[kFrag]) {
     store8_aligned(p.out.at(b, i0 + q, h0 + hh) + c * kFrag, v8);
-  }
+  });
   if (gid == 0) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -475,16 +507,10 @@ __device__ __forceinline__ void store_dq_warp(const AttnBwdParams<T, float>& p, 
   const float mul[2] = {sc, sc};
   stage_heads<C>(ost, dq, mul, lane);
   __syncwarp();
-  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
-    const int n = t / C::CPR, c = t % C::CPR;
-    const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
-    if (QPW > 1 && i0 + q >= L) continue;
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
-    float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
+                                     [&](int q, int hh, int c, float (&v8)[kFrag]) {
     store8_acc(p.grad_q.at(b, i0 + q, h0 + hh) + c * kFrag, v8, p.accumulate);
-  }
+  });
 }
 
 // Warp -> (b, query i, KV group g, first head h0) of the staged kernels; false past the
@@ -742,20 +768,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   if (rbits != 0u) {
     float xl;  // rowsum(dO * O) of lane hl's row
     if constexpr (QPW == 1) {
-      // Rowsums: lane-strided partial sums, then a butterfly (fixed order; every lane ends
-      // with the same bits).
-      float x[HPW];
-#pragma unroll
-      for (int hh = 0; hh < HPW; ++hh) {
-        const T* orow = p.out.at(b, i, h0 + hh);
-        const T* drow = p.grad_out.at(b, i, h0 + hh);
-        float xs = 0.f;
-        for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
-#pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
-        x[hh] = xs;
-      }
-      xl = pick<HPW>(x, hl);
+      xl = head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i, h0, hl, lane);
     } else {
       xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i, h0, rbits, hl, lane);
     }
@@ -1223,20 +1236,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   if (rbits != 0u) {
     float xl;  // rowsum(dO * O) of lane hl's row
     if constexpr (QPW == 1) {
-      // Rowsums: lane-strided partial sums, then a butterfly (fixed order, as the generic
-      // kernel; every lane ends with the same bits).
-      float x[NR];
-#pragma unroll
-      for (int n = 0; n < NR; ++n) {
-        const T* orow = p.out.at(b, i0, h0 + n);
-        const T* drow = p.grad_out.at(b, i0, h0 + n);
-        float xs = 0.f;
-        for (int d = lane; d < D; d += 32) xs = fmaf(to_float(drow[d]), to_float(orow[d]), xs);
-#pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1) xs += __shfl_xor_sync(kFullMask, xs, o2);
-        x[n] = xs;
-      }
-      xl = pick<NR>(x, hl);
+      xl = head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i0, h0, hl, lane);
     } else {
       xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i0, h0, rbits, hl, lane);
     }
