@@ -155,26 +155,51 @@ __device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int 
 // the copies are unrolled over the lane's rows, rows past cnt are zero-filled (cp.async
 // ignore-src), so the buffers need no zero fill, one IMAD.WIDE per row address and the
 // LDGSTS back to back (3 dummy issue slots per group instead of per row).
-template <typename T, class C, class Policy, bool LEAN = false>
+//
+// Query pairs (QPW = 2, LEAN only): the warp serves queries i and i + 1 (the N = 8 side holds
+// both queries' heads, as in the block-chunk query groups further down). Their slot lists are
+// concatenated, slots [0, ns0) of query i then [ns0, n_slots) of query i + 1, and chunked as
+// one list; a key both attend is staged twice. Compaction keeps the order, so a chunk's
+// entries of query i are its first c0 (issue() returns c0 in *c0_out): column masks are
+// position ranges, [0, c0) for query i and [c0, cnt) for query i + 1.
+template <typename T, class C, class Policy, bool LEAN = false, int QPW = 1>
 struct TcWarp {
   using E = typename TcElem<T>::type;
+  static_assert(QPW == 1 || (QPW == 2 && LEAN), "query pairs run on the LEAN path only");
   E* kv;           // [2][2][KC][RS]
   int* kidx;       // [2][KC]
   const T* kbase;  // k.at(b, 0, g)
   const T* vbase;
   int64_t sk, sv;
   int64_t b, i, g, n_slots;
+  int64_t ns0 = 0;  // QPW = 2: slots of query i (0 when it does not attend)
   int lane;
 
   __device__ __forceinline__ E* kbuf(int buf) const { return kv + (buf * 2) * C::KC * C::RS; }
   __device__ __forceinline__ E* vbuf(int buf) const { return kv + (buf * 2 + 1) * C::KC * C::RS; }
 
   // Enumerates slots [n0, n0 + KC), compacts the valid keys into kidx[buf] and issues the
-  // cp.async copies of their K and V rows. Returns the number of valid keys (warp-uniform).
-  __device__ __forceinline__ int issue(const Policy& pol, int64_t n0, int buf) const {
+  // cp.async copies of their K and V rows. Returns the number of valid keys (warp-uniform);
+  // QPW = 2 also the number of them that belong to query i (*c0_out).
+  __device__ __forceinline__ int issue(const Policy& pol, int64_t n0, int buf,
+                                       int* c0_out = nullptr) const {
     const int64_t n = n0 + lane;
-    const int64_t j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i, g, n) : -1;
+    int64_t j;
+    if constexpr (QPW == 1) {
+      j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i, g, n) : -1;
+    } else {
+      const bool second = n >= ns0;
+      j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g,
+                                                       second ? n - ns0 : n)
+                                         : -1;
+    }
     const unsigned mask = __ballot_sync(kFullMask, j >= 0);
+    if constexpr (QPW == 2) {
+      // Lanes below ub hold slots of query i.
+      const int64_t ub = ns0 - n0;
+      const unsigned first = ub >= 32 ? kFullMask : (ub <= 0 ? 0u : (1u << ub) - 1u);
+      *c0_out = __popc(mask & first);
+    }
     int* ki = kidx + buf * C::KC;
     if (j >= 0) ki[__popc(mask & ((1u << lane) - 1u))] = static_cast<int>(j);
     __syncwarp();
@@ -216,25 +241,28 @@ struct TcWarp {
     return cnt;
   }
 
-  // Chunk loop with double buffering: body(buf, cnt) runs once per chunk that has valid
-  // keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies are in flight.
+  // Chunk loop with double buffering: body(buf, cnt, c0) runs once per chunk that has valid
+  // keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies are in flight (c0:
+  // QPW = 2, the chunk's entries of query i; QPW = 1, cnt).
   template <class Body>
   __device__ __forceinline__ void for_each_chunk(const Policy& pol, Body&& body) {
     const int64_t n_chunks = (n_slots + C::KC - 1) / C::KC;
-    int cnt = n_chunks > 0 ? issue(pol, 0, 0) : 0;
+    int c0 = 0, c0_next = 0;
+    int cnt = n_chunks > 0 ? issue(pol, 0, 0, &c0) : 0;
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       const int buf = static_cast<int>(ch & 1);
       int cnt_next = 0;
       if (ch + 1 < n_chunks) {
-        cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1);
+        cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1, &c0_next);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
       __syncwarp();  // every lane's copies visible to the whole warp
-      if (cnt > 0) body(buf, cnt);
+      if (cnt > 0) body(buf, cnt, QPW == 1 ? cnt : c0);
       __syncwarp();  // buffer `buf` is rewritten by the next iteration's copies
       cnt = cnt_next;
+      c0 = c0_next;
     }
   }
 };
@@ -262,6 +290,39 @@ __device__ __forceinline__ void load_head_frags(uint32_t (&xb)[D / 16][2], const
       xb[f][1] = __ldg(row + 4 + tig);
     }
   }
+}
+
+// B fragments of X^T for a query-group warp: row n = gid of the N = 8 side is head h0 + n %
+// HPW of query i0 + n / HPW, zero past HPW * QPW and for the queries not in qbits.
+template <typename T, int D, int HPW, int QPW>
+__device__ __forceinline__ void load_group_frags(uint32_t (&xb)[D / 16][2],
+                                                 const Bshd<const T>& x, int64_t b, int64_t i0,
+                                                 int64_t h0, unsigned qbits, int lane) {
+  const int gid = lane >> 2, tig = lane & 3;
+  const int q = gid / HPW;
+  const bool on = gid < HPW * QPW && ((qbits >> q) & 1u) != 0u;
+#pragma unroll
+  for (int f = 0; f < D / 16; ++f) {
+    xb[f][0] = 0u;
+    xb[f][1] = 0u;
+    if (on) {
+      const uint32_t* row =
+          reinterpret_cast<const uint32_t*>(x.at(b, i0 + q, h0 + gid % HPW) + 16 * f);
+      xb[f][0] = __ldg(row + tig);
+      xb[f][1] = __ldg(row + 4 + tig);
+    }
+  }
+}
+
+// Bit q: query i0 + q of a query-group warp exists (< L) and attends (query_valid).
+template <int QPW, class Policy>
+__device__ __forceinline__ unsigned group_query_bits(const Policy& pol, int64_t b, int64_t i0,
+                                                     int64_t L) {
+  unsigned bits = 0u;
+#pragma unroll
+  for (int q = 0; q < QPW; ++q)
+    if (i0 + q < L && pol.query_valid(b, i0 + q)) bits |= 1u << q;
+  return bits;
 }
 
 // rowsum(dO * O) of head h0 + hl of query i, for a one-query warp: lane-strided partial sums
@@ -538,24 +599,28 @@ constexpr int tc_min_ctas() {
 }
 
 // ------------------------------------------------------------------------------ forward
-template <typename T, int D, int HPW, class Policy, bool LEAN = false>
+// QPW = 2 (LEAN only): query pairs, see TcWarp; a column's keys are the chunk positions of
+// its query, [0, c0) or [c0, cnt), and it sees exactly 0 from the other query's keys.
+template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
-  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
+  static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
-  const int gid = lane >> 2;
+  const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
+  const int64_t L = s.q_len;
   int64_t b, i, g, h0;
   if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
            : !stage_coords<HPW>(s, wib, b, i, g, h0))
     return;  // uniform per warp
+  i *= QPW;  // QPW = 2: the first query of the pair
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy, LEAN> w;
+  TcWarp<T, C, Policy, LEAN, QPW> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -571,17 +636,32 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   for (int f = 0; f < C::NF; ++f) o[f][0] = o[f][1] = o[f][2] = o[f][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, lp[2] = {0.f, 0.f};
 
-  if (pol.query_valid(b, i)) {
+  const unsigned qbits = group_query_bits<QPW>(pol, b, i, L);
+  // This lane's columns: query i + cq[j] (cq >= QPW: padding column, no keys).
+  const int cq[2] = {(2 * tig) / HPW, (2 * tig + 1) / HPW};
+  if (qbits != 0u) {
     uint32_t qb[C::NF][2];
-    load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
+    load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i, h0, qbits, lane);
     if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
       tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
       __syncwarp();
     }
     const float qsc = static_cast<float>(s.scale) * kLog2e;
     const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-    w.n_slots = pol.fwd_slots(b, i, g);
-    w.for_each_chunk(pol, [&](int buf, int cnt) {
+    if constexpr (QPW == 1) {
+      w.n_slots = pol.fwd_slots(b, i, g);
+    } else {
+      w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
+      w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
+    }
+    w.for_each_chunk(pol, [&](int buf, int cnt, int c0) {
+      // Chunk positions of this lane's columns: [lo, hi).
+      int lo[2], hi[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        lo[j] = QPW == 1 ? 0 : (cq[j] == 1 ? c0 : 0);
+        hi[j] = QPW == 1 ? cnt : (cq[j] == 0 ? c0 : (cq[j] == 1 ? cnt : 0));
+      }
       const E* kb = w.kbuf(buf);
       const E* vb = w.vbuf(buf);
       float sc[C::KT][4];
@@ -604,7 +684,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = t * 16 + gid + (e >> 1) * 8;
-          const float x = key < cnt ? sc[t][e] * qsc : -INFINITY;
+          const float x = key >= lo[e & 1] && key < hi[e & 1] ? sc[t][e] * qsc : -INFINITY;
           sc[t][e] = x;
           cmax[e & 1] = fmaxf(cmax[e & 1], x);
         }
@@ -631,19 +711,21 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     });
   }
 
-  finish_fwd_warp<C, HPW, 1>(p, base, o, m, lp, b, i, h0, lane);
+  finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);
 }
 
 // ------------------------------------------------------------------------------ dQ
 // Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
-// gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh).
-template <typename T, int D, int HPW, class Policy, bool LEAN = false>
+// gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh). QPW = 2 (LEAN
+// only): query pairs as in the forward.
+template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
                       const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
-  static_assert(HPW <= 8, "the heads are the N = 8 side of the products");
+  constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
+  static_assert(NR <= 8, "the (query, head) columns are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
@@ -654,10 +736,13 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
            : !stage_coords<HPW>(s, wib, b, i, g, h0))
     return;  // uniform per warp
-  const int64_t row = (b * L + i) * Hq + h0;
+  i *= QPW;  // QPW = 2: the first query of the pair
+  // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
+  const int hl = lane < NR ? lane : 0, ql = hl / HPW;
+  const int64_t my_row = (b * L + i + ql) * Hq + h0 + hl % HPW;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy, LEAN> w;
+  TcWarp<T, C, Policy, LEAN, QPW> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -671,40 +756,73 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 #pragma unroll
   for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
-  const bool qv = pol.query_valid(b, i);
+  const unsigned qbits = group_query_bits<QPW>(pol, b, i, L);
   // A gated backward (attn_gate_fold.cuh) also needs rowsum(dO * O) of the padded rows, for
-  // their gate gradient; warp-uniform, like qv.
-  if (qv || p.gate.ptr != nullptr) {
-    // Per-row terms of head h0 + hl by lane hl (delta, lse; gated: lse', grad_gate), then
-    // this lane's heads 2 tig + {0, 1} by shuffles (lanes >= HPW computed head h0: finite,
-    // and only read for padding heads, whose dS is forced to 0).
-    const int hl = lane < HPW ? lane : 0;
-    float t_dlt, t_lse2;
-    dq_row_terms(p, b, i, h0 + hl, row + hl,
-                 head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i, h0, hl, lane), qv, lane < HPW,
-                 delta, t_dlt, t_lse2);
-    bool real[2];
+  // their gate gradient; rbits: the queries whose rows get their terms (warp-uniform).
+  unsigned rbits = qbits;
+  if (p.gate.ptr != nullptr) {
+#pragma unroll
+    for (int q = 0; q < QPW; ++q)
+      if (i + q < L) rbits |= 1u << q;
+  }
+  if (rbits != 0u) {
+    float xl;  // rowsum(dO * O) of lane hl's row
+    if constexpr (QPW == 1) {
+      xl = head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i, h0, hl, lane);
+    } else {
+      xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i, h0, rbits, hl, lane);
+    }
+    // Per-row terms of row hl by lane hl (delta, lse; gated: lse', grad_gate), then this
+    // lane's columns 2 tig + {0, 1} by shuffles (lanes >= NR computed row 0: finite, and only
+    // read for padding columns, whose dS is forced to 0).
+    float t_dlt = 0.f, t_lse2 = 0.f;
+    if (((rbits >> ql) & 1u) != 0u) {
+      dq_row_terms(p, b, i + ql, h0 + hl % HPW, my_row, xl, ((qbits >> ql) & 1u) != 0u,
+                   lane < NR, delta, t_dlt, t_lse2);
+    } else if (lane < NR && i + ql < L) {
+      delta[my_row] = 0.f;
+    }
     float my_lse2[2], my_dlt[2];
+    int cq[2];  // this lane's columns: query i + cq[j] (cq >= QPW: padding column)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      real[j] = 2 * tig + j < HPW;
+      cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;
       my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
       my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
     }
-    if (qv) {
+    if (qbits != 0u) {
       uint32_t qb[C::NF][2], ob[C::NF][2];
-      load_head_frags<T, D, HPW>(qb, p.q, b, i, h0, lane);
-      load_head_frags<T, D, HPW>(ob, p.grad_out, b, i, h0, lane);
+      load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i, h0, qbits, lane);
+      load_group_frags<T, D, HPW, QPW>(ob, p.grad_out, b, i, h0, qbits, lane);
       if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
         tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
         __syncwarp();
       }
       const float qsc = static_cast<float>(s.scale) * kLog2e;
       const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-      w.n_slots = pol.fwd_slots(b, i, g);
-      w.for_each_chunk(pol, [&](int buf, int cnt) {
+      if constexpr (QPW == 1) {
+        w.n_slots = pol.fwd_slots(b, i, g);
+      } else {
+        w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
+        w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
+      }
+      w.for_each_chunk(pol, [&](int buf, int cnt, int c0) {
         const E* kb = w.kbuf(buf);
         const E* vb = w.vbuf(buf);
+        // Chunk positions of this lane's columns: [lo, hi) (empty for padding columns).
+        int lo[2], hi[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (cq[j] >= QPW) {
+            lo[j] = hi[j] = 0;
+          } else if (QPW == 1) {
+            lo[j] = 0;
+            hi[j] = cnt;
+          } else {
+            lo[j] = cq[j] == 0 ? 0 : c0;
+            hi[j] = cq[j] == 0 ? c0 : cnt;
+          }
+        }
 #pragma unroll
         for (int t = 0; t < C::KT; ++t) {
           if (t * 16 < cnt) {
@@ -718,12 +836,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
               ldmatrix_x4(a, vb + t * 16 * C::RS + 16 * f + a_row);
               mma16816<E>(dp, a, ob[f][0], ob[f][1]);
             }
-            // dS^T, exactly 0 for keys past cnt and the padding heads.
+            // dS^T, exactly 0 outside the column's positions (padding columns included).
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int key = t * 16 + gid + (e >> 1) * 8;
               const int j = e & 1;
-              sc[e] = key < cnt && real[j]
+              sc[e] = key >= lo[j] && key < hi[j]
                           ? (LEAN ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
                                   : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
                                 (dp[e] - my_dlt[j])
@@ -742,12 +860,11 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
         }
       });
     }
-  } else if (lane == 0) {
-#pragma unroll
-    for (int hh = 0; hh < HPW; ++hh) delta[row + hh] = 0.f;
+  } else if (lane < NR && i + ql < L) {
+    delta[my_row] = 0.f;
   }
 
-  store_dq_warp<C, HPW, 1>(p, base, dq, b, i, h0, lane);
+  store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);
 }
 
 // ------------------------------------------------------------------------ block chunks
@@ -1002,39 +1119,6 @@ struct TcBlkWarp {
     });
   }
 };
-
-// B fragments of X^T for a query-group warp: row n = gid of the N = 8 side is head h0 + n %
-// HPW of query i0 + n / HPW, zero past HPW * QPW and for the queries not in qbits.
-template <typename T, int D, int HPW, int QPW>
-__device__ __forceinline__ void load_group_frags(uint32_t (&xb)[D / 16][2],
-                                                 const Bshd<const T>& x, int64_t b, int64_t i0,
-                                                 int64_t h0, unsigned qbits, int lane) {
-  const int gid = lane >> 2, tig = lane & 3;
-  const int q = gid / HPW;
-  const bool on = gid < HPW * QPW && ((qbits >> q) & 1u) != 0u;
-#pragma unroll
-  for (int f = 0; f < D / 16; ++f) {
-    xb[f][0] = 0u;
-    xb[f][1] = 0u;
-    if (on) {
-      const uint32_t* row =
-          reinterpret_cast<const uint32_t*>(x.at(b, i0 + q, h0 + gid % HPW) + 16 * f);
-      xb[f][0] = __ldg(row + tig);
-      xb[f][1] = __ldg(row + 4 + tig);
-    }
-  }
-}
-
-// Bit q: query i0 + q of a query-group warp exists (< L) and attends (query_valid).
-template <int QPW, class Policy>
-__device__ __forceinline__ unsigned group_query_bits(const Policy& pol, int64_t b, int64_t i0,
-                                                     int64_t L) {
-  unsigned bits = 0u;
-#pragma unroll
-  for (int q = 0; q < QPW; ++q)
-    if (i0 + q < L && pol.query_valid(b, i0 + q)) bits |= 1u << q;
-  return bits;
-}
 
 // Forward over block chunks: attn_fwd_kernel_tc with one 16-key segment of a listed block
 // per chunk. The arithmetic per chunk is the generic kernel's at KC = 16 (same operations in
@@ -1313,6 +1397,13 @@ inline void with_group_size(int qpw, Launch&& launch) {
   launch(integral_constant<int, 1>{});
 }
 
+// Query pairs for the LEAN per-slot kernels (sliding window, compressed branch): on unless
+// BLOSSOM_OPS_CUDA_QUERY_GROUPS=0 (or =fwd, for dQ) or BLOSSOM_OPS_CUDA_SLOT_PAIRS=0 (read once).
+inline bool slot_pairs_on(bool dq) {
+  static const bool off = env_equals("BLOSSOM_OPS_CUDA_SLOT_PAIRS", "0");
+  return !off && !query_groups_off(dq);
+}
+
 inline unsigned stage_grid(int64_t warps) {
   const int64_t blocks = ceil_div(warps, kStageWarps);
   BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
@@ -1351,6 +1442,14 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
       const TcGrid grid = TcGrid::make(s, HPW);
       if constexpr (!has_block_chunks<Policy>::value) {
         if (lean && warps < (int64_t(1) << 31)) {
+          if (HPW <= 4 && slot_pairs_on(false)) {
+            const int64_t pw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + 1) / 2);
+            auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;
+            stage_smem_attr(kernel, bytes);
+            kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(p, pol,
+                                                                        TcGrid::make(s, HPW, 2));
+            return;
+          }
           auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true>;
           stage_smem_attr(kernel, bytes);
           kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, grid);
@@ -1395,6 +1494,14 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
       const TcGrid grid = TcGrid::make(s, HPW);
       if constexpr (!has_block_chunks<Policy>::value) {
         if (lean && warps < (int64_t(1) << 31)) {
+          if (HPW <= 4 && slot_pairs_on(true)) {
+            const int64_t pw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + 1) / 2);
+            auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;
+            stage_smem_attr(kernel, bytes);
+            kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(
+                p, pol, delta, TcGrid::make(s, HPW, 2));
+            return;
+          }
           auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true>;
           stage_smem_attr(kernel, bytes);
           kernel<<<stage_grid(warps), kStageWarps * 32, bytes, stream>>>(p, pol, delta, grid);

@@ -15,6 +15,16 @@ namespace gpu {
 namespace {
 
 constexpr int kIndexWarps = 8;  // warps of the index-building CTA (one CTA per (b, g))
+// Cursor bytes block_index_kernel keeps in shared memory (without a >48 KB opt-in): C <= 1536,
+// i.e. L <= 24576 at block size 16.
+constexpr size_t kIndexSmemCursorBytes = 48 * 1024 - 256;
+
+// BLOSSOM_OPS_CUDA_INDEX_SMEM=0 keeps block_index_kernel's cursors in the global workspace
+// (A/B; read once).
+inline bool index_cursors_global() {
+  static const bool global = detail::env_equals("BLOSSOM_OPS_CUDA_INDEX_SMEM", "0");
+  return global;
+}
 
 // Block c selected by query i in slot s, or -1 when the slot adds nothing to the own block:
 // -1 entries, out-of-range entries, the own block, repeats of an earlier slot, and (causal)
@@ -131,16 +141,19 @@ __device__ int block_exclusive_scan(int x, int* warp_tot, int* carry) {
 // block) with integer atomics (order-free); a scan turns counts into per-(warp, block)
 // cursors; pass 2 places each warp's queries in order of (query group of 32, slot, lane),
 // ranking lanes that hit the same block with __match_any_sync. The result depends only on
-// block_idx, never on scheduling.
+// block_idx, never on scheduling. The per-(warp, block) cursors live in dynamic shared memory
+// when the launcher gives it (cursors_in_smem: kIndexWarps * C ints fit, C <= 1536), so the
+// pass-1 atomics and pass-2 cursor updates stay on the SM; otherwise in the global workspace.
 __global__ void __launch_bounds__(kIndexWarps * 32)
     block_index_kernel(const BlockSparseMask m, const Validity valid, int64_t L, int64_t Hk,
                        int64_t C, int32_t* __restrict__ off, int32_t* __restrict__ cursor,
-                       int32_t* __restrict__ entries) {
+                       int32_t* __restrict__ entries, bool cursors_in_smem) {
   __shared__ int warp_tot[kIndexWarps];
   __shared__ int carry;
+  extern __shared__ int32_t cur_smem[];
   const int64_t bg = blockIdx.x, b = bg / Hk, g = bg % Hk;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  int32_t* cur = cursor + bg * kIndexWarps * C;
+  int32_t* cur = cursors_in_smem ? cur_smem : cursor + bg * kIndexWarps * C;
   int32_t* o = off + bg * (C + 1);
   int32_t* ent = entries + bg * L * m.n;
   const int64_t bs = m.block_size;
@@ -255,11 +268,13 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
   BlockSparsePolicy pol = make_policy(s, m, p.valid);
   pol.off = reinterpret_cast<int32_t*>(ws + lay.off);
   pol.entries = reinterpret_cast<int32_t*>(ws + lay.entries);
-  block_index_kernel<<<static_cast<unsigned>(s.batch * s.kv_heads), kIndexWarps * 32, 0,
-                       stream>>>(m, p.valid, s.q_len, s.kv_heads, pol.C,
-                                 reinterpret_cast<int32_t*>(ws + lay.off),
-                                 reinterpret_cast<int32_t*>(ws + lay.cursor),
-                                 reinterpret_cast<int32_t*>(ws + lay.entries));
+  const size_t cur_bytes = static_cast<size_t>(kIndexWarps) * pol.C * sizeof(int32_t);
+  const bool cur_smem = cur_bytes <= kIndexSmemCursorBytes && !index_cursors_global();
+  block_index_kernel<<<static_cast<unsigned>(s.batch * s.kv_heads), kIndexWarps * 32,
+                       cur_smem ? cur_bytes : 0, stream>>>(
+      m, p.valid, s.q_len, s.kv_heads, pol.C, reinterpret_cast<int32_t*>(ws + lay.off),
+      reinterpret_cast<int32_t*>(ws + lay.cursor), reinterpret_cast<int32_t*>(ws + lay.entries),
+      cur_smem);
   detail::check_launch("block_sparse_attention_bwd (index)");
   float* delta = reinterpret_cast<float*>(ws + lay.delta);
   detail::launch_attn_dq(p, pol, delta, stream, "block_sparse_attention_bwd (dQ)");
