@@ -139,8 +139,8 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,", 1),
     ("auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,", 1),
     ("HPW <= 4>;", 2),
-    ("const int64_t t = n - ns0;  // tail index of query i + 1", 1),
-    ("const int64_t slot = second ? (t == 0 && ta >= 0 ? ta : tb + t) : n;", 1),
+    ("const int t = static_cast<int>(n - ns0);  // tail index of query i + 1", 1),
+    ("const int64_t slot = second ? (t == 0 ? ta : tb + t) : n;", 1),
     ("j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g, slot) : -1;", 1),
     ("if (j >= 0) in2 = second || (both && pol.pair_attends(b, i + 1, j));", 1),
     ("const int pos = __popc(mask & ((1u << lane) - 1u));", 1),
@@ -149,8 +149,10 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("*m2_out = __reduce_or_sync(kFullMask, bit2);", 1),
     ("ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;", 3),
     ("both = qbits == 3u;", 1),
-    ("pol.pair_tail(b, i, g, ta, tb, nt);", 1),
-    ("tb -= ta >= 0 ? 1 : 0;", 1),
+    ("int64_t nt = 0, a = -1, first = 0;", 1),
+    ("pol.pair_tail(b, i, g, a, first, nt);", 1),
+    ("tb = static_cast<int>(a >= 0 ? first - 1 : first);", 1),
+    ("ta = a >= 0 ? static_cast<int>(a) : tb;", 1),
     ("} else if ((qbits & 2u) != 0u) {", 1),
     ("nt = pol.fwd_slots(b, i + 1, g);", 1),
     ("n_slots = ns0 + nt;", 1),
@@ -189,13 +191,17 @@ POLICY_ANCHORS = {  # the policies' pair-dedupe lines the replay models (WindowP
         ("} else if (count == 1 || second + (count - 1) == ns) {", 1),
         ("pair_b = count == 1 ? ns : second;", 1),
         ("n = (pair_a >= 0 ? 1 : 0) + slots() - pair_b;", 1),
-        ("return near(q - j);", 1),
+        ("const int d = static_cast<int>(q - j), a = d < 0 ? -d : d;", 1),
+        ("const bool side = causal ? d >= 0 : true;", 1),
+        ("return side && (a < band32 || (a >= pow_lo32 && (a & (a - 1)) == 0));", 1),
+        ("pol.band32 = static_cast<int>(pol.band < 0x7fffffff ? pol.band : 0x7fffffff);", 1),
+        ("pol.pow_lo32 = pol.n_pow > 0 && pol.p0 < 31 ? (1 << pol.p0) : 0x7fffffff;", 1),
         ("pol.find_pair_tail();", 1),
     ],
     "compressed_attention.cu": [
         ("first = fwd_slots(b, i, g);", 1),
         ("n = fwd_slots(b, i + 1, g) - first;", 1),
-        ("return !causal || (t + 1) * stride - 1 <= q;", 1),
+        ("bool pair_attends(int64_t, int64_t, int64_t) const {\n    return true;", 1),
         ("bool pair_dedupe_ok() const { return true; }", 1),
     ],
 }
@@ -426,7 +432,19 @@ class WindowPolicy:
         return self.pair_a, self.pair_b, n
 
     def pair_attends(self, q, j):
-        return self.near(q - j)
+        """The kernel's 32-bit form (band32, pow_lo32) of near(q - j)."""
+        d = q - j
+        assert -(1 << 31) < d < (1 << 31)
+        band32 = min(self.band, (1 << 31) - 1)
+        pow_lo32 = (1 << self.p0) if self.n_pow > 0 and self.p0 < 31 else (1 << 31) - 1
+        if "dd_pow_lo_x2" in BUG:
+            pow_lo32 *= 2
+        a = -d if d < 0 else d
+        side = d >= 0 if self.causal and "dd_near_no_causal" not in BUG else True
+        got = side and (a < band32 or (a >= pow_lo32 and a & (a - 1) == 0))
+        if not BUG:
+            assert got == self.near(d)
+        return got
 
     def offset(self, n):
         if self.causal:
@@ -490,7 +508,9 @@ class CompressedPolicy:
         return -1, first, self.fwd_slots(i + 1) - first
 
     def pair_attends(self, q, t):
-        return not self.causal or (t + 1) * self.stride - 1 <= q
+        """Always true: t is a token of query q - 1, so (t + 1) stride - 1 <= q - 1 (causal)."""
+        assert not self.causal or (t + 1) * self.stride - 1 <= q - 1
+        return "dd_cmp_attends_false" not in BUG
 
     def design(self, i):
         """DESIGN: valid(i), valid compressed t, (t + 1) * stride - 1 <= i when causal."""
@@ -554,15 +574,14 @@ class PairWarp:
         elif dd:  # pair_slots_dedupe
             self.ns0 = pol.fwd_slots(i) if self.qbits & 1 else 0
             self.both = self.qbits == 3
-            nt, self.ta, self.tb = 0, -1, 0
+            nt, a, first = 0, -1, 0
             if self.both:
-                self.ta, self.tb, nt = pol.pair_tail(i)
-                if "dd_tb_no_dec" not in BUG:
-                    self.tb -= 1 if self.ta >= 0 else 0
-                if "dd_ta_ignored" in BUG and self.ta >= 0:
-                    self.ta = -1
+                a, first, nt = pol.pair_tail(i)
             elif self.qbits & 2:
                 nt = pol.fwd_slots(i + 1)
+            self.tb = first - 1 if a >= 0 and "dd_tb_no_dec" not in BUG else first
+            self.ta = a if a >= 0 and "dd_ta_ignored" not in BUG else self.tb
+            assert -(1 << 31) <= self.tb and self.ta < (1 << 31)  # int in the kernel
             self.n_slots = self.ns0 + nt
         else:
             qa, qb = (i + 1, i) if "ns0_wrong_query" in BUG else (i, i + 1)
@@ -583,7 +602,7 @@ class PairWarp:
                 elif self.dd:
                     second = n >= ns0
                     t = n - ns0
-                    slot = (self.ta if t == 0 and self.ta >= 0 else self.tb + t) if second else n
+                    slot = (self.ta if t == 0 else self.tb + t) if second else n
                     j = self.pol.fwd_key(self.i + (1 if second else 0), slot)
                     if j >= 0:
                         qa = self.i if "dd_attends_i" in BUG else self.i + 1
@@ -1079,7 +1098,7 @@ SOURCE_PLANTS = [
     ("c0 = c0_next;", ""),
     ("second ? n - ns0 : n)", "n)"),
     ("if (HPW <= 4 && slot_pairs_on(true)) {", "if (HPW <= 8 && slot_pairs_on(true)) {"),
-    ("tb -= ta >= 0 ? 1 : 0;", ""),
+    ("tb = static_cast<int>(a >= 0 ? first - 1 : first);", "tb = static_cast<int>(first);"),
     ("in2 = second || (both && pol.pair_attends(b, i + 1, j));",
      "in2 = second || pol.pair_attends(b, i + 1, j);"),
     ("const unsigned bit2 = in2 ? 1u << pos : 0u;", "const unsigned bit2 = in2 ? 1u << lane : 0u;"),
@@ -1088,12 +1107,13 @@ SOURCE_PLANTS = [
 ]
 POLICY_PLANTS = [
     ("sliding_window_attention.cu", "if (causal ? d < 0 : false) return false;", ""),
-    ("sliding_window_attention.cu", "return near(q - j);", "return near(j - q);"),
+    ("sliding_window_attention.cu", "const bool side = causal ? d >= 0 : true;",
+     "const bool side = true;"),
+    ("sliding_window_attention.cu", "(1 << pol.p0) : 0x7fffffff;", "(2 << pol.p0) : 0x7fffffff;"),
     ("sliding_window_attention.cu", "if (near(causal ? o - 1 : -(o + 1))) continue;",
      "if (near(causal ? o + 1 : -(o + 1))) continue;"),
     ("compressed_attention.cu", "first = fwd_slots(b, i, g);", "first = fwd_slots(b, i + 1, g);"),
-    ("compressed_attention.cu", "return !causal || (t + 1) * stride - 1 <= q;",
-     "return !causal || (t + 1) * stride <= q;"),
+    ("compressed_attention.cu", "return true;", "return !causal;"),
 ]
 
 
@@ -1133,8 +1153,8 @@ PLANTED = {
     "no_delta_zero": "dQ without delta = 0 for the padded row of an active pair",
     "same_buffer": "issue ahead writes the buffer being computed",
     "ex2_zero_inexact": "fast_exp2(0) one ulp below 1 (alpha of a chunk without the column's keys)",
-    "dd_tb_no_dec": "dedupe: tb not decremented when ta >= 0 (tail slots shifted by one)",
-    "dd_ta_ignored": "dedupe: the tail's single slot ta dropped (tail = tb + t only)",
+    "dd_tb_no_dec": "dedupe: tb = first also with a single slot a (tail slots shifted by one)",
+    "dd_ta_ignored": "dedupe: the tail's single slot a dropped (ta = tb)",
     "dd_attends_i": "dedupe: query i's entries tested with pair_attends(i) instead of i + 1",
     "dd_no_both": "dedupe: query i's entries marked for i + 1 also when i + 1 does not attend",
     "dd_m2_lanes": "dedupe: m2 from lane bits instead of compacted positions",
@@ -1142,6 +1162,8 @@ PLANTED = {
     "dd_c0mask_plus1": "dedupe: query i's column mask (1 << (c0 + 1)) - 1",
     "dd_near_no_causal": "dedupe: near() without the causal sign test (distance -1 shared)",
     "dd_cmp_tail_from_i1": "dedupe: compressed tail starts at fwd_slots(i + 1) (no extra token)",
+    "dd_pow_lo_x2": "dedupe: pow_lo32 = 2^(p0 + 1) (the first dilation distance not shared)",
+    "dd_cmp_attends_false": "dedupe: compressed pair_attends false (query i + 1 loses i's tokens)",
 }
 
 

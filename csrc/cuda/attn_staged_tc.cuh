@@ -164,8 +164,8 @@ __device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int 
 // column masks are position ranges, [0, c0) for query i and [c0, cnt) for query i + 1.
 // DD (dedupe, BLOSSOM_OPS_CUDA_SLOT_DEDUPE != 0 and the policy's pair_dedupe_ok()): when both
 // queries attend, query i + 1's part of the list is only its "tail", the slots whose keys
-// query i does not attend (Policy::pair_tail: slot ta when >= 0, then slots tb, tb + 1, ...
-// in order; window: distance 0 and the dilation distances past the shared ones, 9 of 17
+// query i does not attend (Policy::pair_tail: slot a when >= 0, then slots first, first + 1,
+// ... in order; window: distance 0 and the dilation distances past the shared ones, 9 of 17
 // slots at L = 4096; compressed branch: the token query i + 1 sees beyond query i, 0 or 1);
 // its other keys are query i's entries j with pol.pair_attends(b, i + 1, j). issue() also
 // returns *m2_out, bit p set when chunk position p is a key of query i + 1 (a warp OR of
@@ -185,25 +185,24 @@ struct TcWarp {
   int64_t sk, sv;
   int64_t b, i, g, n_slots;
   int64_t ns0 = 0;  // QPW = 2: slots of query i (0 when it does not attend)
-  int64_t ta = -1, tb = 0;  // DD: list slot ns0 + t is query i + 1's slot ta (t = 0, ta >= 0)
-                            // or tb + t
+  int ta = 0, tb = 0;  // DD: list slot ns0 + t is query i + 1's slot ta (t = 0) or tb + t
   bool both = false;        // DD: both queries attend (query i's entries test query i + 1)
   int lane;
 
   // DD: ns0, n_slots and query i + 1's tail from the queries that attend (qbits). A query
-  // i + 1 alone keeps its whole list (ta = -1, tb = 0).
+  // i + 1 alone keeps its whole list (ta = tb = 0). Slots are < 2^31 (kidx holds ints).
   __device__ __forceinline__ void pair_slots_dedupe(const Policy& pol, unsigned qbits) {
     ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
     both = qbits == 3u;
-    int64_t nt = 0;
-    ta = -1;
-    tb = 0;
+    int64_t nt = 0, a = -1, first = 0;
     if (both) {
-      pol.pair_tail(b, i, g, ta, tb, nt);
-      tb -= ta >= 0 ? 1 : 0;
+      pol.pair_tail(b, i, g, a, first, nt);
     } else if ((qbits & 2u) != 0u) {
       nt = pol.fwd_slots(b, i + 1, g);
     }
+    // Tail index t -> slot: t == 0 ? ta : tb + t (without a single slot a: ta = tb + 0).
+    tb = static_cast<int>(a >= 0 ? first - 1 : first);
+    ta = a >= 0 ? static_cast<int>(a) : tb;
     n_slots = ns0 + nt;
   }
 
@@ -223,8 +222,8 @@ struct TcWarp {
       j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i, g, n) : -1;
     } else if constexpr (DD) {
       const bool second = n >= ns0;
-      const int64_t t = n - ns0;  // tail index of query i + 1
-      const int64_t slot = second ? (t == 0 && ta >= 0 ? ta : tb + t) : n;
+      const int t = static_cast<int>(n - ns0);  // tail index of query i + 1
+      const int64_t slot = second ? (t == 0 ? ta : tb + t) : n;
       j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g, slot) : -1;
       if (j >= 0) in2 = second || (both && pol.pair_attends(b, i + 1, j));
     } else {

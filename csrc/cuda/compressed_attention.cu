@@ -36,9 +36,10 @@ struct CompressedPolicy {
     first = fwd_slots(b, i, g);
     n = fwd_slots(b, i + 1, g) - first;
   }
-  // Query q attends token t (valid, < T).
-  __device__ __forceinline__ bool pair_attends(int64_t, int64_t q, int64_t t) const {
-    return !causal || (t + 1) * stride - 1 <= q;
+  // Query q attends token t of query q - 1's list: always ((t + 1) * stride - 1 <= q - 1
+  // when causal), so query i's entries all count for query i + 1.
+  __device__ __forceinline__ bool pair_attends(int64_t, int64_t, int64_t) const {
+    return true;
   }
   __device__ __forceinline__ int64_t first_query(int64_t t) const {
     return causal ? (t + 1) * stride - 1 : 0;

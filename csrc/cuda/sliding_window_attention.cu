@@ -28,6 +28,9 @@ struct SlidingPolicy {
   // have this form (the pairs then stage shared keys twice).
   int64_t pair_a = -1, pair_b = 0;
   bool pair_ok = false;
+  // near() in 32 bits for the kernels (keys < 2^31 there: kidx holds ints): the band, and
+  // the smallest dilation distance (INT_MAX without dilation distances).
+  int band32 = 0, pow_lo32 = 0x7fffffff;
 
   static SlidingPolicy make(int64_t L, const SlidingWindowMask& m, const Validity& valid) {
     SlidingPolicy pol;
@@ -46,6 +49,8 @@ struct SlidingPolicy {
       }
     }
     pol.find_pair_tail();
+    pol.band32 = static_cast<int>(pol.band < 0x7fffffff ? pol.band : 0x7fffffff);
+    pol.pow_lo32 = pol.n_pow > 0 && pol.p0 < 31 ? (1 << pol.p0) : 0x7fffffff;
     return pol;
   }
 
@@ -91,9 +96,11 @@ struct SlidingPolicy {
     first = pair_b;
     n = (pair_a >= 0 ? 1 : 0) + slots() - pair_b;
   }
-  // Query q attends key j (valid, in [0, L)).
+  // Query q attends key j (valid, in [0, L)): near(q - j) in 32 bits (|q - j| < 2^31).
   __device__ __forceinline__ bool pair_attends(int64_t, int64_t q, int64_t j) const {
-    return near(q - j);
+    const int d = static_cast<int>(q - j), a = d < 0 ? -d : d;
+    const bool side = causal ? d >= 0 : true;
+    return side && (a < band32 || (a >= pow_lo32 && (a & (a - 1)) == 0));
   }
 
   __host__ __device__ __forceinline__ int64_t slots() const {
