@@ -225,7 +225,9 @@ struct TcWarp {
       const int t = static_cast<int>(n - ns0);  // tail index of query i + 1
       const int64_t slot = second ? (t == 0 ? ta : tb + t) : n;
       j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g, slot) : -1;
-      if (j >= 0) in2 = second || (both && pol.pair_attends(b, i + 1, j));
+      // Branch-free (bitwise): pair_attends is arithmetic, harmless for j = -1.
+      const bool att = pol.pair_attends(b, i + 1, j);
+      in2 = (j >= 0) & (second | (both & att));
     } else {
       const bool second = n >= ns0;
       j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g,

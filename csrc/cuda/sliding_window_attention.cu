@@ -100,7 +100,7 @@ struct SlidingPolicy {
   __device__ __forceinline__ bool pair_attends(int64_t, int64_t q, int64_t j) const {
     const int d = static_cast<int>(q - j), a = d < 0 ? -d : d;
     const bool side = causal ? d >= 0 : true;
-    return side && (a < band32 || (a >= pow_lo32 && (a & (a - 1)) == 0));
+    return side & ((a < band32) | ((a >= pow_lo32) & ((a & (a - 1)) == 0)));
   }
 
   __host__ __device__ __forceinline__ int64_t slots() const {
