@@ -641,10 +641,16 @@ __device__ __forceinline__ bool stage_coords_fast(const TcGrid& gr, int wib, int
 }
 
 // Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
-// dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
-template <int D, bool DQ>
+// dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway. The deduped query
+// pairs (DD) ask for the occupancy of the pairs without dedupe: unbounded, ptxas gave the dQ
+// 114-116 registers at D = 64 (16 warps per SM instead of 20 at 96) and the forward 77-78
+// at D = 16 (24 warps instead of 28 at 70-71). Bounded (dQ 18 warps, forward D = 16 28
+// warps) they take <= 96 / <= 72 without spills and ~+30 static instructions per chunk.
+template <int D, bool DQ, bool DD = false>
 constexpr int tc_min_ctas() {
-  return D <= 64 ? ((DQ ? 14 : 16) + kStageWarps - 1) / kStageWarps : 1;
+  return D <= 64 ? ((DQ ? (DD ? 18 : 14) : (DD && D <= 16 ? 28 : 16)) + kStageWarps - 1) /
+                       kStageWarps
+                 : 1;
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -653,7 +659,7 @@ constexpr int tc_min_ctas() {
 // from the other query's keys.
 template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
           bool DD = false>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
     attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
@@ -779,7 +785,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 // only): query pairs as in the forward (DD: without repeated keys).
 template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
           bool DD = false>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
     attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
                       const TcGrid grid) {
   using C = TcCfg<D>;
