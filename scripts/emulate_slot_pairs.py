@@ -42,6 +42,16 @@ symbolically for QPW = 2).
       missing delta = 0 branch, the buffer being computed overwritten, fast_exp2(0) != 1)
       and on in-memory copies of the source (the anchors): each must be caught.
 
+  (7) dedupe (TcWarp DD, the default where the policy's pair_dedupe_ok()): the launchers'
+      choice (BLOSSOM_OPS_CUDA_SLOT_DEDUPE != 0), the window's find_pair_tail (every window
+      1..40 / 100 / 1000, dilated, causal, 11 L: the tail has the {a} + run form), issue()
+      with query i + 1's tail (pair_tail) and the membership bits (pair_attends, the warp OR
+      into m2 by compacted position), the bit-set column masks: every column == DESIGN as in
+      (4), each key staged once (the union of both queries' keys), no more chunks than
+      without dedupe, query i bit for bit as one query per warp; chunk counts of the default
+      window at L = 4096 / 16384 (3 -> 2 chunks of 16); planted bugs and source / policy
+      mutations as in (6).
+
 Cases: window 1..40, dilated on / off, causal on / off, no / right / left / random padding,
 each with one short (1, 2, 3, 4, 5, 16, 17) and one long L (33, 40, 41, 97, 200; odd L: the
 last pair has one query), KC = 32 (D = 16, 32) and 16 (D = 64, 128), columns for HPW = 1, 2,
