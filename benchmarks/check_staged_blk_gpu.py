@@ -7,7 +7,9 @@ attn_fwd_kernel_tc_blk / attn_dq_kernel_tc_blk) behind block_sparse_attention.
                block sizes 16, 32, 64 (block chunks) and 8 (per-slot fallback), causal or not,
                right / left / random padding, odd L, -1 and repeated indices, own-block
                entries; padded K / V rows filled with NaN (must not leak); two runs must be
-               bit-identical.
+               bit-identical. Then the same for the per-slot kernels of the other two
+               policies: sliding_window_attention (WINDOW_CASES, dilated or not; query pairs)
+               and compressed_attention (COMPRESSED_CASES).
   dump FILE    outputs of a fixed set of cases (forward + grads) to FILE, for an A/B against
                BLOSSOM_OPS_CUDA_STAGED=old (the per-slot kernels) in a second process:
   cmp A B      per case and tensor: max |a - b| and the number of elements whose bits differ.
@@ -98,22 +100,35 @@ def make_valid(B, L, pad, g):
     return v
 
 
-def run(q, k, v, go, idx, bs, causal, valid):
+def run_call(call, mod, q, k, v, go, extra):
+    """[out, lse, dq, dk, dv] of call(mod, q, k, v, *extra) -> (out, lse), mod = blossom_ops or
+    the reference; extra holds the op's other tensors (indices, validity) on q's device."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = blossom_ops.block_sparse_attention(*leaves, idx, block_size=bs, causal=causal,
-                                                  valid=valid, return_lse=True)
+    out, lse = call(mod, *leaves, *extra)
     step_sync("forward")
     out.backward(go)
     step_sync("backward")
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
 
 
-def run_ref(q, k, v, go, idx, bs, causal, valid):
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = ref.block_sparse_attention(*leaves, idx, block_size=bs, causal=causal,
-                                          valid=valid, return_lse=True)
-    out.backward(go)
-    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+def block_call(bs, causal):
+    return lambda m, q, k, v, idx, valid: m.block_sparse_attention(
+        q, k, v, idx, block_size=bs, causal=causal, valid=valid, return_lse=True)
+
+
+def window_call(window, dilated, causal):
+    return lambda m, q, k, v, valid: m.sliding_window_attention(
+        q, k, v, window=window, dilated=dilated, causal=causal, valid=valid, return_lse=True)
+
+
+def compressed_call(block_len, stride, causal):
+    return lambda m, q, k, v, valid: m.compressed_attention(
+        q, k, v, block_len=block_len, stride=stride, causal=causal, valid=valid,
+        return_lse=True)
+
+
+def run(q, k, v, go, idx, bs, causal, valid):
+    return run_call(block_call(bs, causal), blossom_ops, q, k, v, go, (idx, valid))
 
 
 CASES = [  # G, L, bs, n, causal, pad
@@ -124,9 +139,14 @@ CASES = [  # G, L, bs, n, causal, pad
 ]
 
 
-WINDOW_CASES = [  # G, L, window, causal, pad
+WINDOW_CASES = [  # G, L, window, causal, pad (dilated; check also runs them undilated)
     (4, 203, 8, True, "none"), (4, 300, 8, False, "right"), (1, 97, 3, True, "left"),
     (2, 1100, 8, True, "random"), (8, 40, 33, True, "none"),
+]
+
+COMPRESSED_CASES = [  # G, L, block_len, stride, causal, pad
+    (4, 203, 32, 16, True, "none"), (4, 300, 32, 16, False, "right"),
+    (1, 97, 16, 8, True, "left"), (2, 1100, 32, 16, True, "random"), (8, 40, 8, 8, True, "none"),
 ]
 
 
@@ -161,46 +181,94 @@ def block_cases():
                 yield key, inputs(dtype, D, G, L, bs, n, causal, pad, 100 + ci), bs, causal
 
 
+def compare(key, call, q, k, v, go, extra, kv_valid) -> tuple[bool, float]:
+    """Runs call twice on the GPU (bit-identical?) and compares with the float64 and the
+    same-dtype references; kv_valid [B, rows of k] (or None) marks the key rows whose
+    gradient exists and whose K / V may hold NaN (the references see zeros there)."""
+    dtype = q.dtype
+    names = ["out", "lse", "dq", "dk", "dv"]
+    t_gpu = time.time()
+    r1 = run_call(call, blossom_ops, q, k, v, go, extra)
+    r2 = run_call(call, blossom_ops, q, k, v, go, extra)
+    det = all(torch.equal(a, b) for a, b in zip(r1, r2))  # synchronises
+    t_gpu = time.time() - t_gpu
+    t_ref = time.time()
+    c64 = lambda t: t.double().cpu()  # noqa: E731
+    z = lambda t: t if kv_valid is None else torch.where(  # noqa: E731
+        kv_valid[..., None, None], t, torch.zeros_like(t))
+    cpu_extra = tuple(None if t is None else t.cpu() for t in extra)
+    r64 = run_call(call, ref, c64(q), c64(z(k)), c64(z(v)), c64(go), cpu_extra)
+    rlp = run_call(call, ref, q, z(k), z(v), go, extra)
+    kvv = None if kv_valid is None else kv_valid.cpu()
+    ok, msg, worst = det, [], 0.0
+    for nm, a, r, lp in zip(names, r1, r64, rlp):
+        a64, lp64 = a.double().cpu(), lp.double().cpu()
+        fin = torch.isfinite(r)
+        if nm in ("dk", "dv") and kvv is not None:  # padded keys: no gradient
+            keep = kvv[..., None, None].expand_as(r)
+            a64, lp64, r = a64[keep], lp64[keep], r[keep]
+            fin = torch.isfinite(r)
+        same_inf = torch.equal(torch.isinf(a64) & ~fin, ~fin) if nm == "lse" else True
+        a64, lp64, r = a64[fin], lp64[fin], r[fin]
+        e = (a64 - r).norm().item() / max(r.norm().item(), 1e-30)
+        elp = (lp64 - r).norm().item() / max(r.norm().item(), 1e-30)
+        nan = torch.isnan(a64).any().item()
+        lim = (2 if nm in ("out", "lse") else 3) * elp + \
+            (1e-2 if dtype == torch.bfloat16 else 2e-3)
+        ok = ok and (not nan) and same_inf and e <= lim
+        worst = max(worst, e / max(elp, 1e-30))
+        msg.append(f"{nm} {e:.1e}/{elp:.1e}{' NaN' if nan else ''}")
+    t_ref = time.time() - t_ref
+    progress(f"{'ok  ' if ok else 'FAIL'} {key} det={det} | " + " | ".join(msg) +
+             f" | gpu {t_gpu:.2f} s, references {t_ref:.2f} s")
+    return ok, worst
+
+
+def window_cases():
+    """(key, inputs, window, causal) of the window cases ONLY selects (dump: dilated only)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (16, 32, 64, 128):
+            for ci, (G, L, window, causal, pad) in enumerate(WINDOW_CASES):
+                key = (f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} "
+                       f"pad={pad}")
+                if ONLY and ONLY not in key:
+                    continue
+                progress(f"start {key}")
+                yield key, inputs(dtype, D, G, L, 16, 1, causal, pad, 200 + ci), window, causal
+
+
+def compressed_inputs(dtype, D, G, L, block_len, stride, causal, pad, seed):
+    """q, k_cmp, v_cmp, go, valid: T = ceil(L / stride) compressed tokens (random, no NaN: the
+    compressed validity is derived from valid, and invalid tokens are zeros in real use)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, Hk = 2, 2
+    T = -(-L // stride)
+    mk = lambda n, h: torch.randn(B, n, h, D, device="cuda", generator=g).to(dtype)  # noqa: E731
+    return (mk(L, Hk * G), mk(T, Hk), mk(T, Hk), mk(L, Hk * G), make_valid(B, L, pad, g))
+
+
 def check() -> int:
     worst, bad = 0.0, 0
-    names = ["out", "lse", "dq", "dk", "dv"]
     for key, (q, k, v, go, idx, valid), bs, causal in block_cases():
-        dtype = q.dtype
-        t_gpu = time.time()
-        r1 = run(q, k, v, go, idx, bs, causal, valid)
-        r2 = run(q, k, v, go, idx, bs, causal, valid)
-        det = all(torch.equal(a, b) for a, b in zip(r1, r2))  # synchronises
-        t_gpu = time.time() - t_gpu
-        t_ref = time.time()
-        c64 = lambda t: t.double().cpu()  # noqa: E731
-        # The reference sees zeros where the kernels see NaN padding (masked anyway).
-        z = lambda t: t if valid is None else torch.where(  # noqa: E731
-            valid[..., None, None], t, torch.zeros_like(t))
-        vv = None if valid is None else valid.cpu()
-        r64 = run_ref(c64(q), c64(z(k)), c64(z(v)), c64(go), idx.cpu(), bs, causal, vv)
-        rlp = run_ref(q, z(k), z(v), go, idx, bs, causal, valid)
-        ok, msg = det, []
-        for nm, a, r, lp in zip(names, r1, r64, rlp):
-            a64, lp64 = a.double().cpu(), lp.double().cpu()
-            fin = torch.isfinite(r)
-            if nm in ("dk", "dv") and valid is not None:  # padded keys: no gradient
-                keep = vv[..., None, None].expand_as(r)
-                a64, lp64, r = a64[keep], lp64[keep], r[keep]
-                fin = torch.isfinite(r)
-            same_inf = torch.equal(torch.isinf(a64) & ~fin, ~fin) if nm == "lse" else True
-            a64, lp64, r = a64[fin], lp64[fin], r[fin]
-            e = (a64 - r).norm().item() / max(r.norm().item(), 1e-30)
-            elp = (lp64 - r).norm().item() / max(r.norm().item(), 1e-30)
-            nan = torch.isnan(a64).any().item()
-            lim = (2 if nm in ("out", "lse") else 3) * elp + \
-                (1e-2 if dtype == torch.bfloat16 else 2e-3)
-            ok = ok and (not nan) and same_inf and e <= lim
-            worst = max(worst, e / max(elp, 1e-30))
-            msg.append(f"{nm} {e:.1e}/{elp:.1e}{' NaN' if nan else ''}")
-        bad += 0 if ok else 1
-        t_ref = time.time() - t_ref
-        progress(f"{'ok  ' if ok else 'FAIL'} {key} det={det} | " + " | ".join(msg) +
-                 f" | gpu {t_gpu:.2f} s, references {t_ref:.2f} s")
+        ok, w = compare(key, block_call(bs, causal), q, k, v, go, (idx, valid), valid)
+        bad, worst = bad + (0 if ok else 1), max(worst, w)
+    for key, (q, k, v, go, _, valid), window, causal in window_cases():
+        for dilated in (True, False):
+            ok, w = compare(f"{key} dilated={dilated}", window_call(window, dilated, causal),
+                            q, k, v, go, (valid,), valid)
+            bad, worst = bad + (0 if ok else 1), max(worst, w)
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (16, 32, 64, 128):
+            for ci, (G, L, bl, st, causal, pad) in enumerate(COMPRESSED_CASES):
+                key = (f"compressed {str(dtype)[6:]} D={D} G={G} L={L} block_len={bl} "
+                       f"stride={st} causal={causal} pad={pad}")
+                if ONLY and ONLY not in key:
+                    continue
+                progress(f"start {key}")
+                q, k, v, go, valid = compressed_inputs(dtype, D, G, L, bl, st, causal, pad,
+                                                       300 + ci)
+                ok, w = compare(key, compressed_call(bl, st, causal), q, k, v, go, (valid,), None)
+                bad, worst = bad + (0 if ok else 1), max(worst, w)
     progress(f"worst error ratio {worst:.2f}; {bad} failing")
     return 1 if bad else 0
 
@@ -212,27 +280,14 @@ def dump(path: str) -> int:
         res[key] = [t.cpu() for t in run(q, k, v, go, idx, bs, causal, valid)]
         progress(f"done  {key} ({time.time() - t0:.2f} s)")
         t0 = time.time()
-    # The window's per-slot kernels (LEAN by default): same keys, same order, so the A/B must
-    # show 0 differing elements here too (probabilities below 2^-126 aside).
-    for dtype in (torch.bfloat16, torch.float16):
-        for D in (16, 32, 64, 128):
-            for ci, (G, L, window, causal, pad) in enumerate(WINDOW_CASES):
-                key = (f"window {str(dtype)[6:]} D={D} G={G} L={L} w={window} causal={causal} "
-                       f"pad={pad}")
-                if ONLY and ONLY not in key:
-                    continue
-                progress(f"start {key}")
-                t0 = time.time()
-                q, k, v, go, _, valid = inputs(dtype, D, G, L, 16, 1, causal, pad, 200 + ci)
-                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                out, lse = blossom_ops.sliding_window_attention(
-                    *leaves, window=window, dilated=True, causal=causal, valid=valid,
-                    return_lse=True)
-                step_sync("forward")
-                out.backward(go)
-                step_sync("backward")
-                res[key] = [t.detach().cpu() for t in [out, lse] + [t.grad for t in leaves]]
-                progress(f"done  {key} ({time.time() - t0:.2f} s)")
+    # The window's per-slot kernels (LEAN by default): against BLOSSOM_OPS_CUDA_STAGED=old,
+    # same keys, same order, so 0 differing elements (probabilities below 2^-126 aside);
+    # against SLOT_PAIRS=0 rounding-level (the second query of a pair sums in another order).
+    for key, (q, k, v, go, _, valid), window, causal in window_cases():
+        t0 = time.time()
+        res[key] = [t.cpu() for t in run_call(window_call(window, True, causal), blossom_ops,
+                                              q, k, v, go, (valid,))]
+        progress(f"done  {key} ({time.time() - t0:.2f} s)")
     torch.save(res, path)
     progress(f"{len(res)} cases -> {path}")
     return 0
