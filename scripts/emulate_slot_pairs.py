@@ -67,6 +67,7 @@ QPW = 2
 BUG = set()  # planted bugs (section 6); empty for the real replay
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUH = os.path.join(HERE, "..", "csrc", "cuda", "attn_staged_tc.cuh")
+GATE_CUH = os.path.join(HERE, "..", "csrc", "cuda", "attn_gate_epilogue.cuh")
 
 
 def popc(x):
@@ -139,8 +140,23 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("if (QPW > 1 && i0 + q >= L) continue;", 1),
     ("for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,", 2),
     ("if (n < HPW * QPW && (QPW == 1 || i0 + q < L))", 1),
-    ("finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    ("finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    # the gated forward's flat row (gate.out, logits) in finish_fwd_warp's piece loop
+    ("store8_gated<T, C::CPR * kFrag>(p.gate, (b * L + i0 + q) * Hq + h0 + hh, c * kFrag, v8,",
+     1),
+    ("dst, gw + q * HPW + hh);", 1),
     ("store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);", 1),
+]
+
+
+GATE_ANCHORS = [  # attn_gate_epilogue.cuh: stage_gate_weights and store8_gated's weight reads
+    ("const int n = lane & 7, r = lane >> 3;", 1),
+    ("const int q = n / HPW, hh = n % HPW;", 1),
+    ("if (n < HPW * QPW && r < g.branches && i0 + q < L) {", 1),
+    ("const int64_t row = (b * L + i0 + q) * Hq + h0 + hh;", 1),
+    ("w[r * 8 + n] = gate_sigmoid_ieee(to_float(g.logits[row * g.branches + r]));", 1),
+    ("const float gate = w[r * 8];", 1),
+    ("const int64_t off = row * D + c0;", 1),
 ]
 
 
@@ -152,7 +168,13 @@ def check_source_anchors(src=None):
         got = src.count(text)
         assert got == count, \
             f"attn_staged_tc.cuh: {text!r} found {got} times, the replay expects {count}"
-    return len(SOURCE_ANCHORS)
+    with open(GATE_CUH) as fh:
+        gsrc = fh.read()
+    for text, count in GATE_ANCHORS:
+        got = gsrc.count(text)
+        assert got == count, \
+            f"attn_gate_epilogue.cuh: {text!r} found {got} times, the replay expects {count}"
+    return len(SOURCE_ANCHORS) + len(GATE_ANCHORS)
 
 
 def check_launcher():
@@ -190,6 +212,9 @@ def check_launcher():
     return n, table
 
 
+R_GATE = 3  # the gated forward's weights are checked for the largest R (R = 2 reads a prefix)
+
+
 def check_pair_epilogues(rng):
     """TcGrid::make(s, HPW, 2) + stage_coords_fast + i *= 2, then the epilogue loops of both
     kernels and the dQ kernel's delta / gate rows, for every warp."""
@@ -217,6 +242,7 @@ def check_pair_epilogues(rng):
                     dlt_val = np.full(out.shape, -1, dtype=np.int64)  # 0: zero, 1: the row's
                     gg_w = np.zeros_like(out)
                     lsep = np.zeros_like(out)
+                    gout = np.zeros((B * L * Hq, CPR), dtype=np.int64)  # gated fwd: gate.out
                     for warp in range(-(-pw // STAGE_WARPS) * STAGE_WARPS):
                         co = coords_grid(gr, hpw, warp)
                         if co is None:
@@ -234,6 +260,16 @@ def check_pair_epilogues(rng):
                             for q in range(QPW):
                                 if i + q < L:
                                     rbits |= 1 << q
+                        gw_rows = {}  # stage_gate_weights: w[r * 8 + n] -> its logits row
+                        if gated:
+                            for lane in range(32):
+                                n, r = lane & 7, lane >> 3
+                                if "gate_w_n4" in BUG:
+                                    n, r = lane & 3, lane >> 2
+                                q, hh = n // hpw, n % hpw
+                                if n < NR and r < R_GATE and i + q < L:
+                                    assert r * 8 + n not in gw_rows
+                                    gw_rows[r * 8 + n] = (b * L + i + q) * Hq + h0 + hh
                         for lane in range(32):
                             gid, tig = lane >> 2, lane & 3
                             for t in range(lane, NR * CPR, 32):  # out / grad_q loops
@@ -244,6 +280,15 @@ def check_pair_epilogues(rng):
                                 assert i + q < L, "store past the last row"
                                 out[b, i + q, h0 + n % hpw] += 1
                                 dq[b, i + q, h0 + n % hpw] += 1
+                                if gated:  # store8_gated: flat row of gate.out / the logits
+                                    frow = (b * L + i + q) * Hq + h0 + n % hpw
+                                    if "gate_row_L1" in BUG:
+                                        frow = (b * (L + 1) + i + q) * Hq + h0 + n % hpw
+                                    assert 0 <= frow < B * L * Hq, "gated row out of range"
+                                    gout[frow, t % CPR] += 1
+                                    for r in range(R_GATE):  # w[r * 8] at gw + q * HPW + hh
+                                        assert gw_rows.get(r * 8 + q * hpw + n % hpw) == frow, \
+                                            "gate weight of another row"
                             if gid == 0:  # lse
                                 for j in range(2):
                                     n = 2 * tig + j
@@ -282,6 +327,8 @@ def check_pair_epilogues(rng):
                     assert (dlt_val[:, :L] == want_val).all(), "delta: 0 for padded rows only"
                     want_g = 1 if gated else 0
                     assert (gg_w[:, :L] == want_g).all() and (lsep[:, :L] == want_g).all()
+                    assert (gout == (1 if gated else 0)).all(), \
+                        "gated forward: every piece of every row of gate.out once"
     return warps_seen
 
 
@@ -896,14 +943,33 @@ SOURCE_PLANTS = [
     ("pol.fwd_slots(b, i + 1, g) : 0);", "pol.fwd_slots(b, i, g) : 0);"),
     ("(cq[j] == 1 ? cnt : 0));", "cnt);"),
     ("c0 = c0_next;", ""),
+    ("(p.gate, (b * L + i0 + q) * Hq + h0 + hh,", "(p.gate, (b * L + i0) * Hq + h0 + hh,"),
     ("second ? n - ns0 : n)", "n)"),
     ("if (HPW <= 4 && slot_pairs_on(true)) {", "if (HPW <= 8 && slot_pairs_on(true)) {"),
+]
+
+
+GATE_PLANTS = [
+    ("const int n = lane & 7, r = lane >> 3;", "const int n = lane & 3, r = lane >> 2;"),
+    ("w[r * 8 + n] =", "w[r * 4 + n] ="),
+    ("&& i0 + q < L) {", ") {"),
 ]
 
 
 def check_source_plants():
     with open(CUH) as fh:
         src = fh.read()
+    with open(GATE_CUH) as fh:
+        gsrc = fh.read()
+    for old, new in GATE_PLANTS:  # the anchors of attn_gate_epilogue.cuh, on a patched copy
+        assert old in gsrc, old
+        patched = gsrc.replace(old, new, 1)
+        try:
+            for text, count in GATE_ANCHORS:
+                assert patched.count(text) == count
+        except AssertionError:
+            continue
+        raise AssertionError(f"source mutation not caught: {old!r} -> {new!r}")
     for old, new in SOURCE_PLANTS:
         assert old in src, old
         try:
@@ -911,7 +977,7 @@ def check_source_plants():
         except AssertionError:
             continue
         raise AssertionError(f"source mutation not caught: {old!r} -> {new!r}")
-    return len(SOURCE_PLANTS)
+    return len(SOURCE_PLANTS) + len(GATE_PLANTS)
 
 
 PLANTED = {
@@ -928,6 +994,8 @@ PLANTED = {
     "no_delta_zero": "dQ without delta = 0 for the padded row of an active pair",
     "same_buffer": "issue ahead writes the buffer being computed",
     "ex2_zero_inexact": "fast_exp2(0) one ulp below 1 (alpha of a chunk without the column's keys)",
+    "gate_row_L1": "gated forward's flat row with a stride of L + 1 queries per batch entry",
+    "gate_w_n4": "gate weights staged by lane & 3 / lane >> 2 (rows 4 - 7 never staged)",
 }
 
 
@@ -969,7 +1037,8 @@ def main() -> int:
         print(f"  D=64 G={G}: {row}")
     n_w = check_pair_epilogues(random.Random(1))
     print(f"TcGrid::make(s, HPW, 2) + stage_coords_fast: {n_w} warps (HPW 4/2/1, D 16/128, gated "
-          "or not): out, lse, grad_q, delta (0 for padded rows) [+ grad_gate, lse'] of every "
+          "or not): out, lse, grad_q, delta (0 for padded rows) [+ grad_gate, lse', the "
+          "forward's gate.out by its flat row] of every "
           "(b, i, head) once, rows i + 1 >= L skipped")
     rng = random.Random(20261128)
     st = new_stats()
@@ -997,7 +1066,7 @@ def main() -> int:
     n_sp = check_source_plants()
     caught = check_planted()
     print(f"planted bugs: {len(caught)} of {len(PLANTED)} caught by the replay; {n_sp} of "
-          f"{len(SOURCE_PLANTS)} source mutations caught by the anchors")
+          f"{len(SOURCE_PLANTS) + len(GATE_PLANTS)} source mutations caught by the anchors")
     for bug, msg in caught.items():
         print(f"  {bug} ({PLANTED[bug]}): {msg}")
     return 0
