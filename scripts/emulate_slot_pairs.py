@@ -141,10 +141,9 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,", 2),
     ("if (n < HPW * QPW && (QPW == 1 || i0 + q < L))", 1),
     ("finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);", 1),
-    # the gated forward's flat row (gate.out, logits) in finish_fwd_warp's piece loop
-    ("store8_gated<T, C::CPR * kFrag>(p.gate, (b * L + i0 + q) * Hq + h0 + hh, c * kFrag, v8,",
-     1),
-    ("dst, gw + q * HPW + hh);", 1),
+    # the gated forward's piece offset (own output contiguous: the flat row * D + c * 8 of
+    # gate.out and the other branches) and its weights in finish_fwd_warp's piece loop
+    ("store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);", 1),
     ("store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);", 1),
 ]
 
@@ -155,8 +154,14 @@ GATE_ANCHORS = [  # attn_gate_epilogue.cuh: stage_gate_weights and store8_gated'
     ("if (n < HPW * QPW && r < g.branches && i0 + q < L) {", 1),
     ("const int64_t row = (b * L + i0 + q) * Hq + h0 + hh;", 1),
     ("w[r * 8 + n] = gate_sigmoid_ieee(to_float(g.logits[row * g.branches + r]));", 1),
-    ("const float gate = w[r * 8];", 1),
-    ("const int64_t off = row * D + c0;", 1),
+    ("const float w0 = w[0], w1 = w[8];", 1),
+    ("const float w2 = w[16];", 1),
+    ("load8_aligned(g.branch[0] + off, f);", 1),
+    ("load8_aligned(g.branch[2] + off, f);", 1),
+    ("g.self != 1", 1),
+    ("return s.head_dim % kFrag == 0 && p.out.stride_h == s.head_dim &&", 1),
+    ("p.out.stride_l == s.q_heads * s.head_dim &&", 1),
+    ("p.out.stride_b == s.q_len * s.q_heads * s.head_dim;", 1),
 ]
 
 
@@ -280,8 +285,10 @@ def check_pair_epilogues(rng):
                                 assert i + q < L, "store past the last row"
                                 out[b, i + q, h0 + n % hpw] += 1
                                 dq[b, i + q, h0 + n % hpw] += 1
-                                if gated:  # store8_gated: flat row of gate.out / the logits
-                                    frow = (b * L + i + q) * Hq + h0 + n % hpw
+                                if gated:  # store8_gated: offset in the contiguous own output
+                                    # (stride_b = L Hq D, stride_l = Hq D, stride_h = D) / D
+                                    off = b * L * Hq * D + (i + q) * Hq * D + (h0 + n % hpw) * D
+                                    frow = off // D
                                     if "gate_row_L1" in BUG:
                                         frow = (b * (L + 1) + i + q) * Hq + h0 + n % hpw
                                     assert 0 <= frow < B * L * Hq, "gated row out of range"
@@ -943,7 +950,7 @@ SOURCE_PLANTS = [
     ("pol.fwd_slots(b, i + 1, g) : 0);", "pol.fwd_slots(b, i, g) : 0);"),
     ("(cq[j] == 1 ? cnt : 0));", "cnt);"),
     ("c0 = c0_next;", ""),
-    ("(p.gate, (b * L + i0 + q) * Hq + h0 + hh,", "(p.gate, (b * L + i0) * Hq + h0 + hh,"),
+    ("gw + q * HPW + hh);", "gw + hh);"),
     ("second ? n - ns0 : n)", "n)"),
     ("if (HPW <= 4 && slot_pairs_on(true)) {", "if (HPW <= 8 && slot_pairs_on(true)) {"),
 ]

@@ -60,7 +60,7 @@ struct GateEpilogueParams {
   const T* branch[3] = {nullptr, nullptr, nullptr};  // branch[self] is not read
   T* out = nullptr;
   int32_t branches = 0;  // R: 2 or 3
-  int32_t self = 0;      // this forward's index r
+  int32_t self = 0;      // this forward's index r (the CUDA epilogue takes r = 1 only)
 };
 
 // Forward of one masked attention: out [B, L, Hq, D] and lse [B, L, Hq] (contiguous).

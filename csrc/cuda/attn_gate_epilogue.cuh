@@ -22,8 +22,9 @@
 // gate_fwd_kernel's VEC and non-VEC loads convert exactly, so either gives these values.
 //
 // Cost, per warp of the query-pair window forward (HPW = 4, 8 rows): one sigmoid per lane
-// (8 x R weights), then per 16-byte piece (D / 8 per row, 2 per lane at D = 64) R - 1 16-byte
-// loads, one 16-byte store, 8 R FMAs and the unpacking: ~50 warp-instructions per piece.
+// (8 x R weights) through shared memory, then per 16-byte piece (D / 8 per row, 2 per lane at
+// D = 64) R - 1 16-byte loads, one 16-byte store, 8 R FMAs and the unpacking; the addresses
+// are the piece's element offset in its own (contiguous) output.
 #pragma once
 #include "common/params.h"
 #include "cuda/common.cuh"
@@ -54,12 +55,14 @@ __device__ __forceinline__ void stage_gate_weights(const GateEpilogueParams<T>& 
   }
 }
 
-// One 16-byte piece (8 elements from column c0 of row `row` = (b * L + i) * Hq + h) of a
-// forward's output: `own` (fp32) stored to dst as store8_aligned stores it, and the gated sum
-// of the branches to g.out, with w[r * 8] the row's weight of branch r (stage_gate_weights).
-// D % 8 == 0, every buffer 16-byte aligned (gate_epilogue_usable).
-template <typename T, int D>
-__device__ __forceinline__ void store8_gated(const GateEpilogueParams<T>& g, int64_t row, int c0,
+// One 16-byte piece of a forward's output at element offset `off` of every [B*L*Hq, D]
+// buffer (its own output included: gate_epilogue_usable requires it contiguous too): `own`
+// (fp32) stored to dst as store8_aligned stores it, and the gated sum of the branches to
+// g.out, with w[r * 8] the piece's row weight of branch r (stage_gate_weights). This branch
+// is r = 1 (g.self, checked on the host): r = 0 and r = 2 (R = 3) come from memory, in the
+// gate kernel's order. Every buffer 16-byte aligned (gate_epilogue_usable).
+template <typename T>
+__device__ __forceinline__ void store8_gated(const GateEpilogueParams<T>& g, int64_t off,
                                              const float (&own)[kFrag], T* dst, const float* w) {
   uint4 u;
   u.x = pack2(own[0], own[1], dst);
@@ -72,23 +75,19 @@ __device__ __forceinline__ void store8_gated(const GateEpilogueParams<T>& g, int
   unpack2(u.y, dst, mine[2], mine[3]);
   unpack2(u.z, dst, mine[4], mine[5]);
   unpack2(u.w, dst, mine[6], mine[7]);
-  const int64_t off = row * D + c0;
-  float acc[kFrag];
+  float acc[kFrag], f[kFrag];
   zero_frag(acc);
+  load8_aligned(g.branch[0] + off, f);
+  const float w0 = w[0], w1 = w[8];
 #pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    if (r < g.branches) {
-      const float gate = w[r * 8];
-      float f[kFrag];
-      if (r == g.self) {
+  for (int e = 0; e < kFrag; ++e) acc[e] = fmaf(w0, f[e], acc[e]);
 #pragma unroll
-        for (int e = 0; e < kFrag; ++e) f[e] = mine[e];
-      } else {
-        load8_aligned(g.branch[r] + off, f);
-      }
+  for (int e = 0; e < kFrag; ++e) acc[e] = fmaf(w1, mine[e], acc[e]);
+  if (g.branches == 3) {
+    load8_aligned(g.branch[2] + off, f);
+    const float w2 = w[16];
 #pragma unroll
-      for (int e = 0; e < kFrag; ++e) acc[e] = fmaf(gate, f[e], acc[e]);
-    }
+    for (int e = 0; e < kFrag; ++e) acc[e] = fmaf(w2, f[e], acc[e]);
   }
   store8_aligned(g.out + off, acc);
 }
@@ -100,18 +99,23 @@ inline bool gate_epilogue_on() {
   return !off;
 }
 
-// Whether a launcher that has the gated epilogue may apply g: requested, switched on, R in
-// {2, 3}, self in range, and every buffer it touches 16-byte aligned (rows are multiples of
-// D % 8 == 0 elements from each buffer's start, so the starts decide).
+// Whether a launcher that has the gated epilogue may apply p.gate: requested, switched on,
+// R in {2, 3} with this branch r = 1 (blossom_attention's window), the forward's own output
+// contiguous (its element offsets address the other buffers), and every buffer it touches
+// 16-byte aligned (rows are multiples of D % 8 == 0 elements from each buffer's start, so
+// the starts decide).
 template <typename T>
-inline bool gate_epilogue_usable(const GateEpilogueParams<T>& g) {
+inline bool gate_epilogue_usable(const AttnFwdParams<T, float>& p) {
+  const GateEpilogueParams<T>& g = p.gate;
   if (g.out == nullptr || !gate_epilogue_on()) return false;
-  if ((g.branches != 2 && g.branches != 3) || g.self < 0 || g.self >= g.branches ||
-      g.logits == nullptr || !aligned16(g.out))
+  if ((g.branches != 2 && g.branches != 3) || g.self != 1 || g.logits == nullptr ||
+      !aligned16(g.out) || g.branch[0] == nullptr || !aligned16(g.branch[0]) ||
+      (g.branches == 3 && (g.branch[2] == nullptr || !aligned16(g.branch[2]))))
     return false;
-  for (int r = 0; r < g.branches; ++r)
-    if (r != g.self && (g.branch[r] == nullptr || !aligned16(g.branch[r]))) return false;
-  return true;
+  const AttnShape& s = p.shape;
+  return s.head_dim % kFrag == 0 && p.out.stride_h == s.head_dim &&
+         p.out.stride_l == s.q_heads * s.head_dim &&
+         p.out.stride_b == s.q_len * s.q_heads * s.head_dim;
 }
 
 }  // namespace detail

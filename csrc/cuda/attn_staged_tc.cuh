@@ -486,9 +486,8 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
                                      [&](int q, int hh, int c, float (&v8)[kFrag]) {
     T* dst = p.out.at(b, i0 + q, h0 + hh) + c * kFrag;
-    if constexpr (GATE)
-      store8_gated<T, C::CPR * kFrag>(p.gate, (b * L + i0 + q) * Hq + h0 + hh, c * kFrag, v8,
-                                      dst, gw + q * HPW + hh);
+    if constexpr (GATE)  // p.out contiguous: dst's offset is the piece's in every buffer
+      store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);
     else
       store8_aligned(dst, v8);
   });
@@ -1470,7 +1469,7 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
             const int64_t pw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + 1) / 2);
             auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;
             if constexpr (has_gate_epilogue<Policy>::value && HPW <= 4) {
-              if (gated != nullptr && gate_epilogue_usable(p.gate)) {
+              if (gated != nullptr && gate_epilogue_usable(p)) {
                 kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, 2, true>;
                 *gated = true;
               }
