@@ -77,6 +77,7 @@ QPW = 2
 BUG = set()  # planted bugs (section 6); empty for the real replay
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUH = os.path.join(HERE, "..", "csrc", "cuda", "attn_staged_tc.cuh")
+GATE_CUH = os.path.join(HERE, "..", "csrc", "cuda", "attn_gate_epilogue.cuh")
 
 
 def popc(x):
@@ -187,7 +188,10 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("if (QPW > 1 && i0 + q >= L) continue;", 1),
     ("for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,", 2),
     ("if (n < HPW * QPW && (QPW == 1 || i0 + q < L))", 1),
-    ("finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    ("finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    # the gated forward's piece offset (own output contiguous: the flat row * D + c * 8 of
+    # gate.out and the other branches) and its weights in finish_fwd_warp's piece loop
+    ("store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);", 1),
     ("store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);", 1),
 ]
 
@@ -218,6 +222,23 @@ POLICY_ANCHORS = {  # the policies' pair-dedupe lines the replay models (WindowP
 }
 
 
+GATE_ANCHORS = [  # attn_gate_epilogue.cuh: stage_gate_weights and store8_gated's weight reads
+    ("const int n = lane & 7, r = lane >> 3;", 1),
+    ("const int q = n / HPW, hh = n % HPW;", 1),
+    ("if (n < HPW * QPW && r < g.branches && i0 + q < L) {", 1),
+    ("const int64_t row = (b * L + i0 + q) * Hq + h0 + hh;", 1),
+    ("w[r * 8 + n] = gate_sigmoid_ieee(to_float(g.logits[row * g.branches + r]));", 1),
+    ("const float w0 = w[0], w1 = w[8];", 1),
+    ("const float w2 = w[16];", 1),
+    ("load8_aligned(g.branch[0] + off, f);", 1),
+    ("load8_aligned(g.branch[2] + off, f);", 1),
+    ("g.self != 1", 1),
+    ("return s.head_dim % kFrag == 0 && p.out.stride_h == s.head_dim &&", 1),
+    ("p.out.stride_l == s.q_heads * s.head_dim &&", 1),
+    ("p.out.stride_b == s.q_len * s.q_heads * s.head_dim;", 1),
+]
+
+
 def check_source_anchors(src=None, policy_src=None):
     if src is None:
         with open(CUH) as fh:
@@ -237,7 +258,13 @@ def check_source_anchors(src=None, policy_src=None):
             got = psrc.count(text)
             assert got == count, f"{f}: {text!r} found {got} times, the replay expects {count}"
         n += len(anchors)
-    return n
+    with open(GATE_CUH) as fh:
+        gsrc = fh.read()
+    for text, count in GATE_ANCHORS:
+        got = gsrc.count(text)
+        assert got == count, \
+            f"attn_gate_epilogue.cuh: {text!r} found {got} times, the replay expects {count}"
+    return n + len(GATE_ANCHORS)
 
 
 def check_launcher():
@@ -281,6 +308,9 @@ def check_launcher():
     return n, table
 
 
+R_GATE = 3  # the gated forward's weights are checked for the largest R (R = 2 reads a prefix)
+
+
 def check_pair_epilogues(rng):
     """TcGrid::make(s, HPW, 2) + stage_coords_fast + i *= 2, then the epilogue loops of both
     kernels and the dQ kernel's delta / gate rows, for every warp."""
@@ -308,6 +338,7 @@ def check_pair_epilogues(rng):
                     dlt_val = np.full(out.shape, -1, dtype=np.int64)  # 0: zero, 1: the row's
                     gg_w = np.zeros_like(out)
                     lsep = np.zeros_like(out)
+                    gout = np.zeros((B * L * Hq, CPR), dtype=np.int64)  # gated fwd: gate.out
                     for warp in range(-(-pw // STAGE_WARPS) * STAGE_WARPS):
                         co = coords_grid(gr, hpw, warp)
                         if co is None:
@@ -325,6 +356,16 @@ def check_pair_epilogues(rng):
                             for q in range(QPW):
                                 if i + q < L:
                                     rbits |= 1 << q
+                        gw_rows = {}  # stage_gate_weights: w[r * 8 + n] -> its logits row
+                        if gated:
+                            for lane in range(32):
+                                n, r = lane & 7, lane >> 3
+                                if "gate_w_n4" in BUG:
+                                    n, r = lane & 3, lane >> 2
+                                q, hh = n // hpw, n % hpw
+                                if n < NR and r < R_GATE and i + q < L:
+                                    assert r * 8 + n not in gw_rows
+                                    gw_rows[r * 8 + n] = (b * L + i + q) * Hq + h0 + hh
                         for lane in range(32):
                             gid, tig = lane >> 2, lane & 3
                             for t in range(lane, NR * CPR, 32):  # out / grad_q loops
@@ -335,6 +376,17 @@ def check_pair_epilogues(rng):
                                 assert i + q < L, "store past the last row"
                                 out[b, i + q, h0 + n % hpw] += 1
                                 dq[b, i + q, h0 + n % hpw] += 1
+                                if gated:  # store8_gated: offset in the contiguous own output
+                                    # (stride_b = L Hq D, stride_l = Hq D, stride_h = D) / D
+                                    off = b * L * Hq * D + (i + q) * Hq * D + (h0 + n % hpw) * D
+                                    frow = off // D
+                                    if "gate_row_L1" in BUG:
+                                        frow = (b * (L + 1) + i + q) * Hq + h0 + n % hpw
+                                    assert 0 <= frow < B * L * Hq, "gated row out of range"
+                                    gout[frow, t % CPR] += 1
+                                    for r in range(R_GATE):  # w[r * 8] at gw + q * HPW + hh
+                                        assert gw_rows.get(r * 8 + q * hpw + n % hpw) == frow, \
+                                            "gate weight of another row"
                             if gid == 0:  # lse
                                 for j in range(2):
                                     n = 2 * tig + j
@@ -373,6 +425,8 @@ def check_pair_epilogues(rng):
                     assert (dlt_val[:, :L] == want_val).all(), "delta: 0 for padded rows only"
                     want_g = 1 if gated else 0
                     assert (gg_w[:, :L] == want_g).all() and (lsep[:, :L] == want_g).all()
+                    assert (gout == (1 if gated else 0)).all(), \
+                        "gated forward: every piece of every row of gate.out once"
     return warps_seen
 
 
@@ -1107,6 +1161,7 @@ SOURCE_PLANTS = [
     ("pol.fwd_slots(b, i + 1, g) : 0);", "pol.fwd_slots(b, i, g) : 0);"),
     ("(cq[j] == 1 ? cnt : 0));", "cnt);"),
     ("c0 = c0_next;", ""),
+    ("gw + q * HPW + hh);", "gw + hh);"),
     ("second ? n - ns0 : n)", "n)"),
     ("if (HPW <= 4 && slot_pairs_on(true)) {", "if (HPW <= 8 && slot_pairs_on(true)) {"),
     ("tb = static_cast<int>(a >= 0 ? first - 1 : first);", "tb = static_cast<int>(first);"),
@@ -1127,9 +1182,27 @@ POLICY_PLANTS = [
 ]
 
 
+GATE_PLANTS = [
+    ("const int n = lane & 7, r = lane >> 3;", "const int n = lane & 3, r = lane >> 2;"),
+    ("w[r * 8 + n] =", "w[r * 4 + n] ="),
+    ("&& i0 + q < L) {", ") {"),
+]
+
+
 def check_source_plants():
     with open(CUH) as fh:
         src = fh.read()
+    with open(GATE_CUH) as fh:
+        gsrc = fh.read()
+    for old, new in GATE_PLANTS:  # the anchors of attn_gate_epilogue.cuh, on a patched copy
+        assert old in gsrc, old
+        patched = gsrc.replace(old, new, 1)
+        try:
+            for text, count in GATE_ANCHORS:
+                assert patched.count(text) == count
+        except AssertionError:
+            continue
+        raise AssertionError(f"source mutation not caught: {old!r} -> {new!r}")
     for old, new in SOURCE_PLANTS:
         assert old in src, old
         try:
@@ -1146,7 +1219,7 @@ def check_source_plants():
         except AssertionError:
             continue
         raise AssertionError(f"policy mutation not caught: {f}: {old!r} -> {new!r}")
-    return len(SOURCE_PLANTS) + len(POLICY_PLANTS)
+    return len(SOURCE_PLANTS) + len(POLICY_PLANTS) + len(GATE_PLANTS)
 
 
 PLANTED = {
@@ -1174,6 +1247,8 @@ PLANTED = {
     "dd_cmp_tail_from_i1": "dedupe: compressed tail starts at fwd_slots(i + 1) (no extra token)",
     "dd_pow_lo_x2": "dedupe: pow_lo32 = 2^(p0 + 1) (the first dilation distance not shared)",
     "dd_cmp_attends_false": "dedupe: compressed pair_attends false (query i + 1 loses i's tokens)",
+    "gate_row_L1": "gated forward's flat row with a stride of L + 1 queries per batch entry",
+    "gate_w_n4": "gate weights staged by lane & 3 / lane >> 2 (rows 4 - 7 never staged)",
 }
 
 
@@ -1260,7 +1335,8 @@ def main() -> int:
         print(f"  D=64 G={G}: {row}")
     n_w = check_pair_epilogues(random.Random(1))
     print(f"TcGrid::make(s, HPW, 2) + stage_coords_fast: {n_w} warps (HPW 4/2/1, D 16/128, gated "
-          "or not): out, lse, grad_q, delta (0 for padded rows) [+ grad_gate, lse'] of every "
+          "or not): out, lse, grad_q, delta (0 for padded rows) [+ grad_gate, lse', the "
+          "forward's gate.out by its flat row] of every "
           "(b, i, head) once, rows i + 1 >= L skipped")
     rng = random.Random(20261128)
     st = new_stats()
@@ -1293,7 +1369,7 @@ def main() -> int:
     n_sp = check_source_plants()
     caught = check_planted()
     print(f"planted bugs: {len(caught)} of {len(PLANTED)} caught by the replay; {n_sp} of "
-          f"{len(SOURCE_PLANTS) + len(POLICY_PLANTS)} source mutations caught by the anchors")
+          f"{len(SOURCE_PLANTS) + len(POLICY_PLANTS) + len(GATE_PLANTS)} source mutations caught by the anchors")
     for bug, msg in caught.items():
         print(f"  {bug} ({PLANTED[bug]}): {msg}")
     return 0

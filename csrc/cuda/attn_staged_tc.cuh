@@ -102,6 +102,7 @@
 #include <type_traits>
 
 #include "common/params.h"
+#include "cuda/attn_gate_epilogue.cuh"
 #include "cuda/attn_gate_fold.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
@@ -511,8 +512,9 @@ __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t 
 // End of a staged forward warp: l of each column summed over its 8 lanes (fixed butterfly),
 // O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
 // lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
-// rows of queries past L (the last group of an odd L) are not written.
-template <class C, int HPW, int QPW, typename T>
+// rows of queries past L (the last group of an odd L) are not written. GATE: each piece also
+// leaves blossom_attention's gated sum in p.gate.out (attn_gate_epilogue.cuh).
+template <class C, int HPW, int QPW, typename T, bool GATE = false>
 __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p,
                                                 unsigned char* base, const float (&o)[C::NF][4],
                                                 const float (&m)[2], const float (&lp)[2],
@@ -530,10 +532,17 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
   __syncwarp();  // the K/V buffers become the output staging area
   float* ost = reinterpret_cast<float*>(base);
   stage_heads<C>(ost, o, inv, lane);
+  [[maybe_unused]] float* gw = ost + 8 * C::OLD;  // GATE: the rows' weights [3][8] after them
+  static_assert(!GATE || (8 * C::OLD + 3 * 8) * 4 <= C::kv_bytes, "gate weights must fit");
+  if constexpr (GATE) stage_gate_weights<T, HPW, QPW>(p.gate, gw, b, i0, h0, L, Hq, lane);
   __syncwarp();
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
                                      [&](int q, int hh, int c, float (&v8)[kFrag]) {
-    store8_aligned(p.out.at(b, i0 + q, h0 + hh) + c * kFrag, v8);
+    T* dst = p.out.at(b, i0 + q, h0 + hh) + c * kFrag;
+    if constexpr (GATE)  // p.out contiguous: dst's offset is the piece's in every buffer
+      store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);
+    else
+      store8_aligned(dst, v8);
   });
   if (gid == 0) {
 #pragma unroll
@@ -661,13 +670,15 @@ constexpr int tc_min_ctas() {
 // QPW = 2 (LEAN only): query pairs, see TcWarp; a column's keys are the chunk positions of
 // its query, [0, c0) or [c0, cnt) (DD: [0, c0) or the bits of m2), and it sees exactly 0
 // from the other query's keys.
+// GATE (query pairs only): blossom_attention's gate in the epilogue (p.gate).
 template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
-          bool DD = false>
+          bool DD = false, bool GATE = false>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
     attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
+  static_assert(!GATE || (LEAN && QPW == 2), "the gated epilogue is built for query pairs only");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
@@ -780,7 +791,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
     });
   }
 
-  finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);
+  finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);
 }
 
 // ------------------------------------------------------------------------------ dQ
@@ -959,6 +970,15 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
 //   int key_end(i) const;               // keys >= key_end(i) never attend (length, causal)
 //   bool keys_all_valid() const;        // no key padding: key_valid(b, j) is always true
 // Everything else of the mask (key_valid, query_valid) comes from the usual hooks.
+// A Policy with `static constexpr bool kGateEpilogue = true` (the sliding window: the last
+// branch of blossom_attention's forward) gets the gated instance of the query-pair forward
+// (attn_gate_epilogue.cuh); the others are not built with it.
+template <class P, class = void>
+struct has_gate_epilogue : std::false_type {};
+template <class P>
+struct has_gate_epilogue<P, std::void_t<decltype(P::kGateEpilogue)>>
+    : std::integral_constant<bool, P::kGateEpilogue> {};
+
 template <class P, class = void>
 struct has_block_chunks : std::false_type {};
 template <class P>
@@ -1497,9 +1517,11 @@ inline unsigned stage_grid(int64_t warps) {
 }
 
 // Launches the staged forward if it covers this case; false means "use the simple kernel".
+// *gated: whether it applied p.gate (only the query-pair instance of a Policy with
+// kGateEpilogue does, when gate_epilogue_usable); untouched otherwise.
 template <typename T, class Policy>
 bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol, bool vec,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, bool* gated = nullptr) {
   if constexpr (!stage_type_ok<T>()) {
     return false;
   } else {
@@ -1533,12 +1555,24 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
             if (slot_dedupe_on(pol)) {
               auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,
                                                HPW <= 4>;
+              if constexpr (has_gate_epilogue<Policy>::value && HPW <= 4) {
+                if (gated != nullptr && gate_epilogue_usable(p)) {
+                  kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, 2, true, true>;
+                  *gated = true;
+                }
+              }
               stage_smem_attr(kernel, bytes);
               kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(
                   p, pol, TcGrid::make(s, HPW, 2));
               return;
             }
             auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;
+            if constexpr (has_gate_epilogue<Policy>::value && HPW <= 4) {
+              if (gated != nullptr && gate_epilogue_usable(p)) {
+                kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, 2, false, true>;
+                *gated = true;
+              }
+            }
             stage_smem_attr(kernel, bytes);
             kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(p, pol,
                                                                         TcGrid::make(s, HPW, 2));

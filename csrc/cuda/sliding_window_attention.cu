@@ -15,6 +15,9 @@ namespace gpu {
 namespace {
 
 struct SlidingPolicy {
+  // The last branch of blossom_attention's forward: its query-pair kernel may apply the gate
+  // in the epilogue (attn_gate_epilogue.cuh).
+  static constexpr bool kGateEpilogue = true;
   int64_t L = 0;
   int64_t band = 0;   // distances 0 .. band-1 are in the window
   int64_t n_pow = 0;  // dilation distances 2^(p0 + k), k < n_pow (all >= window, <= L - 1)
@@ -134,10 +137,10 @@ struct SlidingPolicy {
 }  // namespace
 
 template <typename T>
-void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
+bool sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
                                   cudaStream_t stream) {
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
-  detail::launch_attn_fwd(p, pol, stream, "sliding_window_attention_fwd");
+  return detail::launch_attn_fwd(p, pol, stream, "sliding_window_attention_fwd");
 }
 
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
@@ -167,7 +170,7 @@ void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const Slidin
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                               \
-  template void sliding_window_attention_fwd<T>(const AttnFwdParams<T, float>&,              \
+  template bool sliding_window_attention_fwd<T>(const AttnFwdParams<T, float>&,              \
                                                 const SlidingWindowMask&, cudaStream_t);     \
   template void sliding_window_attention_bwd<T>(const AttnBwdParams<T, float>&,              \
                                                 const SlidingWindowMask&, void*, size_t,     \
