@@ -42,6 +42,16 @@ symbolically for QPW = 2).
       missing delta = 0 branch, the buffer being computed overwritten, fast_exp2(0) != 1)
       and on in-memory copies of the source (the anchors): each must be caught.
 
+  (7) dedupe (TcWarp DD, the default where the policy's pair_dedupe_ok()): the launchers'
+      choice (BLOSSOM_OPS_CUDA_SLOT_DEDUPE != 0), the window's find_pair_tail (every window
+      1..40 / 100 / 1000, dilated, causal, 11 L: the tail has the {a} + run form), issue()
+      with query i + 1's tail (pair_tail) and the membership bits (pair_attends, the warp OR
+      into m2 by compacted position), the bit-set column masks: every column == DESIGN as in
+      (4), each key staged once (the union of both queries' keys), no more chunks than
+      without dedupe, query i bit for bit as one query per warp; chunk counts of the default
+      window at L = 4096 / 16384 (3 -> 2 chunks of 16); planted bugs and source / policy
+      mutations as in (6).
+
 Cases: window 1..40, dilated on / off, causal on / off, no / right / left / random padding,
 each with one short (1, 2, 3, 4, 5, 16, 17) and one long L (33, 40, 41, 97, 200; odd L: the
 last pair has one query), KC = 32 (D = 16, 32) and 16 (D = 64, 128), columns for HPW = 1, 2,
@@ -67,6 +77,7 @@ QPW = 2
 BUG = set()  # planted bugs (section 6); empty for the real replay
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUH = os.path.join(HERE, "..", "csrc", "cuda", "attn_staged_tc.cuh")
+GATE_CUH = os.path.join(HERE, "..", "csrc", "cuda", "attn_gate_epilogue.cuh")
 
 
 def popc(x):
@@ -78,10 +89,12 @@ def kc_of(D):
 
 
 # ---- (1) the launchers -------------------------------------------------------------------
-def launch_choice(dq, D, G, vec=True, env=None, stride=64, warps=1000, is16=True, blk=False):
+def launch_choice(dq, D, G, vec=True, env=None, stride=64, warps=1000, is16=True, blk=False,
+                  dd_ok=True):
     """launch_attn_fwd_staged / launch_attn_dq_staged: 'generic' (false: the simple kernel),
     or (kind, HPW, QPW) of the staged kernel launched. blk: a policy with block chunks
-    (block-sparse), whose fallback is the per-slot kernel without LEAN or pairs."""
+    (block-sparse), whose fallback is the per-slot kernel without LEAN or pairs. dd_ok: the
+    policy's pair_dedupe_ok() (kind 'pairs-dd': TcWarp DD, shared keys staged once)."""
     env = env or {}
     if not is16:  # stage_type_ok
         return "generic"
@@ -97,6 +110,8 @@ def launch_choice(dq, D, G, vec=True, env=None, stride=64, warps=1000, is16=True
         qg_off = qg == "0" or (dq and qg == "fwd")  # query_groups_off(dq)
         pairs_on = env.get("BLOSSOM_OPS_CUDA_SLOT_PAIRS") != "0" and not qg_off  # slot_pairs_on
         if hpw <= 4 and pairs_on:
+            if env.get("BLOSSOM_OPS_CUDA_SLOT_DEDUPE") != "0" and dd_ok:  # slot_dedupe_on
+                return ("pairs-dd", hpw, 2 if hpw <= 4 else 1)
             return ("pairs", hpw, 2 if hpw <= 4 else 1)
         return ("lean", hpw, 1)
     return ("old", hpw, 1)
@@ -108,24 +123,58 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("if (HPW <= 4 && slot_pairs_on(false)) {", 1),
     ("if (HPW <= 4 && slot_pairs_on(true)) {", 1),
     ("const int64_t pw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + 1) / 2);", 2),
-    ("TcGrid::make(s, HPW, 2)", 2),
+    ("TcGrid::make(s, HPW, 2)", 4),
     ("auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;", 1),
     ("auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;", 1),
     ("return !off && !query_groups_off(dq);", 1),
     ('static const bool off = env_equals("BLOSSOM_OPS_CUDA_SLOT_PAIRS", "0");', 1),
     ("const int hpw = G % 8 == 0 ? 8 : (G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1));", 1),
     ("i *= QPW;  // QPW = 2: the first query of the pair", 2),
-    ("const bool second = n >= ns0;", 1),
-    ("j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g,", 1),
+    ("const bool second = n >= ns0;", 2),
+    ("j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g,", 2),
     ("second ? n - ns0 : n)", 1),
     ("const int64_t ub = ns0 - n0;", 1),
     ("const unsigned first = ub >= 32 ? kFullMask : (ub <= 0 ? 0u : (1u << ub) - 1u);", 1),
     ("*c0_out = __popc(mask & first);", 1),
     ("const int last = ki[cnt - 1];  // rows past cnt read a valid row's address", 1),
     ("jr[k] = r0 + KPP * k < cnt ? j : last;", 1),
-    ("cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1, &c0_next);", 1),
-    ("if (cnt > 0) body(buf, cnt, QPW == 1 ? cnt : c0);", 1),
+    ("cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1, &c0_next, &m2_next);", 1),
+    ("if (cnt > 0) body(buf, cnt, QPW == 1 ? cnt : c0, m2);", 1),
     ("c0 = c0_next;", 1),
+    ("m2 = m2_next;", 1),
+    ("int cnt = n_chunks > 0 ? issue(pol, 0, 0, &c0, &m2) : 0;", 1),
+    # DD (dedupe): the launchers, issue(), pair_slots_dedupe, the column bit masks
+    ("if (slot_dedupe_on(pol)) {", 2),
+    ('static const bool off = env_equals("BLOSSOM_OPS_CUDA_SLOT_DEDUPE", "0");', 1),
+    ("return !off && pol.pair_dedupe_ok();", 1),
+    ("auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,", 1),
+    ("auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,", 1),
+    ("HPW <= 4>;", 2),
+    ("const int t = static_cast<int>(n - ns0);  // tail index of query i + 1", 1),
+    ("const int64_t slot = second ? (t == 0 ? ta : tb + t) : n;", 1),
+    ("j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g, slot) : -1;", 1),
+    ("const bool att = pol.pair_attends(b, i + 1, j);", 1),
+    ("in2 = (j >= 0) & (second | (both & att));", 1),
+    ("const int pos = __popc(mask & ((1u << lane) - 1u));", 1),
+    ("if (j >= 0) ki[pos] = static_cast<int>(j);", 1),
+    ("const unsigned bit2 = in2 ? 1u << pos : 0u;", 1),
+    ("*m2_out = __reduce_or_sync(kFullMask, bit2);", 1),
+    ("ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;", 3),
+    ("both = qbits == 3u;", 1),
+    ("int64_t nt = 0, a = -1, first = 0;", 1),
+    ("pol.pair_tail(b, i, g, a, first, nt);", 1),
+    ("tb = static_cast<int>(a >= 0 ? first - 1 : first);", 1),
+    ("ta = a >= 0 ? static_cast<int>(a) : tb;", 1),
+    ("} else if ((qbits & 2u) != 0u) {", 1),
+    ("nt = pol.fwd_slots(b, i + 1, g);", 1),
+    ("n_slots = ns0 + nt;", 1),
+    ("w.pair_slots_dedupe(pol, qbits);", 2),
+    ("cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u)", 2),
+    ("(cq[j] == 1 ? m2 : 0u)", 2),
+    ("(cq[j] == 1 ? m2 : 0u)) >> gid;", 1),
+    ("(cq[j] == 1 ? m2 : 0u))\n                >> gid;", 1),
+    ("const bool in = DD ? ((cm[e & 1] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u", 1),
+    ("const bool in = DD ? ((cm[j] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u", 1),
     ("w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;", 2),
     ("w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);", 2),
     ("const int cq[2] = {(2 * tig) / HPW, (2 * tig + 1) / HPW};", 1),
@@ -139,12 +188,58 @@ SOURCE_ANCHORS = [  # (text, count): the source lines the replay models
     ("if (QPW > 1 && i0 + q >= L) continue;", 1),
     ("for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,", 2),
     ("if (n < HPW * QPW && (QPW == 1 || i0 + q < L))", 1),
-    ("finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    ("finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);", 1),
+    # the gated forward's piece offset (own output contiguous: the flat row * D + c * 8 of
+    # gate.out and the other branches) and its weights in finish_fwd_warp's piece loop
+    ("store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);", 1),
     ("store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);", 1),
 ]
 
 
-def check_source_anchors(src=None):
+POLICY_ANCHORS = {  # the policies' pair-dedupe lines the replay models (WindowPolicy etc. below)
+    "sliding_window_attention.cu": [
+        ("if (causal ? d < 0 : false) return false;", 1),
+        ("const int64_t a = d < 0 ? -d : d;", 1),
+        ("return a < band || (n_pow > 0 && a >= (int64_t(1) << p0) && (a & (a - 1)) == 0);", 1),
+        ("if (near(causal ? o - 1 : -(o + 1))) continue;  // shared with query i", 1),
+        ("} else if (first + count == ns) {  // one run to the end", 1),
+        ("} else if (count == 1 || second + (count - 1) == ns) {", 1),
+        ("pair_b = count == 1 ? ns : second;", 1),
+        ("n = (pair_a >= 0 ? 1 : 0) + slots() - pair_b;", 1),
+        ("const int d = static_cast<int>(q - j), a = d < 0 ? -d : d;", 1),
+        ("const bool side = causal ? d >= 0 : true;", 1),
+        ("return side & ((a < band32) | ((a >= pow_lo32) & ((a & (a - 1)) == 0)));", 1),
+        ("pol.band32 = static_cast<int>(pol.band < 0x7fffffff ? pol.band : 0x7fffffff);", 1),
+        ("pol.pow_lo32 = pol.n_pow > 0 && pol.p0 < 31 ? (1 << pol.p0) : 0x7fffffff;", 1),
+        ("pol.find_pair_tail();", 1),
+    ],
+    "compressed_attention.cu": [
+        ("first = fwd_slots(b, i, g);", 1),
+        ("n = fwd_slots(b, i + 1, g) - first;", 1),
+        ("bool pair_attends(int64_t, int64_t, int64_t) const {\n    return true;", 1),
+        ("bool pair_dedupe_ok() const { return true; }", 1),
+    ],
+}
+
+
+GATE_ANCHORS = [  # attn_gate_epilogue.cuh: stage_gate_weights and store8_gated's weight reads
+    ("const int n = lane & 7, r = lane >> 3;", 1),
+    ("const int q = n / HPW, hh = n % HPW;", 1),
+    ("if (n < HPW * QPW && r < g.branches && i0 + q < L) {", 1),
+    ("const int64_t row = (b * L + i0 + q) * Hq + h0 + hh;", 1),
+    ("w[r * 8 + n] = gate_sigmoid_ieee(to_float(g.logits[row * g.branches + r]));", 1),
+    ("const float w0 = w[0], w1 = w[8];", 1),
+    ("const float w2 = w[16];", 1),
+    ("load8_aligned(g.branch[0] + off, f);", 1),
+    ("load8_aligned(g.branch[2] + off, f);", 1),
+    ("g.self != 1", 1),
+    ("return s.head_dim % kFrag == 0 && p.out.stride_h == s.head_dim &&", 1),
+    ("p.out.stride_l == s.q_heads * s.head_dim &&", 1),
+    ("p.out.stride_b == s.q_len * s.q_heads * s.head_dim;", 1),
+]
+
+
+def check_source_anchors(src=None, policy_src=None):
     if src is None:
         with open(CUH) as fh:
             src = fh.read()
@@ -152,7 +247,24 @@ def check_source_anchors(src=None):
         got = src.count(text)
         assert got == count, \
             f"attn_staged_tc.cuh: {text!r} found {got} times, the replay expects {count}"
-    return len(SOURCE_ANCHORS)
+    n = len(SOURCE_ANCHORS)
+    for f, anchors in POLICY_ANCHORS.items():
+        if policy_src is not None and f in policy_src:
+            psrc = policy_src[f]
+        else:
+            with open(os.path.join(os.path.dirname(CUH), f)) as fh:
+                psrc = fh.read()
+        for text, count in anchors:
+            got = psrc.count(text)
+            assert got == count, f"{f}: {text!r} found {got} times, the replay expects {count}"
+        n += len(anchors)
+    with open(GATE_CUH) as fh:
+        gsrc = fh.read()
+    for text, count in GATE_ANCHORS:
+        got = gsrc.count(text)
+        assert got == count, \
+            f"attn_gate_epilogue.cuh: {text!r} found {got} times, the replay expects {count}"
+    return n + len(GATE_ANCHORS)
 
 
 def check_launcher():
@@ -163,14 +275,17 @@ def check_launcher():
             {"BLOSSOM_OPS_CUDA_QUERY_GROUPS": "0"}, {"BLOSSOM_OPS_CUDA_QUERY_GROUPS": "fwd"},
             {"BLOSSOM_OPS_CUDA_QUERY_GROUPS": "1"}, {"BLOSSOM_OPS_CUDA_STAGED": "old"},
             {"BLOSSOM_OPS_CUDA_SIMPLE": "1"},
-            {"BLOSSOM_OPS_CUDA_QUERY_GROUPS": "fwd", "BLOSSOM_OPS_CUDA_SLOT_PAIRS": "0"}]
+            {"BLOSSOM_OPS_CUDA_QUERY_GROUPS": "fwd", "BLOSSOM_OPS_CUDA_SLOT_PAIRS": "0"},
+            {"BLOSSOM_OPS_CUDA_SLOT_DEDUPE": "0"}, {"BLOSSOM_OPS_CUDA_SLOT_DEDUPE": "1"},
+            {"BLOSSOM_OPS_CUDA_SLOT_DEDUPE": "0", "BLOSSOM_OPS_CUDA_SLOT_PAIRS": "0"},
+            {"BLOSSOM_OPS_CUDA_SLOT_DEDUPE": "1", "BLOSSOM_OPS_CUDA_QUERY_GROUPS": "fwd"}]
     n = 0
     table = {}
-    for dq, D, G, vec, env, stride, warps, is16, blk in itertools.product(
+    for dq, D, G, vec, env, stride, warps, is16, blk, dd_ok in itertools.product(
             (False, True), (8, 16, 32, 48, 64, 128, 256), range(1, 17), (True, False), envs,
             (64, (1 << 26) - 1, 1 << 26, -(1 << 26)), (1000, (1 << 31) - 1, 1 << 31),
-            (True, False), (False, True)):
-        got = launch_choice(dq, D, G, vec, env, stride, warps, is16, blk)
+            (True, False), (False, True), (True, False)):
+        got = launch_choice(dq, D, G, vec, env, stride, warps, is16, blk, dd_ok)
         qg = env.get("BLOSSOM_OPS_CUDA_QUERY_GROUPS")
         want_pairs = (not blk and is16 and vec and D in (16, 32, 64, 128)
                       and env.get("BLOSSOM_OPS_CUDA_SIMPLE") != "1"
@@ -178,16 +293,22 @@ def check_launcher():
                       and abs(stride) < (1 << 26) and warps < (1 << 31) and G % 8 != 0
                       and env.get("BLOSSOM_OPS_CUDA_SLOT_PAIRS") != "0"
                       and qg != "0" and not (dq and qg == "fwd"))
-        assert (got != "generic" and got[0] == "pairs") == want_pairs, (dq, D, G, env, got)
+        assert (got != "generic" and got[0] in ("pairs", "pairs-dd")) == want_pairs, \
+            (dq, D, G, env, got)
+        want_dd = want_pairs and env.get("BLOSSOM_OPS_CUDA_SLOT_DEDUPE") != "0" and dd_ok
+        assert (got != "generic" and got[0] == "pairs-dd") == want_dd, (dq, D, G, env, got)
         if want_pairs:
             assert got[1] in (1, 2, 4) and got[2] == 2 and got[1] * got[2] <= 8
         n += 1
         if blk or not vec or not is16 or D != 64 or stride != 64 or warps != 1000 \
-                or G not in (4, 8):
+                or G not in (4, 8) or not dd_ok:
             continue
         key = (G, "dq" if dq else "fwd", "+".join(f"{k[16:]}={v}" for k, v in env.items()) or "-")
         table[key] = got if got == "generic" else got[0]
     return n, table
+
+
+R_GATE = 3  # the gated forward's weights are checked for the largest R (R = 2 reads a prefix)
 
 
 def check_pair_epilogues(rng):
@@ -217,6 +338,7 @@ def check_pair_epilogues(rng):
                     dlt_val = np.full(out.shape, -1, dtype=np.int64)  # 0: zero, 1: the row's
                     gg_w = np.zeros_like(out)
                     lsep = np.zeros_like(out)
+                    gout = np.zeros((B * L * Hq, CPR), dtype=np.int64)  # gated fwd: gate.out
                     for warp in range(-(-pw // STAGE_WARPS) * STAGE_WARPS):
                         co = coords_grid(gr, hpw, warp)
                         if co is None:
@@ -234,6 +356,16 @@ def check_pair_epilogues(rng):
                             for q in range(QPW):
                                 if i + q < L:
                                     rbits |= 1 << q
+                        gw_rows = {}  # stage_gate_weights: w[r * 8 + n] -> its logits row
+                        if gated:
+                            for lane in range(32):
+                                n, r = lane & 7, lane >> 3
+                                if "gate_w_n4" in BUG:
+                                    n, r = lane & 3, lane >> 2
+                                q, hh = n // hpw, n % hpw
+                                if n < NR and r < R_GATE and i + q < L:
+                                    assert r * 8 + n not in gw_rows
+                                    gw_rows[r * 8 + n] = (b * L + i + q) * Hq + h0 + hh
                         for lane in range(32):
                             gid, tig = lane >> 2, lane & 3
                             for t in range(lane, NR * CPR, 32):  # out / grad_q loops
@@ -244,6 +376,17 @@ def check_pair_epilogues(rng):
                                 assert i + q < L, "store past the last row"
                                 out[b, i + q, h0 + n % hpw] += 1
                                 dq[b, i + q, h0 + n % hpw] += 1
+                                if gated:  # store8_gated: offset in the contiguous own output
+                                    # (stride_b = L Hq D, stride_l = Hq D, stride_h = D) / D
+                                    off = b * L * Hq * D + (i + q) * Hq * D + (h0 + n % hpw) * D
+                                    frow = off // D
+                                    if "gate_row_L1" in BUG:
+                                        frow = (b * (L + 1) + i + q) * Hq + h0 + n % hpw
+                                    assert 0 <= frow < B * L * Hq, "gated row out of range"
+                                    gout[frow, t % CPR] += 1
+                                    for r in range(R_GATE):  # w[r * 8] at gw + q * HPW + hh
+                                        assert gw_rows.get(r * 8 + q * hpw + n % hpw) == frow, \
+                                            "gate weight of another row"
                             if gid == 0:  # lse
                                 for j in range(2):
                                     n = 2 * tig + j
@@ -282,6 +425,8 @@ def check_pair_epilogues(rng):
                     assert (dlt_val[:, :L] == want_val).all(), "delta: 0 for padded rows only"
                     want_g = 1 if gated else 0
                     assert (gg_w[:, :L] == want_g).all() and (lsep[:, :L] == want_g).all()
+                    assert (gout == (1 if gated else 0)).all(), \
+                        "gated forward: every piece of every row of gate.out once"
     return warps_seen
 
 
@@ -317,6 +462,54 @@ class WindowPolicy:
                 p += 1
         self.n_slots = (self.band + self.n_pow if causal else
                         (2 * self.band - 1 if self.band > 0 else 0) + 2 * self.n_pow)
+        self.find_pair_tail()
+
+    # ---- query pairs without repeated keys (TcWarp DD) ----
+    def near(self, d):
+        """SlidingPolicy::near: a query attends the key at signed distance d = i - j."""
+        if self.causal and d < 0 and "dd_near_no_causal" not in BUG:
+            return False
+        a = -d if d < 0 else d
+        return a < self.band or (self.n_pow > 0 and a >= (1 << self.p0) and a & (a - 1) == 0)
+
+    def find_pair_tail(self):
+        ns = self.n_slots
+        un = []
+        for n in range(ns):
+            o = self.offset(n)
+            if self.near(o - 1 if self.causal else -(o + 1)):
+                continue
+            un.append(n)
+        self.pair_ok = True
+        count = len(un)
+        if count == 0:
+            self.pair_a, self.pair_b = -1, ns
+        elif un[0] + count == ns:
+            self.pair_a, self.pair_b = -1, un[0]
+        elif count == 1 or un[1] + (count - 1) == ns:
+            self.pair_a, self.pair_b = un[0], (ns if count == 1 else un[1])
+        else:
+            self.pair_ok = False
+        self.unshared = un  # for the checks
+
+    def pair_tail(self, i):
+        n = (1 if self.pair_a >= 0 else 0) + self.n_slots - self.pair_b
+        return self.pair_a, self.pair_b, n
+
+    def pair_attends(self, q, j):
+        """The kernel's 32-bit form (band32, pow_lo32) of near(q - j)."""
+        d = q - j
+        assert -(1 << 31) < d < (1 << 31)
+        band32 = min(self.band, (1 << 31) - 1)
+        pow_lo32 = (1 << self.p0) if self.n_pow > 0 and self.p0 < 31 else (1 << 31) - 1
+        if "dd_pow_lo_x2" in BUG:
+            pow_lo32 *= 2
+        a = -d if d < 0 else d
+        side = d >= 0 if self.causal and "dd_near_no_causal" not in BUG else True
+        got = side and (a < band32 or (a >= pow_lo32 and a & (a - 1) == 0))
+        if not BUG:
+            assert got == self.near(d)
+        return got
 
     def offset(self, n):
         if self.causal:
@@ -370,7 +563,19 @@ class CompressedPolicy:
         return seen if seen < self.T else self.T
 
     def fwd_key(self, i, n):
+        assert 0 <= n < self.T, f"compressed slot {n} outside [0, {self.T})"
         return n if self.valid_cmp(n) else -1
+
+    pair_ok = True
+
+    def pair_tail(self, i):
+        first = self.fwd_slots(i + 1 if "dd_cmp_tail_from_i1" in BUG else i)
+        return -1, first, self.fwd_slots(i + 1) - first
+
+    def pair_attends(self, q, t):
+        """Always true: t is a token of query q - 1, so (t + 1) stride - 1 <= q - 1 (causal)."""
+        assert not self.causal or (t + 1) * self.stride - 1 <= q - 1
+        return "dd_cmp_attends_false" not in BUG
 
     def design(self, i):
         """DESIGN: valid(i), valid compressed t, (t + 1) * stride - 1 <= i when causal."""
@@ -419,8 +624,8 @@ def lean_copy_geometry(D, KC, cnt):
 class PairWarp:
     """One warp of attn_*_kernel_tc<..., LEAN = true, QPW> (QPW = 2: queries i, i + 1)."""
 
-    def __init__(self, pol, i, L, D, qpw):
-        self.pol, self.i, self.L, self.D, self.qpw = pol, i, L, D, qpw
+    def __init__(self, pol, i, L, D, qpw, dd=False):
+        self.pol, self.i, self.L, self.D, self.qpw, self.dd = pol, i, L, D, qpw, dd
         self.KC = kc_of(D)
         self.kidx = [[GARBAGE] * self.KC for _ in range(2)]
         self.rows = [[None] * self.KC for _ in range(2)]  # (kind, key, generation)
@@ -431,6 +636,18 @@ class PairWarp:
         if qpw == 1:
             self.ns0 = 0
             self.n_slots = pol.fwd_slots(i) if self.qbits else 0
+        elif dd:  # pair_slots_dedupe
+            self.ns0 = pol.fwd_slots(i) if self.qbits & 1 else 0
+            self.both = self.qbits == 3
+            nt, a, first = 0, -1, 0
+            if self.both:
+                a, first, nt = pol.pair_tail(i)
+            elif self.qbits & 2:
+                nt = pol.fwd_slots(i + 1)
+            self.tb = first - 1 if a >= 0 and "dd_tb_no_dec" not in BUG else first
+            self.ta = a if a >= 0 and "dd_ta_ignored" not in BUG else self.tb
+            assert -(1 << 31) <= self.tb and self.ta < (1 << 31)  # int in the kernel
+            self.n_slots = self.ns0 + nt
         else:
             qa, qb = (i + 1, i) if "ns0_wrong_query" in BUG else (i, i + 1)
             self.ns0 = pol.fwd_slots(qa) if self.qbits & 1 else 0
@@ -440,12 +657,22 @@ class PairWarp:
     def issue(self, n0, buf):
         KC, ns0 = self.KC, self.ns0
         js = []
+        in2 = [False] * 32
         for lane in range(32):
             n = n0 + lane
             j = -1
             if lane < KC and n < self.n_slots:
                 if self.qpw == 1:
                     j = self.pol.fwd_key(self.i, n)
+                elif self.dd:
+                    second = n >= ns0
+                    t = n - ns0
+                    slot = (self.ta if t == 0 else self.tb + t) if second else n
+                    j = self.pol.fwd_key(self.i + (1 if second else 0), slot)
+                    if j >= 0:
+                        qa = self.i if "dd_attends_i" in BUG else self.i + 1
+                        both = True if "dd_no_both" in BUG else self.both
+                        in2[lane] = second or (both and self.pol.pair_attends(qa, j))
                 else:
                     second = n >= ns0
                     slot = n if "second_slot_n" in BUG else n - ns0
@@ -460,9 +687,15 @@ class PairWarp:
             first = FULL if ub >= 32 else (0 if ub <= 0 else (1 << ub) - 1)
             c0 = popc(mask & first) + (1 if "c0_plus_1" in BUG else 0)
         ki = self.kidx[buf]
+        m2 = 0
         for lane in range(32):
+            pos = popc(mask & ((1 << lane) - 1))
             if js[lane] >= 0:
-                ki[popc(mask & ((1 << lane) - 1))] = (js[lane], n0)  # (key, chunk tag)
+                ki[pos] = (js[lane], n0)  # (key, chunk tag)
+            if in2[lane]:  # __reduce_or_sync of in2 ? 1 << pos : 0
+                m2 |= 1 << (lane if "dd_m2_lanes" in BUG else pos)
+        if self.dd:
+            c0 = (c0, m2)
         cnt = popc(mask)
         gen = n0 // KC
         if cnt > 0:  # LEAN copy loop
@@ -505,6 +738,8 @@ class PairWarp:
                 cnt_next, c0_next = self.issue((ch + 1) * KC, buf ^ 1)
             if cnt > 0:
                 cz = cnt if self.qpw == 1 else (c0_next if "c0_not_pipelined" in BUG else c0)
+                if self.dd and "dd_m2_not_pipelined" in BUG and ch + 1 < n_chunks:
+                    cz = (cz[0], c0_next[1])
                 staged = list(self.rows[buf])
                 # Every row of an executed tile (t * 16 < cnt) was written by this chunk.
                 for r in range(16 * ((cnt + 15) // 16)):
@@ -523,6 +758,10 @@ def column_positions(kind, hpw, qpw, KC, cnt, c0):
     elements of the executed tiles: fwd (score mask and p) or dQ (dS mask)."""
     NR = hpw * qpw
     KT = KC // 16
+    dd = isinstance(c0, tuple)  # TcWarp DD: (c0, m2), column masks are bit sets
+    if dd:
+        c0, m2 = c0
+        c0m = (1 << min(c0 + (1 if "dd_c0mask_plus1" in BUG else 0), 32)) - 1
     cols = [[] for _ in range(8)]
     owner = {}
     for lane in range(32):
@@ -551,7 +790,13 @@ def column_positions(kind, hpw, qpw, KC, cnt, c0):
                     key = t * 16 + gid + (e >> 1) * 8
                     assert (n, key) not in owner
                     owner[(n, key)] = lane
-                    if lo <= key < hi:
+                    if dd:
+                        cq_ = cq if kind == "fwd" else (n // hpw if n < NR else qpw)
+                        cm = (c0m if cq_ == 0 else (m2 if cq_ == 1 else 0)) >> gid
+                        inside = (cm >> (t * 16 + (e >> 1) * 8)) & 1 == 1
+                    else:
+                        inside = lo <= key < hi
+                    if inside:
                         # fwd: an in-range score in a skipped tile would enter the chunk max
                         # as 0 (sc left 0) without a p: must not happen.
                         assert t * 16 < cnt, "in-range position in a skipped tile"
@@ -727,15 +972,28 @@ def rowsum_orders(rng, n_rows=400):
 
 
 # ---- one pair ------------------------------------------------------------------------------
-def run_pair(pol, i, L, D, rng, stats, f32=False):
+def run_pair(pol, i, L, D, rng, stats, f32=False, dd=False):
     KC = kc_of(D)
-    w = PairWarp(pol, i, L, D, QPW)
+    w = PairWarp(pol, i, L, D, QPW, dd)
     bodies = w.chunks()
     wants = [pol.design(i + q) if i + q < L else set() for q in range(QPW)]
     if w.qbits == 0:
         assert not any(wants)
         stats["empty_pairs"] += 1
         return
+    if dd:
+        # Dedupe: every staged key once (the union of the two queries' keys), no more chunks
+        # than the pairs without dedupe; query i's part as before.
+        staged = [st[r][1] for _, cnt, _, st in bodies for r in range(cnt)]
+        assert len(staged) == len(set(staged)), ("dedupe: a key staged twice", i)
+        assert set(staged) == wants[0] | wants[1], ("dedupe: staged != union", i)
+        plain = PairWarp(pol, i, L, D, QPW).chunks()
+        assert len(bodies) <= len(plain), ("dedupe: more chunks", i, len(bodies), len(plain))
+        assert w.ns0 == (pol.fwd_slots(i) if w.qbits & 1 else 0)
+        stats["dd_chunks"] += len(bodies)
+        stats["plain_chunks"] += len(plain)
+        stats["dd_rows"] += len(staged)
+        stats["plain_rows"] += sum(cnt for _, cnt, _, _ in plain)
     if w.qbits != 3:
         stats["one_query"] += 1
     for hpw in (4, 2, 1):
@@ -763,7 +1021,7 @@ def run_pair(pol, i, L, D, rng, stats, f32=False):
         mine = [(ch, p, k) for ch, p, k in cols[q]]
         if q == 0:
             assert mine == a_cols, ("first query: chunks / positions differ from QPW = 1", i)
-        else:
+        elif not dd:
             shift = w.ns0 // KC
             same = mine == [(ch + shift, p, k) for ch, p, k in a_cols]
             if w.ns0 % KC == 0:
@@ -837,7 +1095,8 @@ PADS = ("none", "right", "left", "random")
 def new_stats():
     return dict(pairs=0, chunks=0, columns=0, softmax=0, f32=0, empty_pairs=0, one_query=0,
                 second_aligned=0, second_shifted=0, second_shifted_same=0, extra_chunks=0,
-                cases=0)
+                cases=0, dd_chunks=0, plain_chunks=0, dd_rows=0, plain_rows=0, dd_pairs=0,
+                dd_off_cases=0)
 
 
 def run_window(rng, stats, windows=range(1, 41), n_sample=6, f32_every=3, Ls=WIN_LS):
@@ -851,6 +1110,10 @@ def run_window(rng, stats, windows=range(1, 41), n_sample=6, f32_every=3, Ls=WIN
                 pol = WindowPolicy(L, window, dilated, causal, valid)
                 for n, i in enumerate(pair_starts(rng, L, n_sample)):
                     run_pair(pol, i, L, D, rng, stats, f32=(n % f32_every == 0))
+                    if pol.pair_ok:
+                        run_pair(pol, i, L, D, rng, stats, f32=(n % f32_every == 0), dd=True)
+                        stats["dd_pairs"] += 1
+                stats["dd_off_cases"] += 0 if pol.pair_ok else 1
                 stats["cases"] += 1
         k += 1
 
@@ -882,6 +1145,8 @@ def run_compressed(rng, stats, Ls=(1, 2, 3, 5, 16, 17, 33, 97, 200), strides=(1,
             D = (64, 16, 128, 32)[(k + pi) % 4]
             for n, i in enumerate(pair_starts(rng, L, n_sample)):
                 run_pair(pol, i, L, D, rng, stats, f32=(n % f32_every == 0))
+                run_pair(pol, i, L, D, rng, stats, f32=(n % f32_every == 0), dd=True)
+                stats["dd_pairs"] += 1
             stats["cases"] += 1
         k += 1
 
@@ -896,14 +1161,48 @@ SOURCE_PLANTS = [
     ("pol.fwd_slots(b, i + 1, g) : 0);", "pol.fwd_slots(b, i, g) : 0);"),
     ("(cq[j] == 1 ? cnt : 0));", "cnt);"),
     ("c0 = c0_next;", ""),
+    ("gw + q * HPW + hh);", "gw + hh);"),
     ("second ? n - ns0 : n)", "n)"),
     ("if (HPW <= 4 && slot_pairs_on(true)) {", "if (HPW <= 8 && slot_pairs_on(true)) {"),
+    ("tb = static_cast<int>(a >= 0 ? first - 1 : first);", "tb = static_cast<int>(first);"),
+    ("in2 = (j >= 0) & (second | (both & att));", "in2 = (j >= 0) & (second | att);"),
+    ("const unsigned bit2 = in2 ? 1u << pos : 0u;", "const unsigned bit2 = in2 ? 1u << lane : 0u;"),
+    ("m2 = m2_next;", ""),
+    ("(cq[j] == 1 ? m2 : 0u)", "(cq[j] == 1 ? m2 : 1u)"),
+]
+POLICY_PLANTS = [
+    ("sliding_window_attention.cu", "if (causal ? d < 0 : false) return false;", ""),
+    ("sliding_window_attention.cu", "const bool side = causal ? d >= 0 : true;",
+     "const bool side = true;"),
+    ("sliding_window_attention.cu", "(1 << pol.p0) : 0x7fffffff;", "(2 << pol.p0) : 0x7fffffff;"),
+    ("sliding_window_attention.cu", "if (near(causal ? o - 1 : -(o + 1))) continue;",
+     "if (near(causal ? o + 1 : -(o + 1))) continue;"),
+    ("compressed_attention.cu", "first = fwd_slots(b, i, g);", "first = fwd_slots(b, i + 1, g);"),
+    ("compressed_attention.cu", "return true;", "return !causal;"),
+]
+
+
+GATE_PLANTS = [
+    ("const int n = lane & 7, r = lane >> 3;", "const int n = lane & 3, r = lane >> 2;"),
+    ("w[r * 8 + n] =", "w[r * 4 + n] ="),
+    ("&& i0 + q < L) {", ") {"),
 ]
 
 
 def check_source_plants():
     with open(CUH) as fh:
         src = fh.read()
+    with open(GATE_CUH) as fh:
+        gsrc = fh.read()
+    for old, new in GATE_PLANTS:  # the anchors of attn_gate_epilogue.cuh, on a patched copy
+        assert old in gsrc, old
+        patched = gsrc.replace(old, new, 1)
+        try:
+            for text, count in GATE_ANCHORS:
+                assert patched.count(text) == count
+        except AssertionError:
+            continue
+        raise AssertionError(f"source mutation not caught: {old!r} -> {new!r}")
     for old, new in SOURCE_PLANTS:
         assert old in src, old
         try:
@@ -911,7 +1210,16 @@ def check_source_plants():
         except AssertionError:
             continue
         raise AssertionError(f"source mutation not caught: {old!r} -> {new!r}")
-    return len(SOURCE_PLANTS)
+    for f, old, new in POLICY_PLANTS:
+        with open(os.path.join(os.path.dirname(CUH), f)) as fh:
+            psrc = fh.read()
+        assert old in psrc, old
+        try:
+            check_source_anchors(policy_src={f: psrc.replace(old, new, 1)})
+        except AssertionError:
+            continue
+        raise AssertionError(f"policy mutation not caught: {f}: {old!r} -> {new!r}")
+    return len(SOURCE_PLANTS) + len(POLICY_PLANTS) + len(GATE_PLANTS)
 
 
 PLANTED = {
@@ -928,6 +1236,19 @@ PLANTED = {
     "no_delta_zero": "dQ without delta = 0 for the padded row of an active pair",
     "same_buffer": "issue ahead writes the buffer being computed",
     "ex2_zero_inexact": "fast_exp2(0) one ulp below 1 (alpha of a chunk without the column's keys)",
+    "dd_tb_no_dec": "dedupe: tb = first also with a single slot a (tail slots shifted by one)",
+    "dd_ta_ignored": "dedupe: the tail's single slot a dropped (ta = tb)",
+    "dd_attends_i": "dedupe: query i's entries tested with pair_attends(i) instead of i + 1",
+    "dd_no_both": "dedupe: query i's entries marked for i + 1 also when i + 1 does not attend",
+    "dd_m2_lanes": "dedupe: m2 from lane bits instead of compacted positions",
+    "dd_m2_not_pipelined": "dedupe: body gets the m2 of the chunk issued ahead",
+    "dd_c0mask_plus1": "dedupe: query i's column mask (1 << (c0 + 1)) - 1",
+    "dd_near_no_causal": "dedupe: near() without the causal sign test (distance -1 shared)",
+    "dd_cmp_tail_from_i1": "dedupe: compressed tail starts at fwd_slots(i + 1) (no extra token)",
+    "dd_pow_lo_x2": "dedupe: pow_lo32 = 2^(p0 + 1) (the first dilation distance not shared)",
+    "dd_cmp_attends_false": "dedupe: compressed pair_attends false (query i + 1 loses i's tokens)",
+    "gate_row_L1": "gated forward's flat row with a stride of L + 1 queries per batch entry",
+    "gate_w_n4": "gate weights staged by lane & 3 / lane >> 2 (rows 4 - 7 never staged)",
 }
 
 
@@ -958,7 +1279,52 @@ def check_planted():
     return caught
 
 
+def brief_chunk_counts():
+    """Chunks per pair for the default window (8, dilated, causal), no padding, a pair in the
+    middle: (L, KC) -> (plain pairs, dedupe, slots plain, slots dedupe)."""
+    out = {}
+    for L, D in ((4096, 64), (16384, 64), (4096, 16), (16384, 16)):
+        pol = WindowPolicy(L, 8, True, True, Valid([True] * L))
+        assert pol.pair_ok
+        i = L // 2
+        pl = PairWarp(pol, i, L, D, QPW)
+        dd = PairWarp(pol, i, L, D, QPW, dd=True)
+        out[(L, kc_of(D))] = (len(pl.chunks()), len(dd.chunks()), pl.n_slots, dd.n_slots)
+    for L in (4096, 16384):
+        pol = CompressedPolicy(L, L // 16, 16, True, Valid([True] * L), Valid([True] * (L // 16)))
+        i = L // 2 + 4
+        pl = PairWarp(pol, i, L, 64, QPW)
+        dd = PairWarp(pol, i, L, 64, QPW, dd=True)
+        out[("cmp", L, 16)] = (len(pl.chunks()), len(dd.chunks()), pl.n_slots, dd.n_slots)
+    return out
+
+
+def window_tail_table():
+    """pair_ok and the tail's form for window 1..40 / 100 / 1000, dilated or not, causal or not,
+    over several L: dedupe is off only where the tail has another form (none expected)."""
+    off = []
+    n = 0
+    for window in list(range(1, 41)) + [100, 1000]:
+        for dilated, causal in itertools.product((False, True), (False, True)):
+            for L in (1, 2, 3, 7, 8, 9, 16, 17, 64, 200, 4096):
+                pol = WindowPolicy(L, window if window <= L else L, dilated, causal,
+                                   Valid([True] * L))
+                n += 1
+                if not pol.pair_ok:
+                    off.append((window, dilated, causal, L, pol.unshared))
+    return n, off
+
+
 def main() -> int:
+    from emulate_staged_blk import check_collectives_source
+    n_files = check_collectives_source()
+    print(f"lint: no warp collective in a short-circuit operand ({n_files} csrc/cuda files)")
+    cc = brief_chunk_counts()
+    for k, (a, b, sa, sb) in cc.items():
+        print(f"  chunks per pair {k}: plain {a} ({sa} slots) -> dedupe {b} ({sb} slots)")
+    assert cc[(4096, 16)][:2] == (3, 2) and cc[(16384, 16)][:2] == (3, 2)
+    n_t, off = window_tail_table()
+    print(f"window tails: {n_t} (window, dilated, causal, L): dedupe off for {len(off)} {off[:4]}")
     n_anchor = check_source_anchors()
     n_launch, table = check_launcher()
     print(f"launcher: {n_launch} (dq, D, G, vec, env, stride, warps, dtype, block chunks) cases: "
@@ -969,7 +1335,8 @@ def main() -> int:
         print(f"  D=64 G={G}: {row}")
     n_w = check_pair_epilogues(random.Random(1))
     print(f"TcGrid::make(s, HPW, 2) + stage_coords_fast: {n_w} warps (HPW 4/2/1, D 16/128, gated "
-          "or not): out, lse, grad_q, delta (0 for padded rows) [+ grad_gate, lse'] of every "
+          "or not): out, lse, grad_q, delta (0 for padded rows) [+ grad_gate, lse', the "
+          "forward's gate.out by its flat row] of every "
           "(b, i, head) once, rows i + 1 >= L skipped")
     rng = random.Random(20261128)
     st = new_stats()
@@ -977,18 +1344,23 @@ def main() -> int:
     Ls = WIN_LS[0] + WIN_LS[1]
     print(f"window: {st['cases']} cases (window 1..40, dilated, causal, 4 paddings, L in {Ls}), "
           f"{st['pairs']} pairs ({st['one_query']} with one query, {st['empty_pairs']} empty), "
-          f"{st['chunks']} chunks: every column (fwd, dQ; HPW 4/2/1) == DESIGN, padding columns "
+          f"{st['chunks']} chunks (plain + dedupe): every column (fwd, dQ; HPW 4/2/1) == DESIGN, padding columns "
           f"empty; {st['softmax']} float64 softmax ok; {st['f32']} float32 first queries "
           "pair == alone bit for bit (fwd, dQ)")
     print(f"window: second query at the same chunk positions as alone: {st['second_aligned']} with "
           f"ns0 % KC == 0 (all); {st['second_shifted_same']} of {st['second_shifted']} otherwise; "
           f"{st['extra_chunks']} chunks without a key of the column leave it unchanged")
+    print(f"window dedupe: {st['dd_pairs']} pairs ({st['dd_off_cases']} cases with pair_ok false): "
+          f"each key staged once, the union of both queries; chunks {st['plain_chunks']} -> "
+          f"{st['dd_chunks']}, staged rows {st['plain_rows']} -> {st['dd_rows']}")
     sc = new_stats()
     run_compressed(rng, sc)
     print(f"compressed: {sc['cases']} cases (stride 1/2/3/4/16, causal, 4 paddings, derived or "
           f"random token validity), {sc['pairs']} pairs ({sc['one_query']} with one query, "
           f"{sc['empty_pairs']} empty), {sc['chunks']} chunks: columns == DESIGN; "
           f"{sc['softmax']} float64 softmax ok; {sc['f32']} float32 first queries bit for bit")
+    print(f"compressed dedupe: {sc['dd_pairs']} pairs: each key once; chunks {sc['plain_chunks']} "
+          f"-> {sc['dd_chunks']}, staged rows {sc['plain_rows']} -> {sc['dd_rows']}")
     print(f"compressed: second query at the same positions as alone: {sc['second_aligned']} with "
           f"ns0 % KC == 0 (all); {sc['second_shifted_same']} of {sc['second_shifted']} otherwise")
     diff = rowsum_orders(random.Random(3))
@@ -997,7 +1369,7 @@ def main() -> int:
     n_sp = check_source_plants()
     caught = check_planted()
     print(f"planted bugs: {len(caught)} of {len(PLANTED)} caught by the replay; {n_sp} of "
-          f"{len(SOURCE_PLANTS)} source mutations caught by the anchors")
+          f"{len(SOURCE_PLANTS) + len(POLICY_PLANTS) + len(GATE_PLANTS)} source mutations caught by the anchors")
     for bug, msg in caught.items():
         print(f"  {bug} ({PLANTED[bug]}): {msg}")
     return 0

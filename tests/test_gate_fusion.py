@@ -50,3 +50,37 @@ def test_strided_nan_surrounded_inputs(device, case, R):
     out2 = blossom_ops.gate_fusion(br2, gl2)
     assert not torch.isnan(out2).any()
     assert torch.equal(out2, out)
+
+
+# blossom_attention's composed path (L > 256) applies the gate in the window forward's
+# epilogue on CUDA (csrc/cuda/attn_gate_epilogue.cuh) and claims the same bits as the gate
+# kernel on the stored branch outputs: compare with gate_fusion itself, exactly. The shapes
+# cover the query-pair kernel (G = 4, 2, 1; odd L: a last pair with one query; D 16 / 32 / 64
+# / 128; padding) and its fallbacks (G = 8, D = 24, fp32, non-contiguous gate logits), which
+# run the gate kernel and must agree as well. On CPU it checks the composition the same way.
+_GATE_SHAPES = [  # (B, L, Hq, Hk, D, R, pad)
+    (2, 300, 8, 2, 64, 2, False), (1, 517, 4, 1, 16, 3, True), (2, 301, 2, 1, 32, 2, True),
+    (1, 263, 2, 2, 128, 3, False), (1, 280, 8, 1, 64, 2, False), (1, 270, 4, 2, 24, 3, False),
+]
+
+
+def test_blossom_gate_equals_gate_kernel(device, dtype):
+    g = torch.Generator().manual_seed(7)
+    for B, L, Hq, Hk, D, R, pad in _GATE_SHAPES:
+        if device == "cpu" and D == 128:
+            continue  # keeps the CPU suite short; the composition is the same at every D
+        q = randn(g, (B, L, Hq, D), dtype, device)
+        k = randn(g, (B, L, Hk, D), dtype, device)
+        v = randn(g, (B, L, Hk, D), dtype, device)
+        gl = randn(g, (B, L, Hq, R), dtype, device, 2.0)
+        lengths = (torch.tensor([L - 37] + [L] * (B - 1), device=device) if pad else None)
+        strided = torch.cat([gl, gl], -1)[..., :R]  # last dim contiguous, rows 2R apart
+        assert not strided.is_contiguous()
+        for logits in (gl, strided):
+            out, parts = blossom_ops.blossom_attention(q, k, v, logits, lengths=lengths,
+                                                       return_parts=True)
+            br = [parts["o_sel"], parts["o_win"]] + ([parts["o_cmp"]] if R == 3 else [])
+            want = blossom_ops.gate_fusion(br, logits)
+            ctx = f"B={B} L={L} Hq={Hq} Hk={Hk} D={D} R={R} pad={pad} {dtype} {device}"
+            assert out.dtype == dtype and out.shape == want.shape, ctx
+            assert torch.equal(out, want), (ctx, (out.float() - want.float()).abs().max().item())

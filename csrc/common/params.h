@@ -48,6 +48,21 @@ struct AttnShape {
   BLOSSOM_HD int64_t group() const { return q_heads / kv_heads; }
 };
 
+// blossom_attention's gate applied in the epilogue of its last branch's forward (CUDA fast
+// path only, csrc/cuda/attn_gate_epilogue.cuh): out = sum_r sigmoid(logits[row, r]) *
+// branch_r[row] in fp32 over r = 0 .. R-1 in order, branch `self` being this forward's own
+// output as rounded to T, the others read back from memory; what gate_fusion's kernel
+// computes from the stored outputs. All contiguous: logits [B*L*Hq, R], branch_r and out
+// [B*L*Hq, D]. out == nullptr: no gate (every CPU kernel, every other launch).
+template <typename T>
+struct GateEpilogueParams {
+  const T* logits = nullptr;
+  const T* branch[3] = {nullptr, nullptr, nullptr};  // branch[self] is not read
+  T* out = nullptr;
+  int32_t branches = 0;  // R: 2 or 3
+  int32_t self = 0;      // this forward's index r (the CUDA epilogue takes r = 1 only)
+};
+
 // Forward of one masked attention: out [B, L, Hq, D] and lse [B, L, Hq] (contiguous).
 // Acc is the accumulation/lse type: float for float/half/bfloat16, double for double.
 template <typename T, typename Acc>
@@ -57,6 +72,8 @@ struct AttnFwdParams {
   Bshd<T> out;
   Acc* lse = nullptr;  // [B, L, Hq] contiguous; -inf for rows with no allowed key
   Validity valid;      // validity of the query positions (and, for plain attention, keys)
+  // Optional (CUDA only; the launchers that may honour it say so by their return value).
+  GateEpilogueParams<T> gate;
 };
 
 // Backward of one masked attention. grad_q/grad_k/grad_v are written in full (not

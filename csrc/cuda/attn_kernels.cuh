@@ -405,15 +405,18 @@ inline void dispatch_row_config(int64_t D, int64_t G, bool vec, F&& f) {
   }
 }
 
+// Returns whether blossom_attention's gate (p.gate, when set) was applied in the epilogue;
+// when not, the caller runs the gate kernel (attn_gate_epilogue.cuh).
 template <typename T, class Policy>
-void launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaStream_t stream,
+bool launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaStream_t stream,
                      const char* name) {
   const AttnShape& s = p.shape;
-  if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return;
+  if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return false;
   const bool vec = attn_vec_ok<T>(s, {p.q, p.k, p.v}) && attn_vec_ok_out<T>(s, {p.out});
-  if (launch_attn_fwd_staged(p, pol, vec, stream)) {  // fast path (attn_staged_tc.cuh)
+  bool gated = false;
+  if (launch_attn_fwd_staged(p, pol, vec, stream, &gated)) {  // fast path (attn_staged_tc.cuh)
     check_launch(name);
-    return;
+    return gated;
   }
   dispatch_row_config(s.head_dim, s.group(), vec, [&](auto tpk, auto hpw, auto v) {
     constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
@@ -423,6 +426,7 @@ void launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaSt
         <<<attn_grid(warps), kAttnWarps * 32, 0, stream>>>(p, pol);
   });
   check_launch(name);
+  return false;
 }
 
 // Workspace of every attention backward: delta [B, L, Hq] float; a gated backward

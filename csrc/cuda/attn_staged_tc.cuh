@@ -102,6 +102,7 @@
 #include <type_traits>
 
 #include "common/params.h"
+#include "cuda/attn_gate_epilogue.cuh"
 #include "cuda/attn_gate_fold.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
@@ -159,13 +160,29 @@ __device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int 
 // Query pairs (QPW = 2, LEAN only): the warp serves queries i and i + 1 (the N = 8 side holds
 // both queries' heads, as in the block-chunk query groups further down). Their slot lists are
 // concatenated, slots [0, ns0) of query i then [ns0, n_slots) of query i + 1, and chunked as
-// one list; a key both attend is staged twice. Compaction keeps the order, so a chunk's
-// entries of query i are its first c0 (issue() returns c0 in *c0_out): column masks are
-// position ranges, [0, c0) for query i and [c0, cnt) for query i + 1.
-template <typename T, class C, class Policy, bool LEAN = false, int QPW = 1>
+// one list. Compaction keeps the order, so a chunk's entries of query i are its first c0
+// (issue() returns c0 in *c0_out). Without DD a key both attend is staged twice and the
+// column masks are position ranges, [0, c0) for query i and [c0, cnt) for query i + 1.
+// DD (dedupe, BLOSSOM_OPS_CUDA_SLOT_DEDUPE != 0 and the policy's pair_dedupe_ok()): when both
+// queries attend, query i + 1's part of the list is only its "tail", the slots whose keys
+// query i does not attend (Policy::pair_tail: slot a when >= 0, then slots first, first + 1,
+// ... in order; window: distance 0 and the dilation distances past the shared ones, 9 of 17
+// slots at L = 4096; compressed branch: the token query i + 1 sees beyond query i, 0 or 1);
+// its other keys are query i's entries j with pol.pair_attends(b, i + 1, j). issue() also
+// returns *m2_out, bit p set when chunk position p is a key of query i + 1 (a warp OR of
+// one bit per entry): column masks are bit sets, positions [0, c0) for query i and m2 for
+// query i + 1. Query i keeps its keys, chunks and positions; query i + 1 meets its shared
+// keys in query i's order (rounding-level differences against one query per warp).
+// Window, causal, window 8, L = 4096: 34 -> 26 slots (3 -> 2 chunks of 16; at D <= 32 2 -> 1
+// of 32); compressed branch: half the chunks. Static SASS (bf16 D = 64 HPW = 4) of the chunk
+// loop: forward 327 -> 364, dQ 317 -> 356 (the membership bits, the warp OR, the bit-set
+// masks); per pair at L = 4096 ~-7% / -5% instructions and 24% fewer staged rows. Replayed
+// lane by lane by scripts/emulate_slot_pairs.py (both pair kinds against the DESIGN masks).
+template <typename T, class C, class Policy, bool LEAN = false, int QPW = 1, bool DD = false>
 struct TcWarp {
   using E = typename TcElem<T>::type;
   static_assert(QPW == 1 || (QPW == 2 && LEAN), "query pairs run on the LEAN path only");
+  static_assert(!DD || QPW == 2, "dedupe is for query pairs");
   E* kv;           // [2][2][KC][RS]
   int* kidx;       // [2][KC]
   const T* kbase;  // k.at(b, 0, g)
@@ -173,20 +190,49 @@ struct TcWarp {
   int64_t sk, sv;
   int64_t b, i, g, n_slots;
   int64_t ns0 = 0;  // QPW = 2: slots of query i (0 when it does not attend)
+  int ta = 0, tb = 0;  // DD: list slot ns0 + t is query i + 1's slot ta (t = 0) or tb + t
+  bool both = false;        // DD: both queries attend (query i's entries test query i + 1)
   int lane;
+
+  // DD: ns0, n_slots and query i + 1's tail from the queries that attend (qbits). A query
+  // i + 1 alone keeps its whole list (ta = tb = 0). Slots are < 2^31 (kidx holds ints).
+  __device__ __forceinline__ void pair_slots_dedupe(const Policy& pol, unsigned qbits) {
+    ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
+    both = qbits == 3u;
+    int64_t nt = 0, a = -1, first = 0;
+    if (both) {
+      pol.pair_tail(b, i, g, a, first, nt);
+    } else if ((qbits & 2u) != 0u) {
+      nt = pol.fwd_slots(b, i + 1, g);
+    }
+    // Tail index t -> slot: t == 0 ? ta : tb + t (without a single slot a: ta = tb + 0).
+    tb = static_cast<int>(a >= 0 ? first - 1 : first);
+    ta = a >= 0 ? static_cast<int>(a) : tb;
+    n_slots = ns0 + nt;
+  }
 
   __device__ __forceinline__ E* kbuf(int buf) const { return kv + (buf * 2) * C::KC * C::RS; }
   __device__ __forceinline__ E* vbuf(int buf) const { return kv + (buf * 2 + 1) * C::KC * C::RS; }
 
   // Enumerates slots [n0, n0 + KC), compacts the valid keys into kidx[buf] and issues the
   // cp.async copies of their K and V rows. Returns the number of valid keys (warp-uniform);
-  // QPW = 2 also the number of them that belong to query i (*c0_out).
+  // QPW = 2 also the number of them that belong to query i (*c0_out); DD the positions of
+  // query i + 1's keys (*m2_out).
   __device__ __forceinline__ int issue(const Policy& pol, int64_t n0, int buf,
-                                       int* c0_out = nullptr) const {
+                                       int* c0_out = nullptr, unsigned* m2_out = nullptr) const {
     const int64_t n = n0 + lane;
     int64_t j;
+    bool in2 = false;  // DD: a key of query i + 1
     if constexpr (QPW == 1) {
       j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i, g, n) : -1;
+    } else if constexpr (DD) {
+      const bool second = n >= ns0;
+      const int t = static_cast<int>(n - ns0);  // tail index of query i + 1
+      const int64_t slot = second ? (t == 0 ? ta : tb + t) : n;
+      j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g, slot) : -1;
+      // Branch-free (bitwise): pair_attends is arithmetic, harmless for j = -1.
+      const bool att = pol.pair_attends(b, i + 1, j);
+      in2 = (j >= 0) & (second | (both & att));
     } else {
       const bool second = n >= ns0;
       j = (lane < C::KC && n < n_slots) ? pol.fwd_key(b, i + (second ? 1 : 0), g,
@@ -201,7 +247,12 @@ struct TcWarp {
       *c0_out = __popc(mask & first);
     }
     int* ki = kidx + buf * C::KC;
-    if (j >= 0) ki[__popc(mask & ((1u << lane) - 1u))] = static_cast<int>(j);
+    const int pos = __popc(mask & ((1u << lane) - 1u));  // compacted position of lane's key
+    if (j >= 0) ki[pos] = static_cast<int>(j);
+    if constexpr (DD) {  // all 32 lanes: the operand first, then the collective
+      const unsigned bit2 = in2 ? 1u << pos : 0u;
+      *m2_out = __reduce_or_sync(kFullMask, bit2);
+    }
     __syncwarp();
     const int cnt = __popc(mask);
     // Lane owns one 16-byte piece (K pieces, then V pieces) of KPP interleaved rows:
@@ -241,28 +292,31 @@ struct TcWarp {
     return cnt;
   }
 
-  // Chunk loop with double buffering: body(buf, cnt, c0) runs once per chunk that has valid
-  // keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies are in flight (c0:
-  // QPW = 2, the chunk's entries of query i; QPW = 1, cnt).
+  // Chunk loop with double buffering: body(buf, cnt, c0, m2) runs once per chunk that has
+  // valid keys, with chunk ch's rows in buffer buf while chunk ch + 1's copies are in flight
+  // (c0: QPW = 2, the chunk's entries of query i; QPW = 1, cnt; m2: DD, the positions of
+  // query i + 1's keys, else 0).
   template <class Body>
   __device__ __forceinline__ void for_each_chunk(const Policy& pol, Body&& body) {
     const int64_t n_chunks = (n_slots + C::KC - 1) / C::KC;
     int c0 = 0, c0_next = 0;
-    int cnt = n_chunks > 0 ? issue(pol, 0, 0, &c0) : 0;
+    unsigned m2 = 0u, m2_next = 0u;
+    int cnt = n_chunks > 0 ? issue(pol, 0, 0, &c0, &m2) : 0;
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       const int buf = static_cast<int>(ch & 1);
       int cnt_next = 0;
       if (ch + 1 < n_chunks) {
-        cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1, &c0_next);
+        cnt_next = issue(pol, (ch + 1) * C::KC, buf ^ 1, &c0_next, &m2_next);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
       __syncwarp();  // every lane's copies visible to the whole warp
-      if (cnt > 0) body(buf, cnt, QPW == 1 ? cnt : c0);
+      if (cnt > 0) body(buf, cnt, QPW == 1 ? cnt : c0, m2);
       __syncwarp();  // buffer `buf` is rewritten by the next iteration's copies
       cnt = cnt_next;
       c0 = c0_next;
+      m2 = m2_next;
     }
   }
 };
@@ -458,8 +512,9 @@ __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t 
 // End of a staged forward warp: l of each column summed over its 8 lanes (fixed butterfly),
 // O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
 // lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
-// rows of queries past L (the last group of an odd L) are not written.
-template <class C, int HPW, int QPW, typename T>
+// rows of queries past L (the last group of an odd L) are not written. GATE: each piece also
+// leaves blossom_attention's gated sum in p.gate.out (attn_gate_epilogue.cuh).
+template <class C, int HPW, int QPW, typename T, bool GATE = false>
 __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p,
                                                 unsigned char* base, const float (&o)[C::NF][4],
                                                 const float (&m)[2], const float (&lp)[2],
@@ -477,10 +532,17 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
   __syncwarp();  // the K/V buffers become the output staging area
   float* ost = reinterpret_cast<float*>(base);
   stage_heads<C>(ost, o, inv, lane);
+  [[maybe_unused]] float* gw = ost + 8 * C::OLD;  // GATE: the rows' weights [3][8] after them
+  static_assert(!GATE || (8 * C::OLD + 3 * 8) * 4 <= C::kv_bytes, "gate weights must fit");
+  if constexpr (GATE) stage_gate_weights<T, HPW, QPW>(p.gate, gw, b, i0, h0, L, Hq, lane);
   __syncwarp();
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
                                      [&](int q, int hh, int c, float (&v8)[kFrag]) {
-    store8_aligned(p.out.at(b, i0 + q, h0 + hh) + c * kFrag, v8);
+    T* dst = p.out.at(b, i0 + q, h0 + hh) + c * kFrag;
+    if constexpr (GATE)  // p.out contiguous: dst's offset is the piece's in every buffer
+      store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);
+    else
+      store8_aligned(dst, v8);
   });
   if (gid == 0) {
 #pragma unroll
@@ -592,21 +654,31 @@ __device__ __forceinline__ bool stage_coords_fast(const TcGrid& gr, int wib, int
 }
 
 // Resident CTAs per SM the register budget must allow up to D = 64: 16 warps forward, 14
-// dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway.
-template <int D, bool DQ>
+// dQ (<= 128 / 144 registers). D = 128 is limited by shared memory anyway. The deduped query
+// pairs (DD) ask for the occupancy of the pairs without dedupe: unbounded, ptxas gave the dQ
+// 114-116 registers at D = 64 (16 warps per SM instead of 20 at 96) and the forward 77-78
+// at D = 16 (24 warps instead of 28 at 70-71). Bounded (dQ 18 warps, forward D = 16 28
+// warps) they take <= 96 / <= 72 without spills and ~+30 static instructions per chunk.
+template <int D, bool DQ, bool DD = false>
 constexpr int tc_min_ctas() {
-  return D <= 64 ? ((DQ ? 14 : 16) + kStageWarps - 1) / kStageWarps : 1;
+  return D <= 64 ? ((DQ ? (DD ? 18 : 14) : (DD && D <= 16 ? 28 : 16)) + kStageWarps - 1) /
+                       kStageWarps
+                 : 1;
 }
 
 // ------------------------------------------------------------------------------ forward
 // QPW = 2 (LEAN only): query pairs, see TcWarp; a column's keys are the chunk positions of
-// its query, [0, c0) or [c0, cnt), and it sees exactly 0 from the other query's keys.
-template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
+// its query, [0, c0) or [c0, cnt) (DD: [0, c0) or the bits of m2), and it sees exactly 0
+// from the other query's keys.
+// GATE (query pairs only): blossom_attention's gate in the epilogue (p.gate).
+template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
+          bool DD = false, bool GATE = false>
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
     attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
+  static_assert(!GATE || (LEAN && QPW == 2), "the gated epilogue is built for query pairs only");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
@@ -620,7 +692,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   i *= QPW;  // QPW = 2: the first query of the pair
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy, LEAN, QPW> w;
+  TcWarp<T, C, Policy, LEAN, QPW, DD> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -650,17 +722,23 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
     if constexpr (QPW == 1) {
       w.n_slots = pol.fwd_slots(b, i, g);
+    } else if constexpr (DD) {
+      w.pair_slots_dedupe(pol, qbits);
     } else {
       w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
       w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
     }
-    w.for_each_chunk(pol, [&](int buf, int cnt, int c0) {
-      // Chunk positions of this lane's columns: [lo, hi).
+    w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
+      // Chunk positions of this lane's columns: [lo, hi); DD: the bits of cm, shifted by gid
+      // (bit t * 16 + 8 h: key t * 16 + gid + 8 h).
       int lo[2], hi[2];
+      unsigned cm[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         lo[j] = QPW == 1 ? 0 : (cq[j] == 1 ? c0 : 0);
         hi[j] = QPW == 1 ? cnt : (cq[j] == 0 ? c0 : (cq[j] == 1 ? cnt : 0));
+        cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u) : (cq[j] == 1 ? m2 : 0u))
+                >> gid;
       }
       const E* kb = w.kbuf(buf);
       const E* vb = w.vbuf(buf);
@@ -684,7 +762,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = t * 16 + gid + (e >> 1) * 8;
-          const float x = key >= lo[e & 1] && key < hi[e & 1] ? sc[t][e] * qsc : -INFINITY;
+          const bool in = DD ? ((cm[e & 1] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u
+                             : key >= lo[e & 1] && key < hi[e & 1];
+          const float x = in ? sc[t][e] * qsc : -INFINITY;
           sc[t][e] = x;
           cmax[e & 1] = fmaxf(cmax[e & 1], x);
         }
@@ -711,15 +791,16 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     });
   }
 
-  finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i, h0, lane);
+  finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);
 }
 
 // ------------------------------------------------------------------------------ dQ
 // Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
 // gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh). QPW = 2 (LEAN
-// only): query pairs as in the forward.
-template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
+// only): query pairs as in the forward (DD: without repeated keys).
+template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
+          bool DD = false>
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
     attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
                       const TcGrid grid) {
   using C = TcCfg<D>;
@@ -742,7 +823,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   const int64_t my_row = (b * L + i + ql) * Hq + h0 + hl % HPW;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
-  TcWarp<T, C, Policy, LEAN, QPW> w;
+  TcWarp<T, C, Policy, LEAN, QPW, DD> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
   w.kbase = p.k.at(b, 0, g);
@@ -802,15 +883,19 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
       const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
       if constexpr (QPW == 1) {
         w.n_slots = pol.fwd_slots(b, i, g);
+      } else if constexpr (DD) {
+        w.pair_slots_dedupe(pol, qbits);
       } else {
         w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
         w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
       }
-      w.for_each_chunk(pol, [&](int buf, int cnt, int c0) {
+      w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
         const E* kb = w.kbuf(buf);
         const E* vb = w.vbuf(buf);
-        // Chunk positions of this lane's columns: [lo, hi) (empty for padding columns).
+        // Chunk positions of this lane's columns: [lo, hi) (empty for padding columns); DD:
+        // the bits of cm, shifted by gid.
         int lo[2], hi[2];
+        unsigned cm[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           if (cq[j] >= QPW) {
@@ -822,6 +907,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
             lo[j] = cq[j] == 0 ? 0 : c0;
             hi[j] = cq[j] == 0 ? c0 : cnt;
           }
+          cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u)
+                              : (cq[j] == 1 ? m2 : 0u)) >> gid;
         }
 #pragma unroll
         for (int t = 0; t < C::KT; ++t) {
@@ -841,7 +928,9 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
             for (int e = 0; e < 4; ++e) {
               const int key = t * 16 + gid + (e >> 1) * 8;
               const int j = e & 1;
-              sc[e] = key >= lo[j] && key < hi[j]
+              const bool in = DD ? ((cm[j] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u
+                                 : key >= lo[j] && key < hi[j];
+              sc[e] = in
                           ? (LEAN ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
                                   : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
                                 (dp[e] - my_dlt[j])
@@ -881,6 +970,15 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 //   int key_end(i) const;               // keys >= key_end(i) never attend (length, causal)
 //   bool keys_all_valid() const;        // no key padding: key_valid(b, j) is always true
 // Everything else of the mask (key_valid, query_valid) comes from the usual hooks.
+// A Policy with `static constexpr bool kGateEpilogue = true` (the sliding window: the last
+// branch of blossom_attention's forward) gets the gated instance of the query-pair forward
+// (attn_gate_epilogue.cuh); the others are not built with it.
+template <class P, class = void>
+struct has_gate_epilogue : std::false_type {};
+template <class P>
+struct has_gate_epilogue<P, std::void_t<decltype(P::kGateEpilogue)>>
+    : std::integral_constant<bool, P::kGateEpilogue> {};
+
 template <class P, class = void>
 struct has_block_chunks : std::false_type {};
 template <class P>
@@ -1404,6 +1502,14 @@ inline bool slot_pairs_on(bool dq) {
   return !off && !query_groups_off(dq);
 }
 
+// Query pairs without repeated keys (TcWarp DD): on unless BLOSSOM_OPS_CUDA_SLOT_DEDUPE=0
+// (read once), and only where the policy describes query i + 1's tail (pair_dedupe_ok).
+template <class Policy>
+inline bool slot_dedupe_on(const Policy& pol) {
+  static const bool off = env_equals("BLOSSOM_OPS_CUDA_SLOT_DEDUPE", "0");
+  return !off && pol.pair_dedupe_ok();
+}
+
 inline unsigned stage_grid(int64_t warps) {
   const int64_t blocks = ceil_div(warps, kStageWarps);
   BLOSSOM_CHECK(blocks < (int64_t(1) << 31), "blossom_ops: problem too large for one launch");
@@ -1411,9 +1517,11 @@ inline unsigned stage_grid(int64_t warps) {
 }
 
 // Launches the staged forward if it covers this case; false means "use the simple kernel".
+// *gated: whether it applied p.gate (only the query-pair instance of a Policy with
+// kGateEpilogue does, when gate_epilogue_usable); untouched otherwise.
 template <typename T, class Policy>
 bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol, bool vec,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, bool* gated = nullptr) {
   if constexpr (!stage_type_ok<T>()) {
     return false;
   } else {
@@ -1444,7 +1552,27 @@ bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol,
         if (lean && warps < (int64_t(1) << 31)) {
           if (HPW <= 4 && slot_pairs_on(false)) {
             const int64_t pw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + 1) / 2);
+            if (slot_dedupe_on(pol)) {
+              auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,
+                                               HPW <= 4>;
+              if constexpr (has_gate_epilogue<Policy>::value && HPW <= 4) {
+                if (gated != nullptr && gate_epilogue_usable(p)) {
+                  kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, 2, true, true>;
+                  *gated = true;
+                }
+              }
+              stage_smem_attr(kernel, bytes);
+              kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(
+                  p, pol, TcGrid::make(s, HPW, 2));
+              return;
+            }
             auto kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;
+            if constexpr (has_gate_epilogue<Policy>::value && HPW <= 4) {
+              if (gated != nullptr && gate_epilogue_usable(p)) {
+                kernel = attn_fwd_kernel_tc<T, D, HPW, Policy, true, 2, false, true>;
+                *gated = true;
+              }
+            }
             stage_smem_attr(kernel, bytes);
             kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(p, pol,
                                                                         TcGrid::make(s, HPW, 2));
@@ -1496,6 +1624,14 @@ bool launch_attn_dq_staged(const AttnBwdParams<T, float>& p, const Policy& pol, 
         if (lean && warps < (int64_t(1) << 31)) {
           if (HPW <= 4 && slot_pairs_on(true)) {
             const int64_t pw = s.batch * s.kv_heads * (s.group() / HPW) * ((s.q_len + 1) / 2);
+            if (slot_dedupe_on(pol)) {
+              auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1,
+                                              HPW <= 4>;
+              stage_smem_attr(kernel, bytes);
+              kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(
+                  p, pol, delta, TcGrid::make(s, HPW, 2));
+              return;
+            }
             auto kernel = attn_dq_kernel_tc<T, D, HPW, Policy, true, HPW <= 4 ? 2 : 1>;
             stage_smem_attr(kernel, bytes);
             kernel<<<stage_grid(pw), kStageWarps * 32, bytes, stream>>>(

@@ -27,6 +27,20 @@ struct CompressedPolicy {
   __device__ __forceinline__ int64_t fwd_key(int64_t b, int64_t, int64_t, int64_t n) const {
     return valid_cmp(b, n) ? n : -1;
   }
+  // Query pairs without repeated keys (attn_staged_tc.cuh, TcWarp DD): query i + 1 sees the
+  // tokens of query i and those of slots [fwd_slots(i), fwd_slots(i + 1)) (causal: 0 or 1).
+  bool pair_dedupe_ok() const { return true; }
+  __device__ __forceinline__ void pair_tail(int64_t b, int64_t i, int64_t g, int64_t& a,
+                                            int64_t& first, int64_t& n) const {
+    a = -1;
+    first = fwd_slots(b, i, g);
+    n = fwd_slots(b, i + 1, g) - first;
+  }
+  // Query q attends token t of query q - 1's list: always ((t + 1) * stride - 1 <= q - 1
+  // when causal), so query i's entries all count for query i + 1.
+  __device__ __forceinline__ bool pair_attends(int64_t, int64_t, int64_t) const {
+    return true;
+  }
   __device__ __forceinline__ int64_t first_query(int64_t t) const {
     return causal ? (t + 1) * stride - 1 : 0;
   }

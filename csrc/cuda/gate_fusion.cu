@@ -1,10 +1,13 @@
 // gate_fusion on the GPU: out = sum_r sigmoid(gate[row, r]) * branch[r][row, :].
+// blossom_attention's composed forward applies the same gate in its window branch's epilogue
+// instead (attn_gate_epilogue.cuh), bit for bit; this kernel stays its fallback and the op's.
 // Memory-bound: one thread per 8-element chunk (16-byte accesses for 16-bit types when
 // D % 8 == 0 and the buffers are aligned). The backward reduces grad_out . branch[r] per row
 // inside a sub-group of lanes (fixed butterfly, so grad_gate is bit-reproducible).
 // The branches are addressed through a pointer list (BranchList), so blossom_attention can
 // hand its separately allocated branch outputs over without stacking them first (at::stack
 // was a full extra read and write of every branch: 0.5 ms of 17.5 at D=64 L=4096).
+#include "cuda/attn_gate_epilogue.cuh"
 #include "cuda/attn_kernels.cuh"
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
@@ -15,7 +18,9 @@ namespace {
 
 using namespace detail;
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
+// One definition with the gate epilogue of blossom_attention's window forward, which must
+// give the same bits (attn_gate_epilogue.cuh).
+__device__ __forceinline__ float sigmoidf(float x) { return gate_sigmoid_ieee(x); }
 
 // Branch r of the inputs (and of the gradients) at in[r] / grad[r] when r < kListMax; past
 // that (only the stacked gate_fusion op can have R > kListMax) at base + r * stride.

@@ -22,8 +22,11 @@
 namespace blossom {
 namespace gpu {
 
+// Returns whether it applied p.gate (blossom_attention's gate in the epilogue: only its
+// query-pair staged kernel does, when the buffers allow and BLOSSOM_OPS_CUDA_GATE_EPILOGUE is
+// not 0); false: p.gate.out was not written and the caller runs the gate kernel.
 template <typename T>
-void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
+bool sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
                                   cudaStream_t stream);
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
                                                     const SlidingWindowMask& m,

@@ -15,12 +15,25 @@ namespace gpu {
 namespace {
 
 struct SlidingPolicy {
+  // The last branch of blossom_attention's forward: its query-pair kernel may apply the gate
+  // in the epilogue (attn_gate_epilogue.cuh).
+  static constexpr bool kGateEpilogue = true;
   int64_t L = 0;
   int64_t band = 0;   // distances 0 .. band-1 are in the window
   int64_t n_pow = 0;  // dilation distances 2^(p0 + k), k < n_pow (all >= window, <= L - 1)
   int p0 = 0;
   bool causal = true;
   Validity valid;
+  // Query pairs without repeated keys (attn_staged_tc.cuh, TcWarp DD): the slots of query
+  // i + 1 whose keys query i does not attend are pair_a (when >= 0), then pair_b .. slots() - 1.
+  // Which of i + 1's slots query i shares depends only on the offsets (a key outside [0, L) or
+  // invalid is dropped by both), so make() finds them once; pair_ok = false when they do not
+  // have this form (the pairs then stage shared keys twice).
+  int64_t pair_a = -1, pair_b = 0;
+  bool pair_ok = false;
+  // near() in 32 bits for the kernels (keys < 2^31 there: kidx holds ints): the band, and
+  // the smallest dilation distance (INT_MAX without dilation distances).
+  int band32 = 0, pow_lo32 = 0x7fffffff;
 
   static SlidingPolicy make(int64_t L, const SlidingWindowMask& m, const Validity& valid) {
     SlidingPolicy pol;
@@ -38,15 +51,67 @@ struct SlidingPolicy {
         ++p;
       }
     }
+    pol.find_pair_tail();
+    pol.band32 = static_cast<int>(pol.band < 0x7fffffff ? pol.band : 0x7fffffff);
+    pol.pow_lo32 = pol.n_pow > 0 && pol.p0 < 31 ? (1 << pol.p0) : 0x7fffffff;
     return pol;
   }
 
-  __device__ __forceinline__ int64_t slots() const {
+  // Whether a query attends the key at signed distance d = i - j (causal: d >= 0): the band,
+  // or a power of two >= 2^p0 (<= L - 1 for keys in range, so one of the n_pow distances).
+  __host__ __device__ __forceinline__ bool near(int64_t d) const {
+    if (causal ? d < 0 : false) return false;
+    const int64_t a = d < 0 ? -d : d;
+    return a < band || (n_pow > 0 && a >= (int64_t(1) << p0) && (a & (a - 1)) == 0);
+  }
+
+  // Host: query i + 1's slots n whose key (distance offset(n) - 1 from query i, causal;
+  // -(offset(n) + 1) otherwise) query i does not attend, as {pair_a} + [pair_b, slots()).
+  void find_pair_tail() {
+    const int64_t ns = slots();
+    int64_t first = -1, second = -1, count = 0;
+    for (int64_t n = 0; n < ns; ++n) {
+      const int64_t o = offset(n);
+      if (near(causal ? o - 1 : -(o + 1))) continue;  // shared with query i
+      if (count == 0) first = n;
+      if (count == 1) second = n;
+      ++count;
+    }
+    pair_ok = true;
+    if (count == 0) {
+      pair_a = -1;
+      pair_b = ns;
+    } else if (first + count == ns) {  // one run to the end
+      pair_a = -1;
+      pair_b = first;
+    } else if (count == 1 || second + (count - 1) == ns) {  // one slot, then a run to the end
+      pair_a = first;
+      pair_b = count == 1 ? ns : second;
+    } else {
+      pair_ok = false;
+    }
+  }
+
+  bool pair_dedupe_ok() const { return pair_ok; }
+  __device__ __forceinline__ void pair_tail(int64_t, int64_t, int64_t, int64_t& a,
+                                            int64_t& first, int64_t& n) const {
+    a = pair_a;
+    first = pair_b;
+    n = (pair_a >= 0 ? 1 : 0) + slots() - pair_b;
+  }
+  // Query q attends key j (valid, in [0, L)): near(q - j) in 32 bits (|q - j| < 2^31).
+  __device__ __forceinline__ bool pair_attends(int64_t, int64_t q, int64_t j) const {
+    const int d = static_cast<int>(q - j), a = d < 0 ? -d : d;
+    const bool side = causal ? d >= 0 : true;
+    return side & ((a < band32) | ((a >= pow_lo32) & ((a & (a - 1)) == 0)));
+  }
+
+  __host__ __device__ __forceinline__ int64_t slots() const {
     return causal ? band + n_pow : (band > 0 ? 2 * band - 1 : 0) + 2 * n_pow;
   }
   // Signed offset of slot n (key = i - offset when causal, else i + offset). The set of
   // offsets is symmetric when not causal, so the same list serves both directions.
-  __device__ __forceinline__ int64_t offset(int64_t n) const {
+  __host__ __device__ __forceinline__ int64_t offset(int64_t n) const {
     if (causal) return n < band ? n : (int64_t(1) << (p0 + (n - band)));
     const int64_t nb = band > 0 ? 2 * band - 1 : 0;
     if (n < nb) return n - (band - 1);
@@ -72,10 +137,10 @@ struct SlidingPolicy {
 }  // namespace
 
 template <typename T>
-void sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
+bool sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const SlidingWindowMask& m,
                                   cudaStream_t stream) {
   const auto pol = SlidingPolicy::make(p.shape.q_len, m, p.valid);
-  detail::launch_attn_fwd(p, pol, stream, "sliding_window_attention_fwd");
+  return detail::launch_attn_fwd(p, pol, stream, "sliding_window_attention_fwd");
 }
 
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
@@ -105,7 +170,7 @@ void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const Slidin
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                               \
-  template void sliding_window_attention_fwd<T>(const AttnFwdParams<T, float>&,              \
+  template bool sliding_window_attention_fwd<T>(const AttnFwdParams<T, float>&,              \
                                                 const SlidingWindowMask&, cudaStream_t);     \
   template void sliding_window_attention_bwd<T>(const AttnBwdParams<T, float>&,              \
                                                 const SlidingWindowMask&, void*, size_t,     \

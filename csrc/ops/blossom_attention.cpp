@@ -6,6 +6,10 @@
 // k_pos / v_pos (heads, block_len, head_dim), the integer parameters, then lengths /
 // valid, which are resolved once into a bool [B, L] mask handed to every part.
 //
+// Forward on CUDA, composed path: the window branch runs last and applies the gate in its
+// epilogue (csrc/cuda/attn_gate_epilogue.cuh) when its query-pair kernel runs; otherwise, and
+// with BLOSSOM_OPS_CUDA_GATE_EPILOGUE=0, the separate gate kernel (fuse_gate) does.
+//
 // Backward on CUDA, composed path (whatever the fused short path does not take: L > 256,
 // R = 3, fp32, ...): the gate backward is folded into the branches' own backwards (GateFold
 // in ops.h, the *_backward_gated bindings, csrc/cuda/attn_gate_fold.cuh). Each branch is
@@ -105,12 +109,14 @@ GateParams<T> gate_params(const at::Tensor& like, const at::Tensor& gate, int64_
 
 // The gate reads (and its backward writes) the branch tensors in place, through pointer
 // lists: the gate_fusion op takes them stacked, and stacking copies R full-size tensors.
-// Branches have q's shape and dtype (checked by the caller).
-at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& gate_logits) {
+// Branches have q's shape and dtype (checked by the caller). `into`: a contiguous tensor of
+// their shape to write (the one the gate epilogue was offered), else a new one.
+at::Tensor fuse_gate(const std::vector<at::Tensor>& branches, const at::Tensor& gate_logits,
+                     const at::Tensor& into = at::Tensor()) {
   const at::Tensor gate = gate_logits.contiguous();
   std::vector<at::Tensor> br;
   for (const at::Tensor& b : branches) br.push_back(b.contiguous());
-  at::Tensor out = at::empty_like(br[0], at::MemoryFormat::Contiguous);
+  at::Tensor out = into.defined() ? into : at::empty_like(br[0], at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   dispatch_gate(out, [&](auto tag) {
     using T = decltype(tag);
@@ -220,20 +226,40 @@ BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp;
   std::tie(o_sel, lse_sel) =
       block_sparse_attention(q, k, v, idx, none, ok, block_size, causal, scale);
-  std::tie(o_win, lse_win) =
-      sliding_window_attention(q, k, v, none, ok, window, dilated, causal, scale);
-  std::vector<at::Tensor> branches{o_sel, o_win};
   if (R == 3) {
     const at::Tensor v_cmp = std::get<0>(block_compress(v, v_pos, none, ok, block_len, stride));
     std::tie(o_cmp, lse_cmp) =
         compressed_attention(q, k_cmp, v_cmp, none, ok, block_len, stride, causal, scale);
-    branches.push_back(o_cmp);
   } else {
     // Same placeholders as the fake kernel in blossom_ops/ops.py.
     o_cmp = at::empty({0}, q.options());
     lse_cmp = at::empty({0}, q.options().dtype(acc_dtype(q.scalar_type())));
   }
-  const at::Tensor out = fuse_gate(branches, gate_logits);
+  // The window runs last (the branches are independent): on CUDA its forward may apply the
+  // gate in its epilogue (GateEpilogue in ops.h), reading the other branches' outputs, so
+  // the separate gate kernel does not run. Bit-identical to it; contiguous buffers only.
+  at::Tensor out;
+  bool gated = false;
+  if (q.is_cuda() && q.numel() > 0 && gate_logits.is_contiguous() && o_sel.is_contiguous() &&
+      (R == 2 || o_cmp.is_contiguous())) {
+    GateEpilogue ge;
+    ge.logits = gate_logits;
+    ge.branches = {o_sel, at::Tensor()};
+    if (R == 3) ge.branches.push_back(o_cmp);
+    ge.self = 1;
+    ge.out = at::empty_like(o_sel, at::MemoryFormat::Contiguous);
+    std::tie(o_win, lse_win) = sliding_window_attention_gated(q, k, v, ok, window, dilated,
+                                                              causal, scale, ge, &gated);
+    out = ge.out;
+  } else {
+    std::tie(o_win, lse_win) =
+        sliding_window_attention(q, k, v, none, ok, window, dilated, causal, scale);
+  }
+  if (!gated) {
+    std::vector<at::Tensor> branches{o_sel, o_win};
+    if (R == 3) branches.push_back(o_cmp);
+    out = fuse_gate(branches, gate_logits, out);
+  }
   return {out, o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp, idx};
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -24,6 +25,20 @@ struct GateFold {
   int64_t r = 0;      // the branch's index in the last dimension
 };
 
+// CUDA only, for blossom_attention's composed forward, whose last branch is the sliding
+// window: the gate applied in the window forward's epilogue (GateEpilogueParams in
+// common/params.h, csrc/cuda/attn_gate_epilogue.cuh), out = sum_r sigmoid(logits[..., r]) *
+// branch_r, bit-identical to the gate kernel on the stored branch outputs. All contiguous, on
+// q's device, q's dtype: logits [B, L, Hq, R] (R = 2 or 3), branches[r] (q's shape) the
+// branch outputs in gate order with branches[self] undefined (the window's own output),
+// out q's shape.
+struct GateEpilogue {
+  at::Tensor logits;
+  std::vector<at::Tensor> branches;
+  int64_t self = 1;
+  at::Tensor out;
+};
+
 // csrc/ops/sliding_window_attention.cpp
 Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const OptTensor& lengths, const OptTensor& valid,
@@ -34,6 +49,14 @@ Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptT
                                           const at::Tensor& lse, const OptTensor& lengths,
                                           const OptTensor& valid, int64_t window, bool dilated,
                                           bool causal, double scale);
+// CUDA only: sliding_window_attention's (out, lse), with the gate applied in its epilogue
+// when the kernel that runs has the gated epilogue (16-bit, the query-pair fast path, and
+// BLOSSOM_OPS_CUDA_GATE_EPILOGUE not 0): *applied then says gate.out holds the gated sum;
+// false: gate.out was not written, the caller runs the gate kernel.
+Tensor2 sliding_window_attention_gated(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const OptTensor& valid,
+                                       int64_t window, bool dilated, bool causal, double scale,
+                                       const GateEpilogue& gate, bool* applied);
 // CUDA only: adds this op's gradients to grad_q / grad_k / grad_v (q's, k's, v's shape and
 // dtype, on q's device) in the kernels' own stores, instead of returning new tensors: the
 // second branch of blossom_attention's backward, without a separate add pass.

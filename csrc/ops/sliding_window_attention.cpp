@@ -30,12 +30,38 @@ SlidingWindowMask make_mask(int64_t seq_len, int64_t window, bool dilated, bool 
   return m;
 }
 
-}  // namespace
+// The gate epilogue's tensors, checked against q (GateEpilogue in ops.h).
+void check_gate_epilogue(const char* op, const GateEpilogue& gate, const at::Tensor& q) {
+  BLOSSOM_CHECK(q.is_cuda(), op, ": the gate epilogue is implemented for CUDA tensors only");
+  BLOSSOM_CHECK(gate.logits.defined() && gate.logits.dim() == 4, op,
+               ": gate_logits must have shape (batch, seq, q_heads, R)");
+  const int64_t R = gate.logits.size(3);
+  BLOSSOM_CHECK(R == 2 || R == 3, op, ": the gate epilogue takes 2 or 3 branches, got ", R);
+  check_like(op, "gate_logits", gate.logits, q, {q.size(0), q.size(1), q.size(2), R},
+             "(batch, seq, q_heads, R)");
+  BLOSSOM_CHECK(gate.logits.is_contiguous(), op, ": gate_logits must be contiguous");
+  BLOSSOM_CHECK(static_cast<int64_t>(gate.branches.size()) == R && gate.self >= 0 &&
+                    gate.self < R,
+                op, ": the gate epilogue needs R branch slots and this branch's index");
+  for (int64_t r = 0; r < R; ++r) {
+    if (r == gate.self) continue;
+    const at::Tensor& b = gate.branches[static_cast<size_t>(r)];
+    BLOSSOM_CHECK(b.defined(), op, ": gate branch ", r, " missing");
+    check_like(op, "gate branch", b, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
+    BLOSSOM_CHECK(b.is_contiguous(), op, ": gate branch ", r, " must be contiguous");
+  }
+  BLOSSOM_CHECK(gate.out.defined(), op, ": the gate epilogue needs an output tensor");
+  check_like(op, "gated out", gate.out, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
+  BLOSSOM_CHECK(gate.out.is_contiguous(), op, ": the gated output must be contiguous");
+}
 
-Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const OptTensor& lengths, const OptTensor& valid,
-                                 int64_t window, bool dilated, bool causal, double scale) {
+// The forward; with `gate`, *applied tells whether the kernel wrote gate->out.
+Tensor2 forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const OptTensor& lengths, const OptTensor& valid, int64_t window, bool dilated,
+                bool causal, double scale, const GateEpilogue* gate, bool* applied) {
+  if (applied != nullptr) *applied = false;
   check_attention_inputs(kOp, q, k, v);
+  if (gate != nullptr) check_gate_epilogue(kOp, *gate, q);
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
   const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
   at::Tensor out, lse;
@@ -46,8 +72,19 @@ Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const
     const c10::cuda::CUDAGuard guard(q.device());
     attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
       using T = typename decltype(types)::T;
-      gpu::sliding_window_attention_fwd<T>(attn::fwd_params<T, float>(q, k, v, out, lse, ok, scale),
-                                           m, at::cuda::getCurrentCUDAStream());
+      auto p = attn::fwd_params<T, float>(q, k, v, out, lse, ok, scale);
+      if (gate != nullptr) {
+        p.gate.logits = gate->logits.const_data_ptr<T>();
+        for (size_t r = 0; r < gate->branches.size(); ++r)
+          if (static_cast<int64_t>(r) != gate->self)
+            p.gate.branch[r] = gate->branches[r].const_data_ptr<T>();
+        p.gate.out = gate->out.mutable_data_ptr<T>();
+        p.gate.branches = static_cast<int32_t>(gate->branches.size());
+        p.gate.self = static_cast<int32_t>(gate->self);
+      }
+      const bool gated =
+          gpu::sliding_window_attention_fwd<T>(p, m, at::cuda::getCurrentCUDAStream());
+      if (applied != nullptr) *applied = gate != nullptr && gated;
     });
     return {out, lse};
   }
@@ -59,6 +96,21 @@ Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const
         attn::fwd_params<T, Acc>(q, k, v, out, lse, ok, scale), m);
   });
   return {out, lse};
+}
+
+}  // namespace
+
+Tensor2 sliding_window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const OptTensor& lengths, const OptTensor& valid,
+                                 int64_t window, bool dilated, bool causal, double scale) {
+  return forward(q, k, v, lengths, valid, window, dilated, causal, scale, nullptr, nullptr);
+}
+
+Tensor2 sliding_window_attention_gated(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const OptTensor& valid,
+                                       int64_t window, bool dilated, bool causal, double scale,
+                                       const GateEpilogue& gate, bool* applied) {
+  return forward(q, k, v, c10::nullopt, valid, window, dilated, causal, scale, &gate, applied);
 }
 
 namespace {
