@@ -750,6 +750,20 @@ __global__ void __launch_bounds__(kThreads, 4)
     select_mma2_kernel_r128(const SelectParams<T> p, const int64_t C) {
   select_mma2_body<T, DP, G, N>(p, C);
 }
+// Trial (session 8): the same at MINB CTAs per SM (5: <= 102 registers, 6: <= 80), for G = 4
+// only; Nsight Compute showed the r128 kernel latency-bound at 4 CTAs (1.04 eligible warps per
+// scheduler). BLOSSOM_OPS_CUDA_SELECT_CTAS=5 or 6 picks it (read once), for an A/B.
+template <typename T, int DP, int G, int N, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB)
+    select_mma2_kernel_occ(const SelectParams<T> p, const int64_t C) {
+  select_mma2_body<T, DP, G, N>(p, C);
+}
+inline int select_ctas_requested() {
+  static const int n = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "6")   ? 6
+                       : env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "5") ? 5
+                                                                          : 0;
+  return n;
+}
 // Where ptxas fits the cap without spills (nvcc 13, sm_90, scripts/nvcc_check.sh with
 // PTXAS_VERBOSE=1 on the whole translation unit): G >= 4 (120-128 registers; at DP = 128 and
 // N = 8 only G = 4, 8: G = 16 spills 12 bytes), and G = 2 at DP <= 32 (123-128) or DP = 64
@@ -774,6 +788,10 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
   if constexpr (kCapRegs<DP, G, N>) kernel = select_mma2_kernel_r128<T, DP, G, N>;
   else kernel = select_mma2_kernel<T, DP, G, N>;
+  if constexpr (G == 4) {
+    if (select_ctas_requested() == 5) kernel = select_mma2_kernel_occ<T, DP, G, N, 5>;
+    if (select_ctas_requested() == 6) kernel = select_mma2_kernel_occ<T, DP, G, N, 6>;
+  }
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(bytes));
