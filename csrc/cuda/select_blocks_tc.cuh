@@ -750,6 +750,24 @@ __global__ void __launch_bounds__(kThreads, 4)
     select_mma2_kernel_r128(const SelectParams<T> p, const int64_t C) {
   select_mma2_body<T, DP, G, N>(p, C);
 }
+// Same at MINB CTAs per SM, for G = 4. Nsight Compute (session 8) showed the r128 kernel
+// latency-bound at 4 CTAs per SM (1.04 eligible warps per scheduler, 25% occupancy); at 6
+// CTAs (<= 80 registers) ptxas spills 100-250 bytes at DP <= 64 (more at DP = 128), and it
+// is still faster: H100, B=64 Hq=8 Hk=2 bf16, D=16 L=16384 5.17 -> 4.41 ms, D=16 L=4096
+// 0.629 -> 0.543, D=64 L=4096 0.826 -> 0.752 (5 CTAs, 96 registers: 4.72 / 0.577 / 0.785).
+// The default for G = 4 is 6; BLOSSOM_OPS_CUDA_SELECT_CTAS=4 keeps the r128 kernel, =8 tries
+// 8 CTAs (<= 64 registers); read once.
+template <typename T, int DP, int G, int N, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB)
+    select_mma2_kernel_occ(const SelectParams<T> p, const int64_t C) {
+  select_mma2_body<T, DP, G, N>(p, C);
+}
+inline int select_ctas_g4() {
+  static const int n = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "4")   ? 4
+                       : env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "8") ? 8
+                                                                          : 6;
+  return n;
+}
 // Where ptxas fits the cap without spills (nvcc 13, sm_90, scripts/nvcc_check.sh with
 // PTXAS_VERBOSE=1 on the whole translation unit): G >= 4 (120-128 registers; at DP = 128 and
 // N = 8 only G = 4, 8: G = 16 spills 12 bytes), and G = 2 at DP <= 32 (123-128) or DP = 64
@@ -774,6 +792,10 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
   if constexpr (kCapRegs<DP, G, N>) kernel = select_mma2_kernel_r128<T, DP, G, N>;
   else kernel = select_mma2_kernel<T, DP, G, N>;
+  if constexpr (G == 4) {
+    if (select_ctas_g4() == 6) kernel = select_mma2_kernel_occ<T, DP, G, N, 6>;
+    if (select_ctas_g4() == 8) kernel = select_mma2_kernel_occ<T, DP, G, N, 8>;
+  }
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(bytes));
