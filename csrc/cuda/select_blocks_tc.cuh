@@ -762,6 +762,15 @@ __global__ void __launch_bounds__(kThreads, MINB)
     select_mma2_kernel_occ(const SelectParams<T> p, const int64_t C) {
   select_mma2_body<T, DP, G, N>(p, C);
 }
+// Trial for the other group sizes (G = 1, 2, 8 at DP = 16 / 64, where the kernel keeps its
+// plain bounds or r128): BLOSSOM_OPS_CUDA_SELECT_CTAS_OTHER=4 or 6 (read once) launches
+// select_mma2_kernel_occ at that many CTAs per SM; unset, nothing changes.
+inline int select_ctas_other() {
+  static const int n = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS_OTHER", "4")   ? 4
+                       : env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS_OTHER", "6") ? 6
+                                                                                : 0;
+  return n;
+}
 inline int select_ctas_g4() {
   static const int n = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "4")   ? 4
                        : env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "8") ? 8
@@ -795,6 +804,10 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   if constexpr (G == 4) {
     if (select_ctas_g4() == 6) kernel = select_mma2_kernel_occ<T, DP, G, N, 6>;
     if (select_ctas_g4() == 8) kernel = select_mma2_kernel_occ<T, DP, G, N, 8>;
+  }
+  if constexpr ((G == 1 || G == 2 || G == 8) && (DP == 16 || DP == 64)) {
+    if (select_ctas_other() == 4) kernel = select_mma2_kernel_occ<T, DP, G, N, 4>;
+    if (select_ctas_other() == 6) kernel = select_mma2_kernel_occ<T, DP, G, N, 6>;
   }
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
