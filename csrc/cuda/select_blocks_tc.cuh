@@ -750,23 +750,39 @@ __global__ void __launch_bounds__(kThreads, 4)
     select_mma2_kernel_r128(const SelectParams<T> p, const int64_t C) {
   select_mma2_body<T, DP, G, N>(p, C);
 }
-// Same at MINB CTAs per SM, for G = 4. Nsight Compute (session 8) showed the r128 kernel
-// latency-bound at 4 CTAs per SM (1.04 eligible warps per scheduler, 25% occupancy); at 6
-// CTAs (<= 80 registers) ptxas spills 100-250 bytes at DP <= 64 (more at DP = 128), and it
-// is still faster: H100, B=64 Hq=8 Hk=2 bf16, D=16 L=16384 5.17 -> 4.41 ms, D=16 L=4096
-// 0.629 -> 0.543, D=64 L=4096 0.826 -> 0.752 (5 CTAs, 96 registers: 4.72 / 0.577 / 0.785).
-// The default for G = 4 is 6; BLOSSOM_OPS_CUDA_SELECT_CTAS=4 keeps the r128 kernel, =8 tries
-// 8 CTAs (<= 64 registers); read once.
+// Same body at MINB CTAs per SM. Nsight Compute (session 8) showed the r128 kernel
+// latency-bound at 4 CTAs per SM (1.04 eligible warps per scheduler, 25% occupancy); more
+// CTAs with fewer registers win even where ptxas spills a little (80 registers at 6 CTAs:
+// 100-250 bytes at DP <= 64). Selection kernel ms, H100, B=64 Hq=8 bf16, one blossom_attention
+// fwd+bwd (benchmarks/results/gpu_h100_2026-11-27k.txt and -27l.txt):
+//   G (Hk)   case            previous bounds   4 CTAs   6 CTAs
+//   4 (2)    D=16 L=16384    5.23 (r128)       -        4.43
+//   4 (2)    D=64 L=4096     0.824 (r128)      -        0.752
+//   1 (8)    D=16 L=16384    13.36 (plain)     12.48    13.39
+//   1 (8)    D=64 L=4096     2.02 (plain)      1.88     2.82
+//   2 (4)    D=16 L=16384    7.19 (r128)       7.12     6.71
+//   2 (4)    D=64 L=4096     1.11 (r128)       1.10     1.30
+//   8 (1)    D=16 L=16384    4.90 (r128)       4.92     4.29
+//   8 (1)    D=64 L=4096     0.798 (r128)      0.797    0.739
+// kSelectCtas picks the best measured bound per (DP, G) for top_n <= 4 (N = 4, the default;
+// N = 8 spills up to 2 KB at 6 CTAs and was not timed); 0 keeps the kernel's own (plain or
+// r128). DP = 32 follows DP = 16 / 64 where both agree (G = 4, 8: not timed, spills as small);
+// DP = 128 (3 KB of spills at 6 CTAs) keeps its bounds. BLOSSOM_OPS_CUDA_SELECT_CTAS=old
+// (read once) keeps the previous bounds everywhere, for A/B runs.
 template <typename T, int DP, int G, int N, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB)
     select_mma2_kernel_occ(const SelectParams<T> p, const int64_t C) {
   select_mma2_body<T, DP, G, N>(p, C);
 }
-inline int select_ctas_g4() {
-  static const int n = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "4")   ? 4
-                       : env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "8") ? 8
-                                                                          : 6;
-  return n;
+template <int DP, int G, int N>
+constexpr int kSelectCtas = N != 4                              ? 0  // top_n > 4: longer lists, more spills
+                            : (G == 4 || G == 8) && DP <= 64   ? 6
+                            : G == 2 && DP == 16               ? 6
+                            : G == 1 && (DP == 16 || DP == 64) ? 4
+                                                               : 0;
+inline bool select_ctas_old() {
+  static const bool old = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "old");
+  return old;
 }
 // Where ptxas fits the cap without spills (nvcc 13, sm_90, scripts/nvcc_check.sh with
 // PTXAS_VERBOSE=1 on the whole translation unit): G >= 4 (120-128 registers; at DP = 128 and
@@ -792,9 +808,9 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
   if constexpr (kCapRegs<DP, G, N>) kernel = select_mma2_kernel_r128<T, DP, G, N>;
   else kernel = select_mma2_kernel<T, DP, G, N>;
-  if constexpr (G == 4) {
-    if (select_ctas_g4() == 6) kernel = select_mma2_kernel_occ<T, DP, G, N, 6>;
-    if (select_ctas_g4() == 8) kernel = select_mma2_kernel_occ<T, DP, G, N, 8>;
+  if constexpr (kSelectCtas<DP, G, N> > 0) {
+    if (!select_ctas_old())
+      kernel = select_mma2_kernel_occ<T, DP, G, N, kSelectCtas<DP, G, N>>;
   }
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
