@@ -117,22 +117,12 @@ def graph():
 
 
 def bench():
+    from check_short_gpu import cuda_time  # same directory; median of CUDA-event times
     for B, L, D in ((64, 4096, 64), (64, 4096, 16), (64, 16384, 64)):
         case = (B, L, 8, 2, D, 2, torch.bfloat16, False, False)
         t = inputs(case, 3)
         f = lambda: blossom_ops.blossom_attention(t["q"], t["k"], t["v"], t["gate_logits"])  # noqa: E731
-        for _ in range(3):
-            f()
-        ts = []
-        for _ in range(15):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            f()
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        ts.sort()
-        print(f"forward B={B} L={L} D={D} bf16: {ts[len(ts) // 2]:.3f} ms (median of 15)")
+        print(f"forward B={B} L={L} D={D} bf16: {cuda_time(f):.3f} ms (median of 20)")
         del t
         torch.cuda.empty_cache()
 

@@ -239,32 +239,28 @@ GATE_ANCHORS = [  # attn_gate_epilogue.cuh: stage_gate_weights and store8_gated'
 ]
 
 
+def check_anchors(name, text, anchors):
+    """Every (line, count) of anchors occurs count times in text (the source `name`)."""
+    for line, count in anchors:
+        got = text.count(line)
+        assert got == count, f"{name}: {line!r} found {got} times, the replay expects {count}"
+    return len(anchors)
+
+
 def check_source_anchors(src=None, policy_src=None):
     if src is None:
         with open(CUH) as fh:
             src = fh.read()
-    for text, count in SOURCE_ANCHORS:
-        got = src.count(text)
-        assert got == count, \
-            f"attn_staged_tc.cuh: {text!r} found {got} times, the replay expects {count}"
-    n = len(SOURCE_ANCHORS)
+    n = check_anchors("attn_staged_tc.cuh", src, SOURCE_ANCHORS)
     for f, anchors in POLICY_ANCHORS.items():
         if policy_src is not None and f in policy_src:
             psrc = policy_src[f]
         else:
             with open(os.path.join(os.path.dirname(CUH), f)) as fh:
                 psrc = fh.read()
-        for text, count in anchors:
-            got = psrc.count(text)
-            assert got == count, f"{f}: {text!r} found {got} times, the replay expects {count}"
-        n += len(anchors)
+        n += check_anchors(f, psrc, anchors)
     with open(GATE_CUH) as fh:
-        gsrc = fh.read()
-    for text, count in GATE_ANCHORS:
-        got = gsrc.count(text)
-        assert got == count, \
-            f"attn_gate_epilogue.cuh: {text!r} found {got} times, the replay expects {count}"
-    return n + len(GATE_ANCHORS)
+        return n + check_anchors("attn_gate_epilogue.cuh", fh.read(), GATE_ANCHORS)
 
 
 def check_launcher():
@@ -1198,8 +1194,7 @@ def check_source_plants():
         assert old in gsrc, old
         patched = gsrc.replace(old, new, 1)
         try:
-            for text, count in GATE_ANCHORS:
-                assert patched.count(text) == count
+            check_anchors("attn_gate_epilogue.cuh", patched, GATE_ANCHORS)
         except AssertionError:
             continue
         raise AssertionError(f"source mutation not caught: {old!r} -> {new!r}")
