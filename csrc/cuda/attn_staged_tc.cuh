@@ -575,6 +575,56 @@ __device__ __forceinline__ void store_dq_warp(const AttnBwdParams<T, float>& p, 
   });
 }
 
+// Prologue of both staged dQ kernels (per-slot and block-chunk): rowsum(dO * O) of each
+// (query, head) row of the warp, the per-row terms (dq_row_terms: delta, lse; gated: lse',
+// grad_gate) by lane n < NR for row n, delta = 0 for the rows of padded queries, then
+// body(my_lse2, my_dlt) with this lane's columns 2 tig + {0, 1} of those terms (shuffled;
+// lanes >= NR computed row 0: finite, and only read for padding columns) when some row has
+// terms. A gated backward (attn_gate_fold.cuh) also needs the rowsums of padded rows, for
+// their gate gradient: rbits, the queries whose rows get terms (warp-uniform), then holds
+// every query below L. Rows are head h0 + n % HPW of query i0 + n / HPW.
+template <typename T, int D, int HPW, int QPW, class Body>
+__device__ __forceinline__ void dq_prologue(const AttnBwdParams<T, float>& p,
+                                            float* __restrict__ delta, int64_t b, int64_t i0,
+                                            int64_t h0, unsigned qbits, int lane, Body&& body) {
+  constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
+  const int64_t L = p.shape.q_len, Hq = p.shape.q_heads;
+  const int tig = lane & 3;
+  // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
+  const int hl = lane < NR ? lane : 0, ql = hl / HPW;
+  const int64_t my_row = (b * L + i0 + ql) * Hq + h0 + hl % HPW;
+  unsigned rbits = qbits;
+  if (p.gate.ptr != nullptr) {
+#pragma unroll
+    for (int q = 0; q < QPW; ++q)
+      if (i0 + q < L) rbits |= 1u << q;
+  }
+  if (rbits != 0u) {
+    float xl;  // rowsum(dO * O) of lane hl's row
+    if constexpr (QPW == 1) {
+      xl = head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i0, h0, hl, lane);
+    } else {
+      xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i0, h0, rbits, hl, lane);
+    }
+    float t_dlt = 0.f, t_lse2 = 0.f;
+    if (((rbits >> ql) & 1u) != 0u) {
+      dq_row_terms(p, b, i0 + ql, h0 + hl % HPW, my_row, xl, ((qbits >> ql) & 1u) != 0u,
+                   lane < NR, delta, t_dlt, t_lse2);
+    } else if (lane < NR && i0 + ql < L) {
+      delta[my_row] = 0.f;
+    }
+    float my_lse2[2], my_dlt[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
+      my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
+    }
+    body(static_cast<const float(&)[2]>(my_lse2), static_cast<const float(&)[2]>(my_dlt));
+  } else if (lane < NR && i0 + ql < L) {
+    delta[my_row] = 0.f;
+  }
+}
+
 // Warp -> (b, query i, KV group g, first head h0) of the staged kernels; false past the
 // last warp. 32-bit division: stage_grid keeps the warp count below 2^32, and each 64-bit
 // division is a ~70-instruction call (four of them were ~10% of a block-sparse forward warp).
@@ -812,15 +862,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
   const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const AttnShape& s = p.shape;
-  const int64_t L = s.q_len, Hq = s.q_heads;
+  const int64_t L = s.q_len;
   int64_t b, i, g, h0;
   if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
            : !stage_coords<HPW>(s, wib, b, i, g, h0))
     return;  // uniform per warp
   i *= QPW;  // QPW = 2: the first query of the pair
-  // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
-  const int hl = lane < NR ? lane : 0, ql = hl / HPW;
-  const int64_t my_row = (b * L + i + ql) * Hq + h0 + hl % HPW;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
   TcWarp<T, C, Policy, LEAN, QPW, DD> w;
@@ -838,39 +885,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
   for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
   const unsigned qbits = group_query_bits<QPW>(pol, b, i, L);
-  // A gated backward (attn_gate_fold.cuh) also needs rowsum(dO * O) of the padded rows, for
-  // their gate gradient; rbits: the queries whose rows get their terms (warp-uniform).
-  unsigned rbits = qbits;
-  if (p.gate.ptr != nullptr) {
-#pragma unroll
-    for (int q = 0; q < QPW; ++q)
-      if (i + q < L) rbits |= 1u << q;
-  }
-  if (rbits != 0u) {
-    float xl;  // rowsum(dO * O) of lane hl's row
-    if constexpr (QPW == 1) {
-      xl = head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i, h0, hl, lane);
-    } else {
-      xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i, h0, rbits, hl, lane);
-    }
-    // Per-row terms of row hl by lane hl (delta, lse; gated: lse', grad_gate), then this
-    // lane's columns 2 tig + {0, 1} by shuffles (lanes >= NR computed row 0: finite, and only
-    // read for padding columns, whose dS is forced to 0).
-    float t_dlt = 0.f, t_lse2 = 0.f;
-    if (((rbits >> ql) & 1u) != 0u) {
-      dq_row_terms(p, b, i + ql, h0 + hl % HPW, my_row, xl, ((qbits >> ql) & 1u) != 0u,
-                   lane < NR, delta, t_dlt, t_lse2);
-    } else if (lane < NR && i + ql < L) {
-      delta[my_row] = 0.f;
-    }
-    float my_lse2[2], my_dlt[2];
+  // The rowsums and per-row terms (the padding columns' dS is forced to 0 below).
+  dq_prologue<T, D, HPW, QPW>(p, delta, b, i, h0, qbits, lane, [&](const float (&my_lse2)[2],
+                                                                    const float (&my_dlt)[2]) {
     int cq[2];  // this lane's columns: query i + cq[j] (cq >= QPW: padding column)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;
-      my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
-      my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
-    }
+    for (int j = 0; j < 2; ++j) cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;
     if (qbits != 0u) {
       uint32_t qb[C::NF][2], ob[C::NF][2];
       load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i, h0, qbits, lane);
@@ -949,9 +969,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
         }
       });
     }
-  } else if (lane < NR && i + ql < L) {
-    delta[my_row] = 0.f;
-  }
+  });
 
   store_dq_warp<C, HPW, QPW>(p, base, dq, b, i, h0, lane);
 }
@@ -1307,15 +1325,11 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
-  const int tig = lane & 3;
   const AttnShape& s = p.shape;
-  const int64_t L = s.q_len, Hq = s.q_heads;
+  const int64_t L = s.q_len;
   int64_t b, i0, g, h0;
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
-  // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
-  const int hl = lane < NR ? lane : 0, ql = hl / HPW;
-  const int64_t my_row = (b * L + i0 + ql) * Hq + h0 + hl % HPW;
 
   unsigned char* base = smem_tc + wib * C::warp_bytes;
   float dq[C::NF][4];
@@ -1323,36 +1337,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
   for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
   const unsigned qbits = group_query_bits<QPW>(pol, b, i0, L);
-  // A gated backward (attn_gate_fold.cuh) also needs rowsum(dO * O) of the padded rows, for
-  // their gate gradient; rbits: the queries whose rows get their terms (warp-uniform).
-  unsigned rbits = qbits;
-  if (p.gate.ptr != nullptr) {
-#pragma unroll
-    for (int q = 0; q < QPW; ++q)
-      if (i0 + q < L) rbits |= 1u << q;
-  }
-  if (rbits != 0u) {
-    float xl;  // rowsum(dO * O) of lane hl's row
-    if constexpr (QPW == 1) {
-      xl = head_rowsum<T, D, HPW>(p.out, p.grad_out, b, i0, h0, hl, lane);
-    } else {
-      xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i0, h0, rbits, hl, lane);
-    }
-    // Per-row terms of row n by lane n, then this lane's columns 2 tig + {0, 1} by shuffles
-    // (lanes >= NR computed row 0: finite, and only read for padding columns).
-    float t_dlt = 0.f, t_lse2 = 0.f;
-    if (((rbits >> ql) & 1u) != 0u) {
-      dq_row_terms(p, b, i0 + ql, h0 + hl % HPW, my_row, xl, ((qbits >> ql) & 1u) != 0u,
-                   lane < NR, delta, t_dlt, t_lse2);
-    } else if (lane < NR && i0 + ql < L) {
-      delta[my_row] = 0.f;
-    }
-    float my_lse2[2], my_dlt[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
-      my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
-    }
+  dq_prologue<T, D, HPW, QPW>(p, delta, b, i0, h0, qbits, lane, [&](const float (&my_lse2)[2],
+                                                                     const float (&my_dlt)[2]) {
     if (qbits != 0u) {
       uint32_t qb[C::NF][2], ob[C::NF][2];  // loads in flight while the block list is built
       load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i0, h0, qbits, lane);
@@ -1392,9 +1378,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
         }
       });
     }
-  } else if (lane < NR && i0 + ql < L) {
-    delta[my_row] = 0.f;
-  }
+  });
 
   store_dq_warp<C, HPW, QPW>(p, base, dq, b, i0, h0, lane);
 }
