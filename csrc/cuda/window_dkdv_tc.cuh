@@ -293,10 +293,15 @@ struct WinSeg {
   bool far;  // a diagonal too far for the CTA's other tiles to share its rows (skip L1)
 };
 
-template <typename T, int D>
+// kMetaT: lse / delta come from head-major copies lse_t / delta_t [B, Hq, L] (written by
+// win_meta_transpose_kernel), so the 16 positions of a chunk are 64 contiguous bytes (2
+// sectors) instead of 16 x 4 bytes 4 * Hq bytes apart (16 sectors of 32 bytes, 1/8 used);
+// otherwise (BLOSSOM_OPS_CUDA_WIN_DKDV=tc1) from p.lse / delta [B, L, Hq] as before.
+template <typename T, int D, bool kMetaT>
 __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
     window_dkdv_tc_kernel(const AttnBwdParams<T, float> p, const WinTilePlan plan,
-                          const float* __restrict__ delta) {
+                          const float* __restrict__ delta, const float* __restrict__ lse_t,
+                          const float* __restrict__ delta_t) {
   using C = WinCfg<D>;
   using E = typename TcElem<T>::type;
   constexpr int NF = C::NF;
@@ -382,7 +387,8 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
     qo.init(p.q.at(b, 0, g * G), qsl, p.grad_out.at(b, 0, g * G), osl, lane);
     // lse (lanes < 16) or delta (lanes >= 16) of position 0, head g * G.
     const float* mbase =
-        (lane < 16 ? p.lse : delta) + (static_cast<int64_t>(b) * L * Hq + g * G);
+        kMetaT ? (lane < 16 ? lse_t : delta_t) + (static_cast<int64_t>(b) * Hq + g * G) * L
+               : (lane < 16 ? p.lse : delta) + (static_cast<int64_t>(b) * L * Hq + g * G);
     auto issue = [&](int u, int hh, int buf) {
       const WinSeg sg = seg(u);
       const int i0 = j0 + sg.rel;
@@ -390,7 +396,8 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
       const bool ok = pos_ok(i);
       const uint32_t vm = __ballot_sync(kFullMask, ok) & 0xffffu;
       float* meta = meta_of(buf) + lane;
-      if (ok) cp_async4(meta, win_addr<4>(mbase, static_cast<unsigned>(i * Hq + hh)));
+      const unsigned mo = static_cast<unsigned>(kMetaT ? hh * L + i : i * Hq + hh);
+      if (ok) cp_async4(meta, win_addr<4>(mbase, mo));
       else *meta = lane < 16 ? -INFINITY : 0.f;
       const int a_off = i0 * qsl + hh * qsh, b_off = i0 * osl + hh * osh;
       if (sg.far) qo.template copy<false>(rows_of(buf), a_off, b_off, vm);
@@ -547,28 +554,90 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
   }
 }
 
-// True when BLOSSOM_OPS_CUDA_WIN_DKDV=old: the window's dK/dV goes back to the staged
-// per-key kernel (A/B runs). Read once per process, on the host.
-inline bool win_dkdv_old_requested() {
-  static const bool old = env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "old");
-  return old;
+// BLOSSOM_OPS_CUDA_WIN_DKDV (A/B runs; read once per process, on the host): "old" sends the
+// window's dK/dV back to the staged per-key kernel, "tc1" runs the tile kernel reading lse /
+// delta in place ([B, L, Hq], as before the head-major copies); anything else the tile kernel
+// on the head-major copies.
+enum class WinDkdvMode { kOld, kTc1, kMetaT };
+inline WinDkdvMode win_dkdv_mode() {
+  static const WinDkdvMode m = env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "old")   ? WinDkdvMode::kOld
+                               : env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "tc1") ? WinDkdvMode::kTc1
+                                                                                : WinDkdvMode::kMetaT;
+  return m;
+}
+inline bool win_dkdv_old_requested() { return win_dkdv_mode() == WinDkdvMode::kOld; }
+
+// Head-major copies of lse and delta for the tile kernel: CTA = (b, 32 positions); it reads
+// the 32 Hq contiguous floats of each array once (coalesced) and writes Hq runs of 32
+// positions. Plain copies: the tile kernel sees the same values bit for bit.
+constexpr int kWinMetaTP = 32;         // positions per CTA
+constexpr int kWinMetaMaxHeads = 128;  // shared memory 2 * 32 * Hq floats <= 32 KB
+__global__ void __launch_bounds__(256)
+    win_meta_transpose_kernel(const float* __restrict__ lse, const float* __restrict__ delta,
+                              float* __restrict__ lse_t, float* __restrict__ delta_t, int L,
+                              int Hq, int tiles) {
+  extern __shared__ float wmt_smem[];  // lse rows, then delta rows: [kWinMetaTP][Hq] each
+  const int64_t b = blockIdx.x / tiles;
+  const int i0 = (static_cast<int>(blockIdx.x) - static_cast<int>(b) * tiles) * kWinMetaTP;
+  const int np = min(kWinMetaTP, L - i0);
+  const int64_t src = (b * L + i0) * Hq;
+  float* sd = wmt_smem + kWinMetaTP * Hq;
+  for (int e = threadIdx.x; e < np * Hq; e += blockDim.x) {
+    wmt_smem[e] = lse[src + e];
+    sd[e] = delta[src + e];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kWinMetaTP * Hq; e += blockDim.x) {
+    const int h = e / kWinMetaTP, ii = e % kWinMetaTP;
+    if (ii >= np) continue;
+    const int64_t dst = (b * Hq + h) * L + i0 + ii;
+    lse_t[dst] = wmt_smem[ii * Hq + h];
+    delta_t[dst] = sd[ii * Hq + h];
+  }
 }
 
-template <typename T, int D>
+// Workspace the tile kernel wants after delta (and lse' when gated) for the head-major copies
+// of lse and delta: 0 when it will not use them (then it reads lse / delta in place).
+inline size_t win_meta_t_bytes(const AttnShape& s) {
+  if (win_dkdv_mode() != WinDkdvMode::kMetaT || simple_kernels_requested()) return 0;
+  const int64_t D = s.head_dim;
+  if (!(D == 16 || D == 32 || D == 64) || s.q_heads > kWinMetaMaxHeads || s.q_heads < 1 ||
+      s.kv_len != s.q_len)
+    return 0;
+  return 2 * align_up(static_cast<size_t>(attn_rows(s)) * sizeof(float));
+}
+
+template <typename T, int D, bool kMetaT>
 void launch_window_dkdv_tc_d(const AttnBwdParams<T, float>& p, const WinTilePlan& plan,
-                             const float* delta, int64_t ctas, cudaStream_t stream) {
+                             const float* delta, const float* lse_t, const float* delta_t,
+                             int64_t ctas, cudaStream_t stream) {
   constexpr int bytes = WinCfg<D>::CTA_BYTES;
-  auto kernel = window_dkdv_tc_kernel<T, D>;
+  auto kernel = window_dkdv_tc_kernel<T, D, kMetaT>;
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  kernel<<<static_cast<unsigned>(ctas), kWinWarps * 32, bytes, stream>>>(p, plan, delta);
+  kernel<<<static_cast<unsigned>(ctas), kWinWarps * 32, bytes, stream>>>(p, plan, delta, lse_t,
+                                                                        delta_t);
+}
+
+template <typename T, bool kMetaT>
+void launch_window_dkdv_tc_m(const AttnBwdParams<T, float>& p, const WinTilePlan& plan,
+                             const float* delta, const float* lse_t, const float* delta_t,
+                             int64_t ctas, cudaStream_t stream) {
+  switch (p.shape.head_dim) {
+    case 16: launch_window_dkdv_tc_d<T, 16, kMetaT>(p, plan, delta, lse_t, delta_t, ctas, stream); break;
+    case 32: launch_window_dkdv_tc_d<T, 32, kMetaT>(p, plan, delta, lse_t, delta_t, ctas, stream); break;
+    default: launch_window_dkdv_tc_d<T, 64, kMetaT>(p, plan, delta, lse_t, delta_t, ctas, stream); break;
+  }
 }
 
 // Launches the tile kernel when it covers this case (reads delta written by the dQ pass on
-// `stream`); false means "use the staged per-key kernel".
+// `stream`); false means "use the staged per-key kernel". meta_ws / meta_bytes: the workspace
+// past delta (and lse'); with at least win_meta_t_bytes(shape) there, lse / delta are first
+// copied head-major into it (win_meta_transpose_kernel, same stream).
 template <typename T>
 bool launch_window_dkdv_tc(const AttnBwdParams<T, float>& p, const WinTilePlan& plan,
-                           const float* delta, cudaStream_t stream) {
+                           const float* delta, void* meta_ws, size_t meta_bytes,
+                           cudaStream_t stream) {
   if constexpr (!stage_type_ok<T>()) {
     return false;
   } else {
@@ -593,10 +662,18 @@ bool launch_window_dkdv_tc(const AttnBwdParams<T, float>& p, const WinTilePlan& 
     const int64_t ctas = s.batch * s.kv_heads * tgroups;
     if (ctas >= (int64_t(1) << 31)) return false;
     if (ctas == 0) return true;  // nothing to write
-    switch (D) {
-      case 16: launch_window_dkdv_tc_d<T, 16>(p, plan, delta, ctas, stream); break;
-      case 32: launch_window_dkdv_tc_d<T, 32>(p, plan, delta, ctas, stream); break;
-      default: launch_window_dkdv_tc_d<T, 64>(p, plan, delta, ctas, stream); break;
+    const size_t need = win_meta_t_bytes(s);
+    const int64_t mtiles = ceil_div(s.q_len, kWinMetaTP);
+    if (need > 0 && meta_ws != nullptr && meta_bytes >= need && s.batch * mtiles < (int64_t(1) << 31)) {
+      float* lse_t = static_cast<float*>(meta_ws);
+      float* delta_t = lse_t + need / 2 / sizeof(float);
+      const int Hq = static_cast<int>(s.q_heads);
+      win_meta_transpose_kernel<<<static_cast<unsigned>(s.batch * mtiles), 256,
+                                  2 * kWinMetaTP * Hq * sizeof(float), stream>>>(
+          p.lse, delta, lse_t, delta_t, static_cast<int>(s.q_len), Hq, static_cast<int>(mtiles));
+      launch_window_dkdv_tc_m<T, true>(p, plan, delta, lse_t, delta_t, ctas, stream);
+    } else {
+      launch_window_dkdv_tc_m<T, false>(p, plan, delta, nullptr, nullptr, ctas, stream);
     }
     return true;
   }
