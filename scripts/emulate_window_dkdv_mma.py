@@ -2,7 +2,10 @@
 lane: the tile plan (make_win_tile_plan), the per-tile segment trimming, the head-major chunk
 order through the 3 stage buffers, the cp.async row copies (lane -> row / piece, 32-bit offsets,
 zero fill), lse / delta staging, ldmatrix addresses, mma.sync m16n8k16 fragment layouts, the
-dense and diagonal masking paths, the P^T / dS^T A fragments, and the output staging. Compares
+dense and diagonal masking paths, the P^T / dS^T A fragments, and the output staging; by
+default lse / delta are read from the head-major copies [B, Hq, L] that
+win_meta_transpose_kernel makes (replayed thread by thread, into a NaN workspace), the
+"tc1" variant reads them in place as BLOSSOM_OPS_CUDA_WIN_DKDV=tc1 does. Compares
 grad_k / grad_v with a dense float64 reference of the sliding-window mask (DESIGN.md op 1).
 
 Inputs live in flat buffers with explicit strides (a head stride larger than D, so rows have

@@ -77,6 +77,40 @@
 //   shared memory 56.8 KB per CTA at D=64 (3 stages x 4 warps x 4.7 KB).
 //   Next levers: fewer bytes (more tiles per CTA sharing rows through L1 or shared memory),
 //   m16n8k8 for the diagonal dK/dV products (half the tensor work), two heads per issue.
+//
+// Head-major lse / delta (branch win-dkdv2, 2026-11-27; not yet run on a GPU)
+//   Count first (brief's case, B=64 L=4096 Hq=8 Hk=2 D=64 bf16, window 8 dilated causal):
+//   1,049,088 chunks (32.0 per tile). A chunk moves 32 rows x 128 B = 4 KB of q / dO, and its
+//   32 lse / delta floats sat 4 Hq = 32 B apart ([B, L, Hq]): 32 sectors of 32 B = 1 KB
+//   through L2 -> SM for 128 useful bytes, i.e. 20% of the chunk's 5 KB. L2 -> SM sectors:
+//   5.37 GB at L=4096 (0.75 ms measured: 7.2 TB/s), 26.8 GB at L=16384 (40.0 chunks per
+//   tile; 3.77 ms: 7.1 TB/s). The same ~7.1-7.2 TB/s at both lengths, about the H100's L2
+//   read bandwidth, while issue is ~320 M warp-instructions (~0.33 ms at IPC 4, i.e. IPC ~1.8
+//   at 0.75 ms) and the tensor work ~0.2 ms: gather-bound (L2 throughput), not issue-bound.
+//   (An estimate from counts, not a profile: ncu's lts__t_sectors / l1tex__m_xbar2l1tex
+//   counters are the check; see the report for the command.)
+//   Lever: the dK/dV pass reads lse / delta from head-major copies lse_t / delta_t [B, Hq, L]
+//   (win_meta_transpose_kernel, into the backward workspace past delta / lse'), so a
+//   chunk's 16 positions are 64 contiguous bytes: 2 + 2 sectors = 128 B instead of 1 KB.
+//   L2 -> SM: 5.37 -> 4.43 GB (-17.5%) at L=4096, 26.8 -> 22.1 GB at L=16384; the copy kernel
+//   moves 4 x 8.4 MB (L=4096; 4 x 33.5 MB at 16384) once. Rows are untouched: chunk order,
+//   L1 (.ca) sharing between the CTA's 4 tiles, cp.async pipeline all as before.
+//   SASS (sm_90, nvcc 13, bf16 D=64): chunk loop 413 static instructions before and after
+//   (the meta offset hh * L + i replaces i * Hq + hh), whole kernel 1480 -> 1464; registers
+//   168 / 127 / 95 (D = 64 / 32 / 16), no spills, both variants; the tc1 instance is
+//   instruction-for-instruction the previous kernel. Copy kernel: 25 registers, 128
+//   instructions.
+//   Predicted (H100): L=4096 0.75 -> 0.62-0.70 ms (0.62 if the L2 rate stays at 7.2 TB/s), plus
+//   ~0.01 ms of copy; L=16384 3.77 -> 3.1-3.5 ms plus ~0.04. Smaller D gains more: a row is
+//   D * 2 bytes, so the 1 KB of lse / delta sectors was a third of a D=32 chunk (3 -> 2.1 KB)
+//   and half of a D=16 chunk (2 -> 1.1 KB): D=16 L=4096 0.33 -> ~0.19-0.25 ms if equally
+//   gather-bound (its issue share is larger: 199 M instructions). Exactness: the copies are plain
+//   float copies, so dK / dV are bit-identical to tc1 (check_window_dkdv_gpu.py compares).
+//   BLOSSOM_OPS_CUDA_WIN_DKDV=tc1 keeps the in-place reads (no copy, no extra workspace);
+//   =old the staged per-key kernel. Rejected after the count: four heads of a diagonal in one
+//   pass (halves the diagonal's S / dP mma, cuts masking) and skipping full-band masks save
+//   instructions, but rows stay 4 KB per chunk; with the gather the bound, they would gain
+//   little until the rows themselves are shared between tiles.
 #pragma once
 #include <cstdint>
 #include <cstdlib>
@@ -569,26 +603,29 @@ inline bool win_dkdv_old_requested() { return win_dkdv_mode() == WinDkdvMode::kO
 
 // Head-major copies of lse and delta for the tile kernel: CTA = (b, 32 positions); it reads
 // the 32 Hq contiguous floats of each array once (coalesced) and writes Hq runs of 32
-// positions. Plain copies: the tile kernel sees the same values bit for bit.
+// positions. Plain copies: the tile kernel sees the same values bit for bit. (A template
+// only so that every translation unit including this header may define it: the block-sparse
+// dK/dV includes it too.)
 constexpr int kWinMetaTP = 32;         // positions per CTA
 constexpr int kWinMetaMaxHeads = 128;  // shared memory 2 * 32 * Hq floats <= 32 KB
+template <int TP>
 __global__ void __launch_bounds__(256)
     win_meta_transpose_kernel(const float* __restrict__ lse, const float* __restrict__ delta,
                               float* __restrict__ lse_t, float* __restrict__ delta_t, int L,
                               int Hq, int tiles) {
-  extern __shared__ float wmt_smem[];  // lse rows, then delta rows: [kWinMetaTP][Hq] each
+  extern __shared__ float wmt_smem[];  // lse rows, then delta rows: [TP][Hq] each
   const int64_t b = blockIdx.x / tiles;
-  const int i0 = (static_cast<int>(blockIdx.x) - static_cast<int>(b) * tiles) * kWinMetaTP;
-  const int np = min(kWinMetaTP, L - i0);
+  const int i0 = (static_cast<int>(blockIdx.x) - static_cast<int>(b) * tiles) * TP;
+  const int np = min(TP, L - i0);
   const int64_t src = (b * L + i0) * Hq;
-  float* sd = wmt_smem + kWinMetaTP * Hq;
+  float* sd = wmt_smem + TP * Hq;
   for (int e = threadIdx.x; e < np * Hq; e += blockDim.x) {
     wmt_smem[e] = lse[src + e];
     sd[e] = delta[src + e];
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kWinMetaTP * Hq; e += blockDim.x) {
-    const int h = e / kWinMetaTP, ii = e % kWinMetaTP;
+  for (int e = threadIdx.x; e < TP * Hq; e += blockDim.x) {
+    const int h = e / TP, ii = e % TP;
     if (ii >= np) continue;
     const int64_t dst = (b * Hq + h) * L + i0 + ii;
     lse_t[dst] = wmt_smem[ii * Hq + h];
@@ -668,7 +705,7 @@ bool launch_window_dkdv_tc(const AttnBwdParams<T, float>& p, const WinTilePlan& 
       float* lse_t = static_cast<float*>(meta_ws);
       float* delta_t = lse_t + need / 2 / sizeof(float);
       const int Hq = static_cast<int>(s.q_heads);
-      win_meta_transpose_kernel<<<static_cast<unsigned>(s.batch * mtiles), 256,
+      win_meta_transpose_kernel<kWinMetaTP><<<static_cast<unsigned>(s.batch * mtiles), 256,
                                   2 * kWinMetaTP * Hq * sizeof(float), stream>>>(
           p.lse, delta, lse_t, delta_t, static_cast<int>(s.q_len), Hq, static_cast<int>(mtiles));
       launch_window_dkdv_tc_m<T, true>(p, plan, delta, lse_t, delta_t, ctas, stream);
