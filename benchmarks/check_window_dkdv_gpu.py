@@ -6,11 +6,19 @@
                1 .. 1000, padding, odd L; two runs must be bit-identical, grads finite.
   bench L D    per-kernel CUDA time of sliding_window_attention's backward at B=64, Hq=8,
                Hk=2, bf16, window 8 dilated causal.
+  dump PATH    grad_k / grad_v of the check's bf16 / fp16 cases (D <= 64) saved to PATH.
+  same A B     whether two dumps are bit-identical (the switch below changes where lse /
+               delta are read from, not the arithmetic, so tc1 and the default must agree).
 Run each once plain and once with BLOSSOM_OPS_CUDA_WIN_DKDV=old (the staged per-key kernel)
-for an A/B on the same card:
+or =tc1 (the tile kernel reading lse / delta in place, before the head-major copies) for an
+A/B on the same card:
   python3 benchmarks/check_window_dkdv_gpu.py check
   python3 benchmarks/check_window_dkdv_gpu.py bench 4096 64
   BLOSSOM_OPS_CUDA_WIN_DKDV=old python3 benchmarks/check_window_dkdv_gpu.py bench 4096 64
+  BLOSSOM_OPS_CUDA_WIN_DKDV=tc1 python3 benchmarks/check_window_dkdv_gpu.py bench 4096 64
+  python3 benchmarks/check_window_dkdv_gpu.py dump /tmp/a.pt
+  BLOSSOM_OPS_CUDA_WIN_DKDV=tc1 python3 benchmarks/check_window_dkdv_gpu.py dump /tmp/b.pt
+  python3 benchmarks/check_window_dkdv_gpu.py same /tmp/a.pt /tmp/b.pt
 """
 from __future__ import annotations
 
@@ -30,16 +38,46 @@ def grads(fn, q, k, v, go, **kw):
     return [t.grad for t in leaves]
 
 
+CASES = [  # G, L, window, dilated, causal, pad
+    (4, 203, 8, True, True, False), (4, 203, 8, True, False, True),
+    (1, 64, 1, True, False, False), (3, 150, 3, True, True, True),
+    (2, 97, 16, True, False, False), (4, 77, 33, False, True, True),
+    (2, 40, 1000, True, True, False), (8, 300, 12, True, True, True),
+    (1, 9, 2, False, False, False), (4, 1100, 8, True, True, False),
+]
+
+
+def dump(path: str) -> int:
+    torch.manual_seed(0)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (16, 32, 64):
+            for n, (G, L, window, dilated, causal, pad) in enumerate(CASES):
+                B, Hk = 2, 2
+                q = torch.randn(B, L, Hk * G, D, device="cuda").to(dtype)
+                k = torch.randn(B, L, Hk, D, device="cuda").to(dtype)
+                v = torch.randn(B, L, Hk, D, device="cuda").to(dtype)
+                go = torch.randn(B, L, Hk * G, D, device="cuda").to(dtype)
+                lengths = torch.tensor([L, max(1, L - 11)], device="cuda") if pad else None
+                g = grads(blossom_ops.sliding_window_attention, q, k, v, go, window=window,
+                          dilated=dilated, causal=causal, lengths=lengths)
+                out[f"{dtype} D={D} case={n}"] = [t.cpu() for t in g[1:]]
+    torch.save(out, path)
+    print(f"saved {len(out)} cases to {path}")
+    return 0
+
+
+def same(pa: str, pb: str) -> int:
+    a, b = torch.load(pa), torch.load(pb)
+    diff = [key for key in a if not all(torch.equal(x, y) for x, y in zip(a[key], b[key]))]
+    print(f"{len(a) - len(diff)}/{len(a)} cases bit-identical" + (f"; differ: {diff}" if diff else ""))
+    return 1 if diff or a.keys() != b.keys() else 0
+
+
 def check() -> int:
     torch.manual_seed(0)
     worst, bad = 0.0, 0
-    cases = [  # G, L, window, dilated, causal, pad
-        (4, 203, 8, True, True, False), (4, 203, 8, True, False, True),
-        (1, 64, 1, True, False, False), (3, 150, 3, True, True, True),
-        (2, 97, 16, True, False, False), (4, 77, 33, False, True, True),
-        (2, 40, 1000, True, True, False), (8, 300, 12, True, True, True),
-        (1, 9, 2, False, False, False), (4, 1100, 8, True, True, False),
-    ]
+    cases = CASES
     for dtype in (torch.bfloat16, torch.float16):
         for D in (16, 32, 64, 128):
             for G, L, window, dilated, causal, pad in cases:
@@ -95,4 +133,8 @@ def bench(L: int, D: int) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         sys.exit(bench(int(sys.argv[2]), int(sys.argv[3])))
+    if len(sys.argv) > 2 and sys.argv[1] == "dump":
+        sys.exit(dump(sys.argv[2]))
+    if len(sys.argv) > 3 and sys.argv[1] == "same":
+        sys.exit(same(sys.argv[2], sys.argv[3]))
     sys.exit(check())

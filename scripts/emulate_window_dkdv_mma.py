@@ -2,7 +2,10 @@
 lane: the tile plan (make_win_tile_plan), the per-tile segment trimming, the head-major chunk
 order through the 3 stage buffers, the cp.async row copies (lane -> row / piece, 32-bit offsets,
 zero fill), lse / delta staging, ldmatrix addresses, mma.sync m16n8k16 fragment layouts, the
-dense and diagonal masking paths, the P^T / dS^T A fragments, and the output staging. Compares
+dense and diagonal masking paths, the P^T / dS^T A fragments, and the output staging; by
+default lse / delta are read from the head-major copies [B, Hq, L] that
+win_meta_transpose_kernel makes (replayed thread by thread, into a NaN workspace), the
+"tc1" variant reads them in place as BLOSSOM_OPS_CUDA_WIN_DKDV=tc1 does. Compares
 grad_k / grad_v with a dense float64 reference of the sliding-window mask (DESIGN.md op 1).
 
 Inputs live in flat buffers with explicit strides (a head stride larger than D, so rows have
@@ -54,7 +57,13 @@ MUTATIONS = {
     "buf_order": "compute reads the buffer issued last instead of chunk c's",
     "head_order": "issue walks heads in the wrong order (chunk-major instead of head-major)",
     "kmask": "padded keys written with their sums instead of zeros",
+    "mt_index": "tile kernel reads the head-major lse / delta at i * Hq + hh (the in-place index)",
+    "mt_head": "tile kernel's head-major base misses the group's first head (g * G)",
+    "mt_smem": "transpose reads its shared rows as [Hq][32] instead of [32][Hq]",
+    "mt_tail": "transpose copies 32 positions of the last tile even when fewer remain",
+    "mt_tiles": "transpose grid counts L // 32 tiles (the partial last tile never copied)",
 }
+META_TP = 32  # kWinMetaTP: positions per CTA of win_meta_transpose_kernel
 
 
 # ----------------------------------------------------------------------------- host plan
@@ -139,8 +148,40 @@ class Tensors:
         self.__dict__.update(kw)
 
 
+def meta_transpose(lse, delta, B, L, Hq):
+    """win_meta_transpose_kernel, thread by thread: CTA (b, 32 positions), shared rows
+    [32][Hq] of lse then delta, head-major outputs [B, Hq, L] in an uninitialised (NaN)
+    workspace. Returns (lse_t, delta_t)."""
+    lse_t, delta_t = np.full(B * Hq * L, np.nan), np.full(B * Hq * L, np.nan)
+    tiles = L // META_TP if "mt_tiles" in MUT else (L + META_TP - 1) // META_TP
+    for cta in range(B * tiles):
+        b = cta // tiles
+        i0 = (cta - b * tiles) * META_TP
+        if b >= B or i0 >= L:
+            continue
+        np_ = META_TP if "mt_tail" in MUT else min(META_TP, L - i0)
+        src = (b * L + i0) * Hq
+        sm = np.full(2 * META_TP * Hq, np.nan)
+        for e in range(np_ * Hq):  # threads e, e + 256, ...: order does not matter
+            sm[e] = lse[src + e] if src + e < len(lse) else np.nan
+            sm[META_TP * Hq + e] = delta[src + e] if src + e < len(delta) else np.nan
+        for e in range(META_TP * Hq):
+            h, ii = e // META_TP, e % META_TP
+            if ii >= np_:
+                continue
+            dst = (b * Hq + h) * L + i0 + ii
+            si = h * META_TP + ii if "mt_smem" in MUT else ii * Hq + h
+            if dst < len(lse_t):
+                lse_t[dst] = sm[si]
+                delta_t[dst] = sm[META_TP * Hq + si]
+    return lse_t, delta_t
+
+
 def run_kernel(T, pl, B, L, Hq, Hk, D, scale, accumulate):
     G = Hq // Hk
+    meta_t = "tc1" not in VARIANT  # the head-major copies (default) or lse / delta in place
+    if meta_t:
+        lse_t, delta_t = meta_transpose(T.lse, T.delta, B, L, Hq)
     CPR, RS, NF = D // 8, D + 8, D // 16
     RPS = 32 // CPR
     OS = D + 4
@@ -228,7 +269,11 @@ def run_kernel(T, pl, B, L, Hq, Hk, D, scale, accumulate):
                     vm = sum(1 << l for l in range(16) if oks[l])
                     for lane in range(32):
                         i = i0 + (lane & 15)
-                        if oks[lane]:
+                        if oks[lane] and meta_t:
+                            base = (b * Hq + (0 if "mt_head" in MUT else g * G)) * L
+                            off = i * Hq + hh if "mt_index" in MUT else hh * L + i
+                            meta[buf][lane] = (lse_t if lane < 16 else delta_t)[base + off]
+                        elif oks[lane]:
                             idx = (b * L * Hq + g * G) + (i * Hq + hh)
                             meta[buf][lane] = (T.lse if lane < 16 else T.delta)[idx]
                         else:
@@ -483,7 +528,7 @@ def main() -> int:
     args = ap.parse_args()
     cases = CASES[:3] if args.quick else CASES
     worst = 0.0
-    for variant in ((), ("no_absorb",)):
+    for variant in ((), ("no_absorb",), ("tc1",)):
         VARIANT.clear()
         VARIANT.update(variant)
         for n, c in enumerate(cases):

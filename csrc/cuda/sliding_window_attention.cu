@@ -145,7 +145,9 @@ bool sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const Slidin
 
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
                                                     const SlidingWindowMask&, bool gated) {
-  return detail::attn_delta_bytes(shape, gated);
+  // delta (and lse'), then the head-major copies of lse / delta the dK/dV tiles read
+  // (window_dkdv_tc.cuh; 0 bytes when that kernel will not use them).
+  return detail::attn_delta_bytes(shape, gated) + detail::win_meta_t_bytes(shape);
 }
 
 template <typename T>
@@ -163,7 +165,10 @@ void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const Slidin
   const auto pk = detail::dkdv_params(p, delta);
   const detail::WinTilePlan plan =
       detail::make_win_tile_plan(pol.L, pol.band, pol.p0, pol.n_pow, pol.causal);
-  if (detail::launch_window_dkdv_tc(pk, plan, delta, stream))
+  const size_t dbytes = detail::attn_delta_bytes(p.shape, detail::bwd_gated(p));
+  void* meta_ws = workspace_bytes > dbytes ? static_cast<char*>(workspace) + dbytes : nullptr;
+  if (detail::launch_window_dkdv_tc(pk, plan, delta, meta_ws,
+                                    meta_ws != nullptr ? workspace_bytes - dbytes : 0, stream))
     detail::check_launch("sliding_window_attention_bwd (dK/dV tiles)");
   else
     detail::launch_attn_dkdv_staged(pk, pol, delta, stream, "sliding_window_attention_bwd");

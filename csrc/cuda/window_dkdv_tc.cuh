@@ -77,6 +77,40 @@
 //   shared memory 56.8 KB per CTA at D=64 (3 stages x 4 warps x 4.7 KB).
 //   Next levers: fewer bytes (more tiles per CTA sharing rows through L1 or shared memory),
 //   m16n8k8 for the diagonal dK/dV products (half the tensor work), two heads per issue.
+//
+// Head-major lse / delta (branch win-dkdv2, 2026-11-27; not yet run on a GPU)
+//   Count first (brief's case, B=64 L=4096 Hq=8 Hk=2 D=64 bf16, window 8 dilated causal):
+//   1,049,088 chunks (32.0 per tile). A chunk moves 32 rows x 128 B = 4 KB of q / dO, and its
+//   32 lse / delta floats sat 4 Hq = 32 B apart ([B, L, Hq]): 32 sectors of 32 B = 1 KB
+//   through L2 -> SM for 128 useful bytes, i.e. 20% of the chunk's 5 KB. L2 -> SM sectors:
+//   5.37 GB at L=4096 (0.75 ms measured: 7.2 TB/s), 26.8 GB at L=16384 (40.0 chunks per
+//   tile; 3.77 ms: 7.1 TB/s). The same ~7.1-7.2 TB/s at both lengths, about the H100's L2
+//   read bandwidth, while issue is ~320 M warp-instructions (~0.33 ms at IPC 4, i.e. IPC ~1.8
+//   at 0.75 ms) and the tensor work ~0.2 ms: gather-bound (L2 throughput), not issue-bound.
+//   (An estimate from counts, not a profile: ncu's lts__t_sectors / l1tex__m_xbar2l1tex
+//   counters are the check; see the report for the command.)
+//   Lever: the dK/dV pass reads lse / delta from head-major copies lse_t / delta_t [B, Hq, L]
+//   (win_meta_transpose_kernel, into the backward workspace past delta / lse'), so a
+//   chunk's 16 positions are 64 contiguous bytes: 2 + 2 sectors = 128 B instead of 1 KB.
+//   L2 -> SM: 5.37 -> 4.43 GB (-17.5%) at L=4096, 26.8 -> 22.1 GB at L=16384; the copy kernel
+//   moves 4 x 8.4 MB (L=4096; 4 x 33.5 MB at 16384) once. Rows are untouched: chunk order,
+//   L1 (.ca) sharing between the CTA's 4 tiles, cp.async pipeline all as before.
+//   SASS (sm_90, nvcc 13, bf16 D=64): chunk loop 413 static instructions before and after
+//   (the meta offset hh * L + i replaces i * Hq + hh), whole kernel 1480 -> 1464; registers
+//   168 / 127 / 95 (D = 64 / 32 / 16), no spills, both variants; the tc1 instance is
+//   instruction-for-instruction the previous kernel. Copy kernel: 25 registers, 128
+//   instructions.
+//   Predicted (H100): L=4096 0.75 -> 0.62-0.70 ms (0.62 if the L2 rate stays at 7.2 TB/s), plus
+//   ~0.01 ms of copy; L=16384 3.77 -> 3.1-3.5 ms plus ~0.04. Smaller D gains more: a row is
+//   D * 2 bytes, so the 1 KB of lse / delta sectors was a third of a D=32 chunk (3 -> 2.1 KB)
+//   and half of a D=16 chunk (2 -> 1.1 KB): D=16 L=4096 0.33 -> ~0.19-0.25 ms if equally
+//   gather-bound (its issue share is larger: 199 M instructions). Exactness: the copies are plain
+//   float copies, so dK / dV are bit-identical to tc1 (check_window_dkdv_gpu.py compares).
+//   BLOSSOM_OPS_CUDA_WIN_DKDV=tc1 keeps the in-place reads (no copy, no extra workspace);
+//   =old the staged per-key kernel. Rejected after the count: four heads of a diagonal in one
+//   pass (halves the diagonal's S / dP mma, cuts masking) and skipping full-band masks save
+//   instructions, but rows stay 4 KB per chunk; with the gather the bound, they would gain
+//   little until the rows themselves are shared between tiles.
 #pragma once
 #include <cstdint>
 #include <cstdlib>
@@ -293,10 +327,15 @@ struct WinSeg {
   bool far;  // a diagonal too far for the CTA's other tiles to share its rows (skip L1)
 };
 
-template <typename T, int D>
+// kMetaT: lse / delta come from head-major copies lse_t / delta_t [B, Hq, L] (written by
+// win_meta_transpose_kernel), so the 16 positions of a chunk are 64 contiguous bytes (2
+// sectors) instead of 16 x 4 bytes 4 * Hq bytes apart (16 sectors of 32 bytes, 1/8 used);
+// otherwise (BLOSSOM_OPS_CUDA_WIN_DKDV=tc1) from p.lse / delta [B, L, Hq] as before.
+template <typename T, int D, bool kMetaT>
 __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
     window_dkdv_tc_kernel(const AttnBwdParams<T, float> p, const WinTilePlan plan,
-                          const float* __restrict__ delta) {
+                          const float* __restrict__ delta, const float* __restrict__ lse_t,
+                          const float* __restrict__ delta_t) {
   using C = WinCfg<D>;
   using E = typename TcElem<T>::type;
   constexpr int NF = C::NF;
@@ -382,7 +421,8 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
     qo.init(p.q.at(b, 0, g * G), qsl, p.grad_out.at(b, 0, g * G), osl, lane);
     // lse (lanes < 16) or delta (lanes >= 16) of position 0, head g * G.
     const float* mbase =
-        (lane < 16 ? p.lse : delta) + (static_cast<int64_t>(b) * L * Hq + g * G);
+        kMetaT ? (lane < 16 ? lse_t : delta_t) + (static_cast<int64_t>(b) * Hq + g * G) * L
+               : (lane < 16 ? p.lse : delta) + (static_cast<int64_t>(b) * L * Hq + g * G);
     auto issue = [&](int u, int hh, int buf) {
       const WinSeg sg = seg(u);
       const int i0 = j0 + sg.rel;
@@ -390,7 +430,8 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
       const bool ok = pos_ok(i);
       const uint32_t vm = __ballot_sync(kFullMask, ok) & 0xffffu;
       float* meta = meta_of(buf) + lane;
-      if (ok) cp_async4(meta, win_addr<4>(mbase, static_cast<unsigned>(i * Hq + hh)));
+      const unsigned mo = static_cast<unsigned>(kMetaT ? hh * L + i : i * Hq + hh);
+      if (ok) cp_async4(meta, win_addr<4>(mbase, mo));
       else *meta = lane < 16 ? -INFINITY : 0.f;
       const int a_off = i0 * qsl + hh * qsh, b_off = i0 * osl + hh * osh;
       if (sg.far) qo.template copy<false>(rows_of(buf), a_off, b_off, vm);
@@ -547,28 +588,93 @@ __global__ void __launch_bounds__(kWinWarps * 32, win_min_ctas<D>())
   }
 }
 
-// True when BLOSSOM_OPS_CUDA_WIN_DKDV=old: the window's dK/dV goes back to the staged
-// per-key kernel (A/B runs). Read once per process, on the host.
-inline bool win_dkdv_old_requested() {
-  static const bool old = env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "old");
-  return old;
+// BLOSSOM_OPS_CUDA_WIN_DKDV (A/B runs; read once per process, on the host): "old" sends the
+// window's dK/dV back to the staged per-key kernel, "tc1" runs the tile kernel reading lse /
+// delta in place ([B, L, Hq], as before the head-major copies); anything else the tile kernel
+// on the head-major copies.
+enum class WinDkdvMode { kOld, kTc1, kMetaT };
+inline WinDkdvMode win_dkdv_mode() {
+  static const WinDkdvMode m = env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "old")   ? WinDkdvMode::kOld
+                               : env_equals("BLOSSOM_OPS_CUDA_WIN_DKDV", "tc1") ? WinDkdvMode::kTc1
+                                                                                : WinDkdvMode::kMetaT;
+  return m;
+}
+inline bool win_dkdv_old_requested() { return win_dkdv_mode() == WinDkdvMode::kOld; }
+
+// Head-major copies of lse and delta for the tile kernel: CTA = (b, 32 positions); it reads
+// the 32 Hq contiguous floats of each array once (coalesced) and writes Hq runs of 32
+// positions. Plain copies: the tile kernel sees the same values bit for bit. (A template
+// only so that every translation unit including this header may define it: the block-sparse
+// dK/dV includes it too.)
+constexpr int kWinMetaTP = 32;         // positions per CTA
+constexpr int kWinMetaMaxHeads = 128;  // shared memory 2 * 32 * Hq floats <= 32 KB
+template <int TP>
+__global__ void __launch_bounds__(256)
+    win_meta_transpose_kernel(const float* __restrict__ lse, const float* __restrict__ delta,
+                              float* __restrict__ lse_t, float* __restrict__ delta_t, int L,
+                              int Hq, int tiles) {
+  extern __shared__ float wmt_smem[];  // lse rows, then delta rows: [TP][Hq] each
+  const int64_t b = blockIdx.x / tiles;
+  const int i0 = (static_cast<int>(blockIdx.x) - static_cast<int>(b) * tiles) * TP;
+  const int np = min(TP, L - i0);
+  const int64_t src = (b * L + i0) * Hq;
+  float* sd = wmt_smem + TP * Hq;
+  for (int e = threadIdx.x; e < np * Hq; e += blockDim.x) {
+    wmt_smem[e] = lse[src + e];
+    sd[e] = delta[src + e];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < TP * Hq; e += blockDim.x) {
+    const int h = e / TP, ii = e % TP;
+    if (ii >= np) continue;
+    const int64_t dst = (b * Hq + h) * L + i0 + ii;
+    lse_t[dst] = wmt_smem[ii * Hq + h];
+    delta_t[dst] = sd[ii * Hq + h];
+  }
 }
 
-template <typename T, int D>
+// Workspace the tile kernel wants after delta (and lse' when gated) for the head-major copies
+// of lse and delta: 0 when it will not use them (then it reads lse / delta in place).
+inline size_t win_meta_t_bytes(const AttnShape& s) {
+  if (win_dkdv_mode() != WinDkdvMode::kMetaT || simple_kernels_requested()) return 0;
+  const int64_t D = s.head_dim;
+  if (!(D == 16 || D == 32 || D == 64) || s.q_heads > kWinMetaMaxHeads || s.q_heads < 1 ||
+      s.kv_len != s.q_len)
+    return 0;
+  return 2 * align_up(static_cast<size_t>(attn_rows(s)) * sizeof(float));
+}
+
+template <typename T, int D, bool kMetaT>
 void launch_window_dkdv_tc_d(const AttnBwdParams<T, float>& p, const WinTilePlan& plan,
-                             const float* delta, int64_t ctas, cudaStream_t stream) {
+                             const float* delta, const float* lse_t, const float* delta_t,
+                             int64_t ctas, cudaStream_t stream) {
   constexpr int bytes = WinCfg<D>::CTA_BYTES;
-  auto kernel = window_dkdv_tc_kernel<T, D>;
+  auto kernel = window_dkdv_tc_kernel<T, D, kMetaT>;
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  kernel<<<static_cast<unsigned>(ctas), kWinWarps * 32, bytes, stream>>>(p, plan, delta);
+  kernel<<<static_cast<unsigned>(ctas), kWinWarps * 32, bytes, stream>>>(p, plan, delta, lse_t,
+                                                                        delta_t);
+}
+
+template <typename T, bool kMetaT>
+void launch_window_dkdv_tc_m(const AttnBwdParams<T, float>& p, const WinTilePlan& plan,
+                             const float* delta, const float* lse_t, const float* delta_t,
+                             int64_t ctas, cudaStream_t stream) {
+  switch (p.shape.head_dim) {
+    case 16: launch_window_dkdv_tc_d<T, 16, kMetaT>(p, plan, delta, lse_t, delta_t, ctas, stream); break;
+    case 32: launch_window_dkdv_tc_d<T, 32, kMetaT>(p, plan, delta, lse_t, delta_t, ctas, stream); break;
+    default: launch_window_dkdv_tc_d<T, 64, kMetaT>(p, plan, delta, lse_t, delta_t, ctas, stream); break;
+  }
 }
 
 // Launches the tile kernel when it covers this case (reads delta written by the dQ pass on
-// `stream`); false means "use the staged per-key kernel".
+// `stream`); false means "use the staged per-key kernel". meta_ws / meta_bytes: the workspace
+// past delta (and lse'); with at least win_meta_t_bytes(shape) there, lse / delta are first
+// copied head-major into it (win_meta_transpose_kernel, same stream).
 template <typename T>
 bool launch_window_dkdv_tc(const AttnBwdParams<T, float>& p, const WinTilePlan& plan,
-                           const float* delta, cudaStream_t stream) {
+                           const float* delta, void* meta_ws, size_t meta_bytes,
+                           cudaStream_t stream) {
   if constexpr (!stage_type_ok<T>()) {
     return false;
   } else {
@@ -593,10 +699,18 @@ bool launch_window_dkdv_tc(const AttnBwdParams<T, float>& p, const WinTilePlan& 
     const int64_t ctas = s.batch * s.kv_heads * tgroups;
     if (ctas >= (int64_t(1) << 31)) return false;
     if (ctas == 0) return true;  // nothing to write
-    switch (D) {
-      case 16: launch_window_dkdv_tc_d<T, 16>(p, plan, delta, ctas, stream); break;
-      case 32: launch_window_dkdv_tc_d<T, 32>(p, plan, delta, ctas, stream); break;
-      default: launch_window_dkdv_tc_d<T, 64>(p, plan, delta, ctas, stream); break;
+    const size_t need = win_meta_t_bytes(s);
+    const int64_t mtiles = ceil_div(s.q_len, kWinMetaTP);
+    if (need > 0 && meta_ws != nullptr && meta_bytes >= need && s.batch * mtiles < (int64_t(1) << 31)) {
+      float* lse_t = static_cast<float*>(meta_ws);
+      float* delta_t = lse_t + need / 2 / sizeof(float);
+      const int Hq = static_cast<int>(s.q_heads);
+      win_meta_transpose_kernel<kWinMetaTP><<<static_cast<unsigned>(s.batch * mtiles), 256,
+                                  2 * kWinMetaTP * Hq * sizeof(float), stream>>>(
+          p.lse, delta, lse_t, delta_t, static_cast<int>(s.q_len), Hq, static_cast<int>(mtiles));
+      launch_window_dkdv_tc_m<T, true>(p, plan, delta, lse_t, delta_t, ctas, stream);
+    } else {
+      launch_window_dkdv_tc_m<T, false>(p, plan, delta, nullptr, nullptr, ctas, stream);
     }
     return true;
   }
