@@ -13,7 +13,6 @@ import torch
 import blossom_ops
 torch.set_num_threads(1)
 N = int(sys.argv[1])
-mode = sys.argv[2] if len(sys.argv) > 2 else "wrapper"
 g = torch.Generator().manual_seed(0)
 mk = lambda *s: torch.randn(*s, generator=g).requires_grad_()
 B, L, Hq, Hk, D = 1, 16, 2, 1, 16
