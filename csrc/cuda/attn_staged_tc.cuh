@@ -106,6 +106,7 @@
 #include "cuda/attn_gate_fold.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/launch_cache.h"
 #include "cuda/mma_frag.cuh"
 
 namespace blossom {
@@ -1384,12 +1385,11 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
 }
 
 // ------------------------------------------------------------------------------ dispatch
-// Dynamic shared memory above 48 KB must be opted into per kernel (D = 128).
+// Dynamic shared memory above 48 KB must be opted into per kernel (D = 128); once per kernel
+// and device (cuda/launch_cache.h), not on every launch (host time of short steps).
 template <class K>
 inline void stage_smem_attr(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(bytes));
+  opt_in_smem(kernel, static_cast<int>(bytes));
 }
 
 template <typename T>

@@ -89,6 +89,7 @@
 #include "cuda/attn_kernels.cuh"  // attn_bwd_vec_ok, store8_acc
 #include "cuda/common.cuh"        // fast_exp2
 #include "cuda/cp_async.cuh"      // cp_async16_zfill, cp_async4
+#include "cuda/launch_cache.h"   // opt_in_smem
 #include "cuda/mma_frag.cuh"
 #include "cuda/window_dkdv_tc.cuh"  // win_addr; tile_row_offset / tile_col_offset
 
@@ -432,8 +433,7 @@ void launch_bs_dkdv_mma_d(const AttnBwdParams<T, float>& p, const BsTilePlan& pl
                           int64_t ctas, cudaStream_t stream) {
   constexpr int bytes = BsCfg<D>::CTA_BYTES;
   auto kernel = bs_dkdv_mma_kernel<T, D>;
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  opt_in_smem(kernel, bytes);  // once per kernel and device (cuda/launch_cache.h)
   kernel<<<static_cast<unsigned>(ctas), kBsWarps * 32, bytes, stream>>>(p, pl, off, entries,
                                                                           delta);
 }

@@ -47,6 +47,7 @@
 #include <type_traits>
 
 #include "cuda/attn_kernels.cuh"
+#include "cuda/launch_cache.h"
 
 namespace blossom {
 namespace gpu {
@@ -326,8 +327,7 @@ void launch_bs_dkdv_wmma_d(const AttnBwdParams<T, float>& p, const BlockSparseMa
   BLOSSOM_CHECK(ctas < (int64_t(1) << 31), "block_sparse_attention_bwd: problem too large");
   constexpr int smem = DkdvLayout<D>::total;
   auto kernel = bs_dkdv_kernel<T, D>;
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  opt_in_smem(kernel, smem);  // once per kernel and device (cuda/launch_cache.h)
   kernel<<<static_cast<unsigned>(ctas), kDkdvWarps * 32, smem, stream>>>(p, m, C, off, entries,
                                                                            delta);
   check_launch("block_sparse_attention_bwd (dK/dV tiles)");

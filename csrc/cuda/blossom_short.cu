@@ -96,6 +96,7 @@
 #include "cuda/blossom_short.h"
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/launch_cache.h"
 #include "cuda/mma_frag.cuh"
 
 namespace blossom {
@@ -1081,10 +1082,11 @@ ShortMask make_mask(const AttnShape& s, const BlockSparseMask& sel, const Slidin
   return m;
 }
 
+// The opt-in above 48 KB, once per kernel and device (cuda/launch_cache.h): it was a
+// cudaFuncSetAttribute on every launch, 2-3 per training step at short sequences.
 template <typename F>
 void with_smem(F kernel, int bytes) {
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  opt_in_smem(kernel, bytes);
 }
 
 template <typename T, int D>
@@ -1121,13 +1123,14 @@ int dkdv_split(int L, int QT, int n_ktiles, int64_t bg, bool causal) {
     const int v = std::atoi(e);
     return v < 1 ? 1 : (v > kSplitMax ? kSplitMax : v);
   }();
-  int dev = 0, major = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+  // Compute capability and SM count, queried once per device (cuda/launch_cache.h) rather
+  // than twice per backward.
+  DeviceInfo info;
+  if (!current_device_info(info)) {
     (void)cudaGetLastError();  // clear the error; run unsplit
     return 1;
   }
+  const int major = info.major, sms = info.sms;
   if (major < 9 || sms < 1) return 1;
   const double slots = 3.0 * sms;
   int best = 1;

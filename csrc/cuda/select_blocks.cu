@@ -15,6 +15,7 @@
 #include "cuda/attn_kernels.cuh"
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
+#include "cuda/launch_cache.h"
 #include "cuda/select_blocks_tc.h"
 
 #include <cstdlib>
@@ -228,9 +229,8 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
   }
   const int64_t C = ceil_div(s.q_len, p.block_size);
   const SelectSmem lay = select_smem(C, p.top_n);
-  int dev = 0, max_smem = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  // Device limit and opt-in once per device / kernel (cuda/launch_cache.h), not per call.
+  const int max_smem = current_max_smem_optin();
   BLOSSOM_CHECK(lay.total <= max_smem, "select_blocks: ", C,
                " selection blocks need ", lay.total, " bytes of shared memory per CTA, over the "
                "device limit of ", max_smem, "; use a larger block_size");
@@ -243,9 +243,7 @@ void select_blocks_fwd(const SelectParams<T>& p, cudaStream_t stream) {
     constexpr int TPK = decltype(tpk)::value, HPW = decltype(hpw)::value;
     constexpr bool VEC = decltype(v)::value;
     auto kernel = select_kernel<T, TPK, HPW, VEC>;
-    if (lay.total > 48 * 1024)
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(lay.total));
+    opt_in_smem(kernel, static_cast<int>(lay.total));
     kernel<<<static_cast<unsigned>(ctas), kSelWarps * 32, static_cast<size_t>(lay.total),
              stream>>>(p, C, lay);
   });

@@ -60,6 +60,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/launch_cache.h"
 #include "cuda/mma_frag.cuh"
 
 namespace blossom {
@@ -583,17 +584,14 @@ bool launch(const ShortSelectParams<T>& p, cudaStream_t stream) {
   const SsConfig cf = make_config<D, NT>(
       static_cast<int>(s.q_len), static_cast<int>(s.group()), static_cast<int>(p.stride),
       static_cast<int>(p.block_len), static_cast<int>(p.block_size), static_cast<int>(p.top_n));
-  int dev = 0, max_smem = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
-          cudaSuccess)
-    return false;
-  if (cf.total > max_smem) return false;
+  // The device limit and the opt-in, once per device (and kernel): cuda/launch_cache.h.
+  DeviceInfo info;
+  if (!current_device_info(info)) return false;
+  if (cf.total > info.max_smem_optin) return false;
   const dim3 grid(static_cast<unsigned>(ceil_div(cf.L, kQT)), static_cast<unsigned>(s.kv_heads),
                   static_cast<unsigned>(s.batch));
   auto kernel = short_select_kernel<T, D, NT>;
-  if (cf.total > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cf.total);
+  opt_in_smem(kernel, cf.total);
   kernel<<<grid, kThreads, static_cast<size_t>(cf.total), stream>>>(p, cf);
   check_launch("short_select");
   return true;

@@ -121,6 +121,7 @@
 #include "cuda/attn_staged_tc.cuh"  // tile_row_offset / tile_col_offset, TcElem, stage_type_ok
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/launch_cache.h"
 #include "cuda/mma_frag.cuh"
 
 namespace blossom {
@@ -650,8 +651,7 @@ void launch_window_dkdv_tc_d(const AttnBwdParams<T, float>& p, const WinTilePlan
                              int64_t ctas, cudaStream_t stream) {
   constexpr int bytes = WinCfg<D>::CTA_BYTES;
   auto kernel = window_dkdv_tc_kernel<T, D, kMetaT>;
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  opt_in_smem(kernel, bytes);  // once per kernel and device (cuda/launch_cache.h)
   kernel<<<static_cast<unsigned>(ctas), kWinWarps * 32, bytes, stream>>>(p, plan, delta, lse_t,
                                                                         delta_t);
 }
