@@ -87,6 +87,16 @@ def time_us(fn, iters: int, rounds: int, clock, warmup: int = 50) -> list[float]
     return out
 
 
+def print_self_cpu_table(step, steps: int, rows: int) -> None:
+    """torch.profiler table (self CPU time, largest first) of `steps` calls of step()."""
+    from torch.profiler import profile
+
+    with profile() as p:
+        for _ in range(steps):
+            step()
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1,4,8,2,16", help="B,L,Hq,Hk,D (default 1,4,8,2,16)")
@@ -112,13 +122,7 @@ def main() -> None:
               + " ".join(f"{r:.1f}" for r in rs))
 
     if args.profile:
-        from torch.profiler import profile
-
-        step = cases[0][1]
-        with profile() as p:
-            for _ in range(20):
-                step()
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print_self_cpu_table(cases[0][1], steps=20, rows=25)
 
 
 if __name__ == "__main__":

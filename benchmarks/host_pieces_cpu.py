@@ -28,6 +28,7 @@ import time
 import torch
 
 import blossom_ops
+from host_overhead_cpu import print_self_cpu_table  # same directory
 
 
 def cases(B: int, L: int, Hq: int, Hk: int, D: int):
@@ -105,13 +106,7 @@ def main() -> None:
         print(f"{name:<16} {statistics.median(rs):10.2f}  {min(rs):8.2f}   "
               + " ".join(f"{r:.1f}" for r in rs))
     if args.profile:
-        from torch.profiler import profile
-
-        step = cs[0][1]
-        with profile() as p:
-            for _ in range(200):
-                step()
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        print_self_cpu_table(cs[0][1], steps=200, rows=30)
 
 
 if __name__ == "__main__":
