@@ -90,6 +90,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/launch_cache.h"
 #include "cuda/mma_frag.cuh"
 #include "cuda/select_blocks_tc.h"
 
@@ -797,10 +798,8 @@ template <int DP, int G, int N, typename T>
 bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   using Lay = TcLayout<DP>;
   const int64_t bytes = Lay::bytes(C);
-  int dev = 0, max_smem = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (bytes > max_smem) return false;
+  // Device limit and opt-in once per device / kernel (cuda/launch_cache.h), not per call.
+  if (bytes > current_max_smem_optin()) return false;
   const AttnShape& s = p.shape;
   const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, 64 / G);
   if (ctas >= (int64_t(1) << 31)) return false;
@@ -812,9 +811,7 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
     if (!select_ctas_old())
       kernel = select_mma2_kernel_occ<T, DP, G, N, kSelectCtas<DP, G, N>>;
   }
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(bytes));
+  opt_in_smem(kernel, static_cast<int>(bytes));
   kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes), stream>>>(p, C);
   check_launch("select_blocks_fwd (tensor cores)");
   return true;

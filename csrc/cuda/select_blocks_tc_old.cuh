@@ -93,6 +93,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/launch_cache.h"
 #include "cuda/mma_frag.cuh"
 #include "cuda/select_blocks_tc.h"
 
@@ -606,10 +607,8 @@ template <int DP, int G, typename T>
 bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   using Lay = TcLayout<DP>;
   const int64_t bytes = Lay::bytes(C);
-  int dev = 0, max_smem = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (bytes > max_smem) return false;
+  // Device limit and opt-in once per device / kernel (cuda/launch_cache.h), not per call.
+  if (bytes > current_max_smem_optin()) return false;
   const AttnShape& s = p.shape;
   const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, 64 / G);
   if (ctas >= (int64_t(1) << 31)) return false;
@@ -617,9 +616,7 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
   if constexpr (kCapRegs<DP, G>) kernel = select_mma_kernel_r128<T, DP, G>;
   else kernel = select_mma_kernel<T, DP, G>;
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(bytes));
+  opt_in_smem(kernel, static_cast<int>(bytes));
   kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes), stream>>>(p, C);
   check_launch("select_blocks_fwd (tensor cores)");
   return true;
