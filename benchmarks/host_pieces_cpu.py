@@ -28,7 +28,7 @@ import time
 import torch
 
 import blossom_ops
-from host_overhead_cpu import print_self_cpu_table  # same directory
+from host_overhead_cpu import print_self_cpu_table, time_us  # same directory
 
 
 def cases(B: int, L: int, Hq: int, Hk: int, D: int):
@@ -93,12 +93,9 @@ def main() -> None:
         for _ in range(200):
             fn()
     times = {name: [] for name, _ in cs}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # cases interleaved per round: drift hits them alike
         for name, fn in cs:
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                fn()
-            times[name].append((time.perf_counter() - t0) / args.iters * 1e6)
+            times[name] += time_us(fn, args.iters, 1, time.perf_counter, warmup=0)
     print(f"torch {torch.__version__}, 1 thread, B={B} L={L} Hq={Hq} Hk={Hk} D={D} float32, "
           f"{args.rounds} rounds x {args.iters} calls, wall clock")
     print(f"{'case':<16} {'median us':>10}  {'min us':>8}   rounds")
