@@ -7,7 +7,10 @@ input dtype on the GPU, plus a floor) and prints the backward time of each route
 CUDA-event timings; compare only numbers from one run, one card).
 Cases cover the composed path the fold changes: bf16/fp16 with L > 256 (staged kernels),
 fp32 and odd head_dim (generic SIMT kernels), R = 3 (compressed branch), padding, and
-BLOSSOM_OPS_CUDA_SIMPLE=1 (every kernel generic).
+BLOSSOM_OPS_CUDA_SIMPLE=1 (every kernel generic). A fourth route turns off the fused
+block-sparse + window dQ (BLOSSOM_OPS_CUDA_FUSED_DQ=0, csrc/cuda/attn_dq_fused.cuh): its
+grad_k, grad_v and grad_gate must equal the default route's bit for bit (only the dQ kernels
+differ), grad_q by rounding only (the separate kernels round dQ twice).
     python3 benchmarks/check_gate_fold_gpu.py [--quick] [--time 64x4096]
 """
 from __future__ import annotations
@@ -28,6 +31,10 @@ CASES = [  # B, L, Hq, Hk, D, R, dtype, pad, causal
     (2, 120, 4, 2, 24, 2, "float32", True, True),
     (1, 97, 6, 2, 13, 3, "float32", False, False),
     (1, 300, 2, 1, 40, 2, "bfloat16", True, True),
+    # The fused dQ's other head dims and group sizes (HPW = 4: G = 4, 12), odd L, padding.
+    (2, 301, 8, 2, 128, 2, "float16", True, True),
+    (2, 299, 4, 1, 32, 2, "bfloat16", True, True),
+    (1, 300, 12, 1, 64, 2, "bfloat16", False, True),
 ]
 
 
@@ -124,7 +131,9 @@ def main():
         for name, env in (("fold", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1"}),
                           ("old", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "0"}),
                           ("fold+simple", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
-                                           "BLOSSOM_OPS_CUDA_SIMPLE": "1"})):
+                                           "BLOSSOM_OPS_CUDA_SIMPLE": "1"}),
+                          ("fold-unfused", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
+                                            "BLOSSOM_OPS_CUDA_FUSED_DQ": "0"})):
             path = os.path.join(tmp, name + ".pt")
             cmd = [sys.executable, __file__, "--child", path] + (["--quick"] if args.quick else [])
             if args.time and name != "fold+simple":
@@ -148,8 +157,15 @@ def main():
                 print(f"FAIL {name} case {n}: two backward runs differ")
         d = max(rel(a, b) for a, b in zip(runs["fold"][n]["grads"], runs["old"][n]["grads"]))
         print(f"     fold vs old, case {n}: max relative difference {d:.2e}")
+        fu, un = runs["fold"][n]["grads"], runs["fold-unfused"][n]["grads"]
+        same_kvg = all(torch.equal(a, b) for a, b in zip(fu[1:], un[1:]))
+        fails += not same_kvg
+        print(f"{'ok  ' if same_kvg else 'FAIL'} fused vs unfused dQ, case {n}: grad k, v, gate "
+              f"{'bit-identical' if same_kvg else 'DIFFER'}; grad q relative difference "
+              f"{rel(fu[0], un[0]):.2e}")
     for key in [k for k in runs["fold"] if isinstance(k, str)]:
         print(f"backward {key} (B x L = {args.time}, bf16): fold {runs['fold'][key]:.3f} ms, "
+              f"fold without the fused dQ {runs['fold-unfused'][key]:.3f} ms, "
               f"old {runs['old'][key]:.3f} ms")
     print("all ok" if fails == 0 else f"{fails} FAILED")
     return 1 if fails else 0

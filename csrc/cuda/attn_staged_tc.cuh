@@ -846,31 +846,23 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
 }
 
 // ------------------------------------------------------------------------------ dQ
-// Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
-// gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh). QPW = 2 (LEAN
-// only): query pairs as in the forward (DD: without repeated keys).
-template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
-          bool DD = false>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
-    attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
-                      const TcGrid grid) {
+// The per-slot dQ chunk loop of one warp, after its prologue: dq += K^T dS^T over the keys of
+// query i (and i + 1 for QPW = 2), with qb / ob the warp's Q and dO fragments and my_lse2 /
+// my_dlt this lane's columns' terms (dq_prologue). Shared by attn_dq_kernel_tc and the fused
+// block-sparse + window dQ (attn_dq_fused.cuh); base is the warp's TcCfg<D> area.
+template <typename T, int D, int HPW, class Policy, bool LEAN, int QPW, bool DD>
+__device__ __forceinline__ void slot_dq_chunks(const AttnBwdParams<T, float>& p, const Policy& pol,
+                                               unsigned char* base, int64_t b, int64_t i,
+                                               int64_t g, unsigned qbits,
+                                               const uint32_t (&qb)[D / 16][2],
+                                               const uint32_t (&ob)[D / 16][2],
+                                               const float (&my_lse2)[2],
+                                               const float (&my_dlt)[2], int lane,
+                                               float (&dq)[D / 16][4]) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
-  static_assert(NR <= 8, "the (query, head) columns are the N = 8 side of the products");
-  extern __shared__ __align__(128) unsigned char smem_tc[];
-  const int lane = threadIdx.x & 31;
-  const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  const AttnShape& s = p.shape;
-  const int64_t L = s.q_len;
-  int64_t b, i, g, h0;
-  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
-           : !stage_coords<HPW>(s, wib, b, i, g, h0))
-    return;  // uniform per warp
-  i *= QPW;  // QPW = 2: the first query of the pair
-
-  unsigned char* base = smem_tc + wib * C::warp_bytes;
   TcWarp<T, C, Policy, LEAN, QPW, DD> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
@@ -880,7 +872,107 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
   w.sv = p.v.stride_l;
   w.b = b; w.i = i; w.g = g;
   w.lane = lane;
+  int cq[2];  // this lane's columns: query i + cq[j] (cq >= QPW: padding column)
+#pragma unroll
+  for (int j = 0; j < 2; ++j) cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;
+  if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+    __syncwarp();
+  }
+  const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
+  const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+  if constexpr (QPW == 1) {
+    w.n_slots = pol.fwd_slots(b, i, g);
+  } else if constexpr (DD) {
+    w.pair_slots_dedupe(pol, qbits);
+  } else {
+    w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
+    w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
+  }
+  w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
+    const E* kb = w.kbuf(buf);
+    const E* vb = w.vbuf(buf);
+    // Chunk positions of this lane's columns: [lo, hi) (empty for padding columns); DD:
+    // the bits of cm, shifted by gid.
+    int lo[2], hi[2];
+    unsigned cm[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (cq[j] >= QPW) {
+        lo[j] = hi[j] = 0;
+      } else if (QPW == 1) {
+        lo[j] = 0;
+        hi[j] = cnt;
+      } else {
+        lo[j] = cq[j] == 0 ? 0 : c0;
+        hi[j] = cq[j] == 0 ? c0 : cnt;
+      }
+      cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u)
+                          : (cq[j] == 1 ? m2 : 0u)) >> gid;
+    }
+#pragma unroll
+    for (int t = 0; t < C::KT; ++t) {
+      if (t * 16 < cnt) {
+        // S^T = K Q^T and dP^T = V dO^T.
+        float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int f = 0; f < C::NF; ++f) {
+          uint32_t a[4];
+          ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
+          mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+          ldmatrix_x4(a, vb + t * 16 * C::RS + 16 * f + a_row);
+          mma16816<E>(dp, a, ob[f][0], ob[f][1]);
+        }
+        // dS^T, exactly 0 outside the column's positions (padding columns included).
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = t * 16 + gid + (e >> 1) * 8;
+          const int j = e & 1;
+          const bool in = DD ? ((cm[j] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u
+                             : key >= lo[j] && key < hi[j];
+          sc[e] = in
+                      ? (LEAN ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
+                              : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
+                            (dp[e] - my_dlt[j])
+                      : 0.f;
+        }
+        uint32_t db0, db1;
+        keys_heads_to_b<E>(sc, db0, db1);
+        // dQ^T += K^T dS^T.
+#pragma unroll
+        for (int f = 0; f < C::NF; ++f) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, kb + t * 16 * C::RS + 16 * f + a_col);
+          mma16816<E>(dq[f], a, db0, db1);
+        }
+      }
+    }
+  });
+}
 
+// Also writes delta[b, i, h] = dot(dO, O) - grad_lse (0 for padded rows) for the dK/dV pass;
+// gated (p.gate set): the gate gradient and lse' too (attn_gate_fold.cuh). QPW = 2 (LEAN
+// only): query pairs as in the forward (DD: without repeated keys).
+template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
+          bool DD = false>
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
+    attn_dq_kernel_tc(const AttnBwdParams<T, float> p, const Policy pol, float* __restrict__ delta,
+                      const TcGrid grid) {
+  using C = TcCfg<D>;
+  constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
+  static_assert(NR <= 8, "the (query, head) columns are the N = 8 side of the products");
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const int lane = threadIdx.x & 31;
+  const int wib = threadIdx.x >> 5;
+  const AttnShape& s = p.shape;
+  const int64_t L = s.q_len;
+  int64_t b, i, g, h0;
+  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
+           : !stage_coords<HPW>(s, wib, b, i, g, h0))
+    return;  // uniform per warp
+  i *= QPW;  // QPW = 2: the first query of the pair
+
+  unsigned char* base = smem_tc + wib * C::warp_bytes;
   float dq[C::NF][4];
 #pragma unroll
   for (int f = 0; f < C::NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
@@ -889,86 +981,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, DD>())
   // The rowsums and per-row terms (the padding columns' dS is forced to 0 below).
   dq_prologue<T, D, HPW, QPW>(p, delta, b, i, h0, qbits, lane, [&](const float (&my_lse2)[2],
                                                                     const float (&my_dlt)[2]) {
-    int cq[2];  // this lane's columns: query i + cq[j] (cq >= QPW: padding column)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;
     if (qbits != 0u) {
       uint32_t qb[C::NF][2], ob[C::NF][2];
       load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i, h0, qbits, lane);
       load_group_frags<T, D, HPW, QPW>(ob, p.grad_out, b, i, h0, qbits, lane);
-      if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
-        tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-        __syncwarp();
-      }
-      const float qsc = static_cast<float>(s.scale) * kLog2e;
-      const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-      if constexpr (QPW == 1) {
-        w.n_slots = pol.fwd_slots(b, i, g);
-      } else if constexpr (DD) {
-        w.pair_slots_dedupe(pol, qbits);
-      } else {
-        w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
-        w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
-      }
-      w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
-        const E* kb = w.kbuf(buf);
-        const E* vb = w.vbuf(buf);
-        // Chunk positions of this lane's columns: [lo, hi) (empty for padding columns); DD:
-        // the bits of cm, shifted by gid.
-        int lo[2], hi[2];
-        unsigned cm[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          if (cq[j] >= QPW) {
-            lo[j] = hi[j] = 0;
-          } else if (QPW == 1) {
-            lo[j] = 0;
-            hi[j] = cnt;
-          } else {
-            lo[j] = cq[j] == 0 ? 0 : c0;
-            hi[j] = cq[j] == 0 ? c0 : cnt;
-          }
-          cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u)
-                              : (cq[j] == 1 ? m2 : 0u)) >> gid;
-        }
-#pragma unroll
-        for (int t = 0; t < C::KT; ++t) {
-          if (t * 16 < cnt) {
-            // S^T = K Q^T and dP^T = V dO^T.
-            float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int f = 0; f < C::NF; ++f) {
-              uint32_t a[4];
-              ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
-              mma16816<E>(sc, a, qb[f][0], qb[f][1]);
-              ldmatrix_x4(a, vb + t * 16 * C::RS + 16 * f + a_row);
-              mma16816<E>(dp, a, ob[f][0], ob[f][1]);
-            }
-            // dS^T, exactly 0 outside the column's positions (padding columns included).
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = t * 16 + gid + (e >> 1) * 8;
-              const int j = e & 1;
-              const bool in = DD ? ((cm[j] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u
-                                 : key >= lo[j] && key < hi[j];
-              sc[e] = in
-                          ? (LEAN ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j]))
-                                  : exp2f(fmaf(sc[e], qsc, -my_lse2[j]))) *
-                                (dp[e] - my_dlt[j])
-                          : 0.f;
-            }
-            uint32_t db0, db1;
-            keys_heads_to_b<E>(sc, db0, db1);
-            // dQ^T += K^T dS^T.
-#pragma unroll
-            for (int f = 0; f < C::NF; ++f) {
-              uint32_t a[4];
-              ldmatrix_x4_trans(a, kb + t * 16 * C::RS + 16 * f + a_col);
-              mma16816<E>(dq[f], a, db0, db1);
-            }
-          }
-        }
-      });
+      slot_dq_chunks<T, D, HPW, Policy, LEAN, QPW, DD>(p, pol, base, b, i, g, qbits, qb, ob,
+                                                       my_lse2, my_dlt, lane, dq);
     }
   });
 
@@ -1310,6 +1328,56 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i0, h0, lane);
 }
 
+// The block-chunk dQ chunk loop of one warp, after its prologue (the block list, then every
+// chunk): dq += K^T dS^T, as slot_dq_chunks does for the per-slot kernels. base is the
+// warp's TcCfg<D, 16> area. Shared by attn_dq_kernel_tc_blk and the fused dQ.
+template <typename T, int D, int HPW, class Policy, int QPW>
+__device__ __forceinline__ void blk_dq_chunks(const AttnBwdParams<T, float>& p, const Policy& pol,
+                                              unsigned char* base, int64_t b, int64_t i0,
+                                              int64_t g, unsigned qbits,
+                                              const uint32_t (&qb)[D / 16][2],
+                                              const uint32_t (&ob)[D / 16][2],
+                                              const float (&my_lse2)[2],
+                                              const float (&my_dlt)[2], int lane,
+                                              float (&dq)[D / 16][4]) {
+  using C = TcCfg<D, 16>;
+  using E = typename TcElem<T>::type;
+  TcBlkWarp<T, C, Policy, QPW> w;
+  w.init(base, p.k, p.v, b, i0, g, p.shape.kv_len, pol, lane);
+  const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
+  const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+  w.template for_each_group_chunk<HPW>(pol, g, qbits, [&](const E* kb, const E* vb,
+                                                          const uint32_t (&mk)[2]) {
+    // S^T = K Q^T and dP^T = V dO^T.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int f = 0; f < C::NF; ++f) {
+      uint32_t a[4];
+      ldmatrix_x4(a, kb + 16 * f + a_row);
+      mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+      ldmatrix_x4(a, vb + 16 * f + a_row);
+      mma16816<E>(dp, a, ob[f][0], ob[f][1]);
+    }
+    // dS^T, exactly 0 for the keys that do not attend.
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = e & 1;
+      sc[e] = (mk[j] >> ((e >> 1) * 8)) & 1u
+                  ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
+                  : 0.f;
+    }
+    uint32_t db0, db1;
+    keys_heads_to_b<E>(sc, db0, db1);
+    // dQ^T += K^T dS^T.
+#pragma unroll
+    for (int f = 0; f < C::NF; ++f) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, kb + 16 * f + a_col);
+      mma16816<E>(dq[f], a, db0, db1);
+    }
+  });
+}
+
 // dQ over block chunks: attn_dq_kernel_tc with one 16-key segment of a listed block per chunk
 // (same arithmetic per key as the generic kernel at KC = 16, exp2 by fast_exp2). The columns
 // of the padding heads (2 tig + j >= HPW * QPW) are not forced to 0 here: a column of the mma
@@ -1320,14 +1388,12 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
     attn_dq_kernel_tc_blk(const AttnBwdParams<T, float> p, const Policy pol,
                           float* __restrict__ delta, const TcGrid grid) {
   using C = TcCfg<D, 16>;
-  using E = typename TcElem<T>::type;
   constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
   static_assert(NR <= 8, "the (query, head) columns are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
-  const AttnShape& s = p.shape;
-  const int64_t L = s.q_len;
+  const int64_t L = p.shape.q_len;
   int64_t b, i0, g, h0;
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
@@ -1344,40 +1410,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true>())
       uint32_t qb[C::NF][2], ob[C::NF][2];  // loads in flight while the block list is built
       load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i0, h0, qbits, lane);
       load_group_frags<T, D, HPW, QPW>(ob, p.grad_out, b, i0, h0, qbits, lane);
-      TcBlkWarp<T, C, Policy, QPW> w;
-      w.init(base, p.k, p.v, b, i0, g, s.kv_len, pol, lane);
-      const float qsc = static_cast<float>(s.scale) * kLog2e;
-      const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-      w.template for_each_group_chunk<HPW>(pol, g, qbits, [&](const E* kb, const E* vb,
-                                                              const uint32_t (&mk)[2]) {
-        // S^T = K Q^T and dP^T = V dO^T.
-        float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int f = 0; f < C::NF; ++f) {
-          uint32_t a[4];
-          ldmatrix_x4(a, kb + 16 * f + a_row);
-          mma16816<E>(sc, a, qb[f][0], qb[f][1]);
-          ldmatrix_x4(a, vb + 16 * f + a_row);
-          mma16816<E>(dp, a, ob[f][0], ob[f][1]);
-        }
-        // dS^T, exactly 0 for the keys that do not attend.
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = e & 1;
-          sc[e] = (mk[j] >> ((e >> 1) * 8)) & 1u
-                      ? fast_exp2(fmaf(sc[e], qsc, -my_lse2[j])) * (dp[e] - my_dlt[j])
-                      : 0.f;
-        }
-        uint32_t db0, db1;
-        keys_heads_to_b<E>(sc, db0, db1);
-        // dQ^T += K^T dS^T.
-#pragma unroll
-        for (int f = 0; f < C::NF; ++f) {
-          uint32_t a[4];
-          ldmatrix_x4_trans(a, kb + 16 * f + a_col);
-          mma16816<E>(dq[f], a, db0, db1);
-        }
-      });
+      blk_dq_chunks<T, D, HPW, Policy, QPW>(p, pol, base, b, i0, g, qbits, qb, ob, my_lse2,
+                                            my_dlt, lane, dq);
     }
   });
 

@@ -8,6 +8,7 @@
 // deterministic order (counting sort, built by block_index_kernel below in the workspace).
 #include "cuda/attn_kernels.cuh"
 #include "cuda/block_sparse_dkdv.h"
+#include "cuda/block_sparse_policy.cuh"
 #include "cuda/launch.h"
 
 namespace blossom {
@@ -25,93 +26,6 @@ inline bool index_cursors_global() {
   static const bool global = detail::env_equals("BLOSSOM_OPS_CUDA_INDEX_SMEM", "0");
   return global;
 }
-
-// Block c selected by query i in slot s, or -1 when the slot adds nothing to the own block:
-// -1 entries, out-of-range entries, the own block, repeats of an earlier slot, and (causal)
-// blocks that start after i.
-__device__ __forceinline__ int64_t selected_block(const int32_t* row, int64_t s, int64_t own,
-                                                  int64_t i, int64_t C, int64_t bs,
-                                                  bool causal) {
-  const int64_t c = row[s];
-  if (c < 0 || c >= C || c == own || (causal && c * bs > i)) return -1;
-  for (int64_t k = 0; k < s; ++k)
-    if (row[k] == c) return -1;
-  return c;
-}
-
-struct BlockSparsePolicy {
-  int64_t L = 0, C = 0, Hk = 0;
-  BlockSparseMask m;
-  Validity valid;
-  const int32_t* off = nullptr;      // [B * Hk, C + 1] start of each bucket (backward only)
-  const int32_t* entries = nullptr;  // [B * Hk, L * n] queries of each bucket
-
-  __device__ __forceinline__ bool query_valid(int64_t b, int64_t i) const { return valid(b, i); }
-  __device__ __forceinline__ bool key_valid(int64_t b, int64_t j) const { return valid(b, j); }
-
-  __device__ __forceinline__ int64_t fwd_slots(int64_t, int64_t, int64_t) const {
-    return (1 + m.n) * m.block_size;
-  }
-  __device__ __forceinline__ int64_t fwd_key(int64_t b, int64_t i, int64_t g, int64_t n) const {
-    // 32-bit division: slot counts and positions are far below 2^31, and 64-bit division
-    // costs several times more in this per-key path.
-    const int bs = static_cast<int>(m.block_size), nn = static_cast<int>(n);
-    const int slot = nn / bs;
-    const int64_t own = static_cast<int>(i) / bs;
-    int64_t c = own;
-    if (slot > 0) c = selected_block(m.at(b, i, g), slot - 1, own, i, C, bs, m.causal);
-    if (c < 0) return -1;
-    const int64_t j = c * bs + (nn - slot * bs);
-    if (j >= L || (m.causal && j > i) || !valid(b, j)) return -1;
-    return j;
-  }
-
-  // Block chunks (attn_staged_tc.cuh): the staged forward and dQ stage one 16-key segment of
-  // a listed block per chunk instead of enumerating fwd_key slot by slot (block sizes 16, 32,
-  // 64, ...; others keep the per-slot kernels). slot_block is selected_block without the
-  // repeat test (the kernel drops repeats with __match_any_sync).
-  static constexpr bool kBlockChunks = true;
-  bool block_chunks_ok() const {
-    const int64_t bs = m.block_size;
-    return bs >= 16 && (bs & (bs - 1)) == 0 && m.n + 1 <= 32 && L <= (int64_t(1) << 30);
-  }
-  // Query groups of the block-chunk kernels (qpw queries per warp): every query's slots fit
-  // 32 / qpw lanes of the list pass, and a block index fits the list entry's 23 bits.
-  bool block_groups_ok(int qpw) const {
-    return m.n + 1 <= 32 / qpw && C < (int64_t(1) << 23);
-  }
-  __device__ __forceinline__ int blk_size() const { return static_cast<int>(m.block_size); }
-  __device__ __forceinline__ int blk_slots() const { return static_cast<int>(m.n) + 1; }
-  __device__ __forceinline__ int slot_block(int64_t b, int64_t i, int64_t g, int s) const {
-    const int bs = static_cast<int>(m.block_size), ii = static_cast<int>(i);
-    const int own = ii >> (31 - __clz(bs));  // bs is a power of two (block_chunks_ok)
-    if (s == 0) return own;
-    const int c = m.at(b, i, g)[s - 1];
-    return (c < 0 || c >= static_cast<int>(C) || c == own || (m.causal && c * bs > ii)) ? -1 : c;
-  }
-  __device__ __forceinline__ int key_end(int64_t i) const {
-    return static_cast<int>(m.causal && i + 1 < L ? i + 1 : L);
-  }
-  __device__ __forceinline__ bool keys_all_valid() const { return valid.ptr == nullptr; }
-
-  __device__ __forceinline__ int64_t bwd_slots(int64_t b, int64_t j, int64_t g) const {
-    const int32_t* o = off + (b * Hk + g) * (C + 1) + static_cast<int>(j) / static_cast<int>(m.block_size);
-    return m.block_size + (o[1] - o[0]);
-  }
-  __device__ __forceinline__ int64_t bwd_query(int64_t b, int64_t j, int64_t g, int64_t n) const {
-    const int64_t bs = m.block_size, c = static_cast<int>(j) / static_cast<int>(bs);
-    int64_t i;
-    if (n < bs) {
-      i = c * bs + n;  // the own-block queries of block c
-      if (i >= L) return -1;
-    } else {
-      const int64_t bg = b * Hk + g;
-      i = entries[bg * L * m.n + off[bg * (C + 1) + c] + (n - bs)];
-    }
-    if ((m.causal && j > i) || !valid(b, i)) return -1;
-    return i;
-  }
-};
 
 // Exclusive scan of one int per thread over the CTA; returns the prefix and adds the CTA
 // total to *carry (same value in every thread).
@@ -222,7 +136,7 @@ IndexLayout index_layout(const AttnShape& s, const BlockSparseMask& m, bool gate
   const size_t BG = static_cast<size_t>(s.batch * s.kv_heads);
   const size_t C = static_cast<size_t>(detail::ceil_div(s.q_len, m.block_size));
   IndexLayout lay;
-  lay.delta = 0;
+  lay.delta = 0;  // at the start: blossom_branches_bwd's fused dQ writes it there
   lay.off = lay.delta + detail::attn_delta_bytes(s, gated);
   lay.cursor = lay.off + detail::align_up(BG * (C + 1) * sizeof(int32_t));
   lay.entries = lay.cursor + detail::align_up(BG * kIndexWarps * C * sizeof(int32_t));
@@ -231,23 +145,13 @@ IndexLayout index_layout(const AttnShape& s, const BlockSparseMask& m, bool gate
   return lay;
 }
 
-BlockSparsePolicy make_policy(const AttnShape& s, const BlockSparseMask& m, const Validity& v) {
-  BLOSSOM_CHECK(m.block_size >= 1, "block_sparse_attention: block_size must be >= 1");
-  BlockSparsePolicy pol;
-  pol.L = s.q_len;
-  pol.C = detail::ceil_div(s.q_len, m.block_size);
-  pol.Hk = s.kv_heads;
-  pol.m = m;
-  pol.valid = v;
-  return pol;
-}
 
 }  // namespace
 
 template <typename T>
 void block_sparse_attention_fwd(const AttnFwdParams<T, float>& p, const BlockSparseMask& m,
                                 cudaStream_t stream) {
-  detail::launch_attn_fwd(p, make_policy(p.shape, m, p.valid), stream,
+  detail::launch_attn_fwd(p, make_block_sparse_policy(p.shape, m, p.valid), stream,
                           "block_sparse_attention_fwd");
 }
 
@@ -258,14 +162,15 @@ size_t block_sparse_attention_bwd_workspace_bytes(const AttnShape& shape,
 
 template <typename T>
 void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                bool dq_done) {
   const AttnShape& s = p.shape;
   const IndexLayout lay = index_layout(s, m, detail::bwd_gated(p));
   BLOSSOM_CHECK(workspace_bytes >= lay.total, "block_sparse_attention_bwd: workspace too small (",
                workspace_bytes, " < ", lay.total, " bytes)");
   if (s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return;
   char* ws = static_cast<char*>(workspace);
-  BlockSparsePolicy pol = make_policy(s, m, p.valid);
+  BlockSparsePolicy pol = make_block_sparse_policy(s, m, p.valid);
   pol.off = reinterpret_cast<int32_t*>(ws + lay.off);
   pol.entries = reinterpret_cast<int32_t*>(ws + lay.entries);
   const size_t cur_bytes = static_cast<size_t>(kIndexWarps) * pol.C * sizeof(int32_t);
@@ -277,7 +182,7 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
       cur_smem);
   detail::check_launch("block_sparse_attention_bwd (index)");
   float* delta = reinterpret_cast<float*>(ws + lay.delta);
-  detail::launch_attn_dq(p, pol, delta, stream, "block_sparse_attention_bwd (dQ)");
+  if (!dq_done) detail::launch_attn_dq(p, pol, delta, stream, "block_sparse_attention_bwd (dQ)");
   // dK/dV: one CTA per 16-key tile on tensor cores (block_sparse_dkdv.cu); the generic
   // per-key kernel covers the rest (fp32, other block sizes / head dims, unaligned rows,
   // BLOSSOM_OPS_CUDA_SIMPLE=1). A gate rides in the lse the dQ pass left (dkdv_params).
@@ -291,7 +196,7 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
                                               const BlockSparseMask&, cudaStream_t);       \
   template void block_sparse_attention_bwd<T>(const AttnBwdParams<T, float>&,              \
                                               const BlockSparseMask&, void*, size_t,       \
-                                              cudaStream_t);
+                                              cudaStream_t, bool);
 BLOSSOM_INSTANTIATE(float)
 BLOSSOM_INSTANTIATE(c10::Half)
 BLOSSOM_INSTANTIATE(c10::BFloat16)

@@ -31,9 +31,12 @@ bool sliding_window_attention_fwd(const AttnFwdParams<T, float>& p, const Slidin
 size_t sliding_window_attention_bwd_workspace_bytes(const AttnShape& shape,
                                                     const SlidingWindowMask& m,
                                                     bool gated = false);
+// dq_done: blossom_branches_bwd already ran this backward's dQ pass (and wrote delta at the
+// start of the workspace, which both backwards' workspace layouts keep there).
 template <typename T>
 void sliding_window_attention_bwd(const AttnBwdParams<T, float>& p, const SlidingWindowMask& m,
-                                  void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                  void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                  bool dq_done = false);
 
 template <typename T>
 void block_sparse_attention_fwd(const AttnFwdParams<T, float>& p, const BlockSparseMask& m,
@@ -42,7 +45,20 @@ size_t block_sparse_attention_bwd_workspace_bytes(const AttnShape& shape,
                                                   const BlockSparseMask& m, bool gated = false);
 template <typename T>
 void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSparseMask& m,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                bool dq_done = false);
+
+// blossom_attention's block-sparse (p_sel, writes the gradients) and sliding-window (p_win,
+// accumulate: adds to them) backwards, gated, on the same q, k, v, dO and validity, each with
+// its own workspace (sized by the two *_bwd_workspace_bytes with gated = true). When both
+// would take the 16-bit query-pair fast paths, their dQ passes run as one kernel
+// (attn_dq_fused.cuh, unless BLOSSOM_OPS_CUDA_FUSED_DQ=0); otherwise this is the two
+// backwards one after the other.
+template <typename T>
+void blossom_branches_bwd(const AttnBwdParams<T, float>& p_sel, const BlockSparseMask& m_sel,
+                          void* ws_sel, size_t ws_sel_bytes, const AttnBwdParams<T, float>& p_win,
+                          const SlidingWindowMask& m_win, void* ws_win, size_t ws_win_bytes,
+                          cudaStream_t stream);
 
 template <typename T>
 void compressed_attention_fwd(const AttnFwdParams<T, float>& p, const CompressedMask& m,

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
 #include <utility>
 
@@ -176,6 +177,18 @@ void set_gate_fold(AttnBwdParams<T, Acc>& p, const GateFold& gate) {
   p.gate = bshd_view<const T>(gate.logits);
   p.grad_gate = bshd_view<T>(gate.grad);
   p.gate_r = gate.r;
+}
+
+// The STIS mask of sliding_window_attention (window >= 1 checked). A window longer than the
+// sequence means full attention: |i - j| < L always.
+inline SlidingWindowMask sliding_window_mask(const char* op, int64_t seq_len, int64_t window,
+                                             bool dilated, bool causal) {
+  check_positive(op, "window", window);
+  SlidingWindowMask m;
+  m.window = std::max<int64_t>(1, std::min(window, seq_len));
+  m.dilated = dilated;
+  m.causal = causal;
+  return m;
 }
 
 // The LTIS mask parameters over an int32 [B, L, Hk, n] index tensor whose rows have unit

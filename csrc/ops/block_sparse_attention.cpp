@@ -93,13 +93,25 @@ Tensor3 backward_impl(const at::Tensor& grad_out, const OptTensor& grad_lse, con
                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                       const at::Tensor& lse, const at::Tensor& block_idx,
                       const OptTensor& lengths, const OptTensor& valid, int64_t block_size,
-                      bool causal, double scale, const GateFold* gate) {
+                      bool causal, double scale, const GateFold* gate,
+                      const WindowBranch* win) {
   check_attention_inputs(kOp, q, k, v);
   const attn::BwdInputs in = attn::check_backward_inputs(kOp, grad_out, grad_lse, q, out, lse);
   check_block_idx_layout(block_idx, q, k);
   if (gate != nullptr) {
     attn::check_gate_fold(kOp, *gate, q);
     BLOSSOM_CHECK(!in.grad_lse.defined(), kOp, ": the gate fold takes no grad_lse");
+  }
+  // The window branch's inputs, checked like sliding_window_attention_backward checks them.
+  constexpr const char* kWinOp = "sliding_window_attention_backward";
+  attn::BwdInputs in_w;
+  SlidingWindowMask mw;
+  if (win != nullptr) {
+    BLOSSOM_CHECK(q.is_cuda() && gate != nullptr, kOp,
+                  ": the window branch rides only on the gated CUDA backward");
+    in_w = attn::check_backward_inputs(kWinOp, grad_out, c10::nullopt, q, win->out, win->lse);
+    attn::check_gate_fold(kWinOp, win->gate, q);
+    mw = attn::sliding_window_mask(kWinOp, q.size(1), win->window, win->dilated, causal);
   }
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
   const at::Tensor idx = unit_stride_rows(block_idx);
@@ -110,14 +122,25 @@ Tensor3 backward_impl(const at::Tensor& grad_out, const OptTensor& grad_lse, con
 #ifdef BLOSSOM_WITH_CUDA
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     attn::dispatch_cuda(kOp, q.scalar_type(), [&](auto types) {
       using T = typename decltype(types)::T;
       auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
       if (gate != nullptr) attn::set_gate_fold(p, *gate);
       const at::Tensor ws = attn::workspace(
           gpu::block_sparse_attention_bwd_workspace_bytes(p.shape, m, gate != nullptr), q);
-      gpu::block_sparse_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
-                       at::cuda::getCurrentCUDAStream());
+      if (win == nullptr) {
+        gpu::block_sparse_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
+                                           stream);
+        return;
+      }
+      auto pw = attn::bwd_params<T, float>(in_w, q, k, v, gq, gk, gv, ok, scale);
+      pw.accumulate = true;  // added to the block-sparse gradients
+      attn::set_gate_fold(pw, win->gate);
+      const at::Tensor ws_w = attn::workspace(
+          gpu::sliding_window_attention_bwd_workspace_bytes(pw.shape, mw, true), q);
+      gpu::blossom_branches_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()), pw, mw,
+                                   ws_w.data_ptr(), static_cast<size_t>(ws_w.numel()), stream);
     });
     return {gq, gk, gv};
   }
@@ -140,7 +163,7 @@ Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTen
                                         const OptTensor& lengths, const OptTensor& valid,
                                         int64_t block_size, bool causal, double scale) {
   return backward_impl(grad_out, grad_lse, q, k, v, out, lse, block_idx, lengths, valid,
-                       block_size, causal, scale, nullptr);
+                       block_size, causal, scale, nullptr, nullptr);
 }
 
 Tensor3 block_sparse_attention_backward_gated(const at::Tensor& grad_out, const at::Tensor& q,
@@ -148,9 +171,10 @@ Tensor3 block_sparse_attention_backward_gated(const at::Tensor& grad_out, const 
                                               const at::Tensor& out, const at::Tensor& lse,
                                               const at::Tensor& block_idx,
                                               const OptTensor& valid, int64_t block_size,
-                                              bool causal, double scale, const GateFold& gate) {
+                                              bool causal, double scale, const GateFold& gate,
+                                              const WindowBranch* win) {
   return backward_impl(grad_out, c10::nullopt, q, k, v, out, lse, block_idx, c10::nullopt, valid,
-                       block_size, causal, scale, &gate);
+                       block_size, causal, scale, &gate, win);
 }
 
 }  // namespace blossom

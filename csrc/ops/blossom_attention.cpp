@@ -323,19 +323,30 @@ BlossomGrads blossom_attention_backward(
   // The attention backwards write full gradients; the first of each is the accumulator.
   at::Tensor grad_q, grad_k, grad_v, gq, gk, gv;
   if (fold) {
+    // Both branches in one call: their dQ passes may then share a kernel
+    // (csrc/cuda/attn_dq_fused.cuh); the window's gradients are added to the block-sparse ones.
     gate.r = 0;
-    std::tie(grad_q, grad_k, grad_v) = block_sparse_attention_backward_gated(
-        g_branches[0], q, k, v, o_sel, lse_sel, block_idx, ok, block_size, causal, scale, gate);
+    WindowBranch win;
+    win.out = o_win;
+    win.lse = lse_win;
+    win.window = window;
+    win.dilated = dilated;
+    win.gate = gate;
+    win.gate.r = 1;
+    std::tie(grad_q, grad_k, grad_v) =
+        block_sparse_attention_backward_gated(g_branches[0], q, k, v, o_sel, lse_sel, block_idx,
+                                              ok, block_size, causal, scale, gate, &win);
   } else {
     std::tie(grad_q, grad_k, grad_v) =
         block_sparse_attention_backward(g_branches[0], none, q, k, v, o_sel, lse_sel, block_idx,
                                         none, ok, block_size, causal, scale);
   }
-  if (q.is_cuda()) {  // the window kernels add their gradients in their own stores
-    gate.r = 1;
+  if (fold) {
+    // Done by the call above.
+  } else if (q.is_cuda()) {  // the window kernels add their gradients in their own stores
     sliding_window_attention_backward_add(g_branches[1], q, k, v, o_win, lse_win, ok, window,
                                           dilated, causal, scale, grad_q, grad_k, grad_v,
-                                          fold ? &gate : nullptr);
+                                          nullptr);
   } else {
     std::tie(gq, gk, gv) = sliding_window_attention_backward(
         g_branches[1], none, q, k, v, o_win, lse_win, none, ok, window, dilated, causal, scale);

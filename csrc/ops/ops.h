@@ -25,6 +25,18 @@ struct GateFold {
   int64_t r = 0;      // the branch's index in the last dimension
 };
 
+// CUDA only, for blossom_attention's composed backward: the sliding-window branch handed to
+// the block-sparse branch's gated backward, so that both branches' dQ passes can run as one
+// kernel (csrc/cuda/attn_dq_fused.cuh: Q and dO read once, dQ written once). Same q, k, v,
+// grad_out, validity, causality and scale as the block-sparse call; its gate folded in like
+// that call's (GateFold, its own branch index).
+struct WindowBranch {
+  at::Tensor out, lse;  // the window forward's output and lse
+  int64_t window = 8;
+  bool dilated = true;
+  GateFold gate;
+};
+
 // CUDA only, for blossom_attention's composed forward, whose last branch is the sliding
 // window: the gate applied in the window forward's epilogue (GateEpilogueParams in
 // common/params.h, csrc/cuda/attn_gate_epilogue.cuh), out = sum_r sigmoid(logits[..., r]) *
@@ -92,13 +104,15 @@ Tensor3 block_sparse_attention_backward(const at::Tensor& grad_out, const OptTen
                                         const at::Tensor& lse, const at::Tensor& block_idx,
                                         const OptTensor& lengths, const OptTensor& valid,
                                         int64_t block_size, bool causal, double scale);
-// CUDA only: the backward with the gate folded in (GateFold); no grad_lse.
+// CUDA only: the backward with the gate folded in (GateFold); no grad_lse. With `win`, the
+// sliding-window branch's backward too (WindowBranch), its gradients added to these.
 Tensor3 block_sparse_attention_backward_gated(const at::Tensor& grad_out, const at::Tensor& q,
                                               const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& out, const at::Tensor& lse,
                                               const at::Tensor& block_idx,
                                               const OptTensor& valid, int64_t block_size,
-                                              bool causal, double scale, const GateFold& gate);
+                                              bool causal, double scale, const GateFold& gate,
+                                              const WindowBranch* win = nullptr);
 
 // csrc/ops/compressed_attention.cpp
 Tensor2 compressed_attention(const at::Tensor& q, const at::Tensor& k_cmp,

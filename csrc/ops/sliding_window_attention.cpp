@@ -2,8 +2,6 @@
 // dispatch to the CPU kernel or the CUDA launcher.
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "cpu/sliding_window_attention.h"
 #include "ops/attention_binding.h"
 #include "ops/ops.h"
@@ -19,16 +17,6 @@ namespace blossom {
 namespace {
 
 constexpr const char* kOp = "sliding_window_attention";
-
-SlidingWindowMask make_mask(int64_t seq_len, int64_t window, bool dilated, bool causal) {
-  check_positive(kOp, "window", window);
-  SlidingWindowMask m;
-  // A window longer than the sequence means full attention: |i - j| < L always.
-  m.window = std::max<int64_t>(1, std::min(window, seq_len));
-  m.dilated = dilated;
-  m.causal = causal;
-  return m;
-}
 
 // The gate epilogue's tensors, checked against q (GateEpilogue in ops.h).
 void check_gate_epilogue(const char* op, const GateEpilogue& gate, const at::Tensor& q) {
@@ -63,7 +51,7 @@ Tensor2 forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_attention_inputs(kOp, q, k, v);
   if (gate != nullptr) check_gate_epilogue(kOp, *gate, q);
   const at::Tensor ok = resolve_validity(kOp, lengths, valid, q.size(0), q.size(1), q);
-  const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
+  const SlidingWindowMask m = attn::sliding_window_mask(kOp, q.size(1), window, dilated, causal);
   at::Tensor out, lse;
   std::tie(out, lse) = attn::alloc_outputs(q);
   if (q.numel() == 0) return {out, lse};
@@ -129,7 +117,7 @@ void backward_into(const char* op, const at::Tensor& grad_out, const OptTensor& 
     BLOSSOM_CHECK(!in.grad_lse.defined(), op, ": the gate fold takes no grad_lse");
   }
   const at::Tensor ok = resolve_validity(op, lengths, valid, q.size(0), q.size(1), q);
-  const SlidingWindowMask m = make_mask(q.size(1), window, dilated, causal);
+  const SlidingWindowMask m = attn::sliding_window_mask(kOp, q.size(1), window, dilated, causal);
   if (q.numel() == 0) {
     if (!add) {
       gk.zero_();
