@@ -10,7 +10,9 @@ fp32 and odd head_dim (generic SIMT kernels), R = 3 (compressed branch), padding
 BLOSSOM_OPS_CUDA_SIMPLE=1 (every kernel generic). A fourth route turns off the fused
 block-sparse + window dQ (BLOSSOM_OPS_CUDA_FUSED_DQ=0, csrc/cuda/attn_dq_fused.cuh): its
 grad_k, grad_v and grad_gate must equal the default route's bit for bit (only the dQ kernels
-differ), grad_q by rounding only (the separate kernels round dQ twice).
+differ), grad_q by rounding only (the separate kernels round dQ twice). That route also
+turns off the fused forward (BLOSSOM_OPS_CUDA_FUSED_FWD=0, csrc/cuda/attn_fwd_fused.cuh):
+out and every branch output and lse must equal the default route's bit for bit.
     python3 benchmarks/check_gate_fold_gpu.py [--quick] [--time 64x4096]
 """
 from __future__ import annotations
@@ -64,7 +66,9 @@ def child(out_path, quick, time_case):
         out2 = blossom_ops.blossom_attention(*ins, lengths=ln, **kw)
         gs2 = torch.autograd.grad(out2, ins, t["go"].to("cuda", dt))
         same = all(torch.equal(a, b) for a, b in zip(gs, gs2))
-        res[n] = dict(grads=[x.cpu() for x in gs], idx=parts["block_idx"].cpu(), same=same)
+        fwd = [out] + [parts[x] for x in ("o_sel", "lse_sel", "o_win", "lse_win")]
+        res[n] = dict(grads=[x.cpu() for x in gs], idx=parts["block_idx"].cpu(), same=same,
+                      fwd=[x.detach().cpu() for x in fwd])
     if time_case:  # the brief's shape: Hq=8, Hk=2, bf16, R=2, defaults
         B, L = map(int, time_case.split("x"))
         for D in (64, 16):
@@ -133,7 +137,8 @@ def main():
                           ("fold+simple", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
                                            "BLOSSOM_OPS_CUDA_SIMPLE": "1"}),
                           ("fold-unfused", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
-                                            "BLOSSOM_OPS_CUDA_FUSED_DQ": "0"})):
+                                            "BLOSSOM_OPS_CUDA_FUSED_DQ": "0",
+                                            "BLOSSOM_OPS_CUDA_FUSED_FWD": "0"})):
             path = os.path.join(tmp, name + ".pt")
             cmd = [sys.executable, __file__, "--child", path] + (["--quick"] if args.quick else [])
             if args.time and name != "fold+simple":
@@ -157,6 +162,11 @@ def main():
                 print(f"FAIL {name} case {n}: two backward runs differ")
         d = max(rel(a, b) for a, b in zip(runs["fold"][n]["grads"], runs["old"][n]["grads"]))
         print(f"     fold vs old, case {n}: max relative difference {d:.2e}")
+        same_fwd = all(torch.equal(a, b) for a, b in zip(runs["fold"][n]["fwd"],
+                                                         runs["fold-unfused"][n]["fwd"]))
+        fails += not same_fwd
+        print(f"{'ok  ' if same_fwd else 'FAIL'} fused vs unfused forward, case {n}: out, "
+              f"o_sel, lse_sel, o_win, lse_win {'bit-identical' if same_fwd else 'DIFFER'}")
         fu, un = runs["fold"][n]["grads"], runs["fold-unfused"][n]["grads"]
         same_kvg = all(torch.equal(a, b) for a, b in zip(fu[1:], un[1:]))
         fails += not same_kvg
@@ -165,7 +175,7 @@ def main():
               f"{rel(fu[0], un[0]):.2e}")
     for key in [k for k in runs["fold"] if isinstance(k, str)]:
         print(f"backward {key} (B x L = {args.time}, bf16): fold {runs['fold'][key]:.3f} ms, "
-              f"fold without the fused dQ {runs['fold-unfused'][key]:.3f} ms, "
+              f"fold without the fused kernels {runs['fold-unfused'][key]:.3f} ms, "
               f"old {runs['old'][key]:.3f} ms")
     print("all ok" if fails == 0 else f"{fails} FAILED")
     return 1 if fails else 0

@@ -23,7 +23,7 @@
 // Shared memory per warp: the larger of the two kernels' areas (they run one after the
 // other; equal at D >= 64). Registers: bounded like the window's deduped dQ (the tighter of
 // the two, tc_min_ctas<D, true, true>).
-// Launched by blossom_branches_bwd.cu when both branches would take these two kernels (16-bit,
+// Launched by blossom_branches.cu when both branches would take these two kernels (16-bit,
 // D in {16, 32, 64, 128}, G with HPW = 4, block size a power of two >= 16, the default
 // window with dilation); BLOSSOM_OPS_CUDA_FUSED_DQ=0 keeps the two kernels (A/B).
 #pragma once
@@ -32,12 +32,6 @@
 namespace blossom {
 namespace gpu {
 namespace detail {
-
-template <int D>
-constexpr size_t fused_dq_warp_bytes() {
-  return TcCfg<D>::warp_bytes > TcCfg<D, 16>::warp_bytes ? TcCfg<D>::warp_bytes
-                                                         : TcCfg<D, 16>::warp_bytes;
-}
 
 template <typename T, int D, class SelPolicy, class WinPolicy>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>())
@@ -53,7 +47,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>()
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
 
-  unsigned char* base = smem_tc + wib * fused_dq_warp_bytes<D>();
+  unsigned char* base = smem_tc + wib * fused_warp_bytes<D>();
   float dq[NF][4];
 #pragma unroll
   for (int f = 0; f < NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
@@ -89,13 +83,6 @@ inline bool fused_dq_off() {
   return off;
 }
 
-// The same tensor seen by both branches' parameters.
-template <typename T>
-inline bool same_view(const Bshd<T>& a, const Bshd<T>& b) {
-  return a.ptr == b.ptr && a.stride_b == b.stride_b && a.stride_l == b.stride_l &&
-         a.stride_h == b.stride_h;
-}
-
 // Launches the fused dQ when both branches would take the kernels it merges, with the same
 // q, dO, k, v, grad_q and validity, ps writing grad_q and pw adding to it; writes delta_s /
 // delta_w (and, gated, lse' / grad_gate) as the two kernels would. False: nothing launched,
@@ -124,7 +111,7 @@ bool launch_attn_dq_fused(const AttnBwdParams<T, float>& ps, const SelPolicy& po
     if (block_group_size<4>(pol_s, true) != 2) return false;
     return dispatch_stage_config(s.head_dim, s.group(), true, [&](auto d_c, auto) {
       constexpr int D = decltype(d_c)::value;
-      const size_t bytes = kStageWarps * fused_dq_warp_bytes<D>();
+      const size_t bytes = kStageWarps * fused_warp_bytes<D>();
       auto kernel = attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy>;
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(pair_warps), kStageWarps * 32, bytes, stream>>>(

@@ -60,10 +60,13 @@ __device__ __forceinline__ void stage_gate_weights(const GateEpilogueParams<T>& 
 // (fp32) stored to dst as store8_aligned stores it, and the gated sum of the branches to
 // g.out, with w[r * 8] the piece's row weight of branch r (stage_gate_weights). This branch
 // is r = 1 (g.self, checked on the host): r = 0 and r = 2 (R = 3) come from memory, in the
-// gate kernel's order. Every buffer 16-byte aligned (gate_epilogue_usable).
+// gate kernel's order. Every buffer 16-byte aligned (gate_epilogue_usable). b0: branch 0's
+// piece as the same warp stored it earlier in this kernel (the fused forward,
+// attn_fwd_fused.cuh: read through the non-coherent path it would not be defined), else null.
 template <typename T>
 __device__ __forceinline__ void store8_gated(const GateEpilogueParams<T>& g, int64_t off,
-                                             const float (&own)[kFrag], T* dst, const float* w) {
+                                             const float (&own)[kFrag], T* dst, const float* w,
+                                             const uint4* b0 = nullptr) {
   uint4 u;
   u.x = pack2(own[0], own[1], dst);
   u.y = pack2(own[2], own[3], dst);
@@ -77,7 +80,10 @@ __device__ __forceinline__ void store8_gated(const GateEpilogueParams<T>& g, int
   unpack2(u.w, dst, mine[6], mine[7]);
   float acc[kFrag], f[kFrag];
   zero_frag(acc);
-  load8_aligned(g.branch[0] + off, f);
+  if (b0 != nullptr)
+    unpack8(*b0, g.branch[0], f);
+  else
+    load8_aligned(g.branch[0] + off, f);
   const float w0 = w[0], w1 = w[8];
 #pragma unroll
   for (int e = 0; e < kFrag; ++e) acc[e] = fmaf(w0, f[e], acc[e]);

@@ -405,6 +405,11 @@ inline void dispatch_row_config(int64_t D, int64_t G, bool vec, F&& f) {
   }
 }
 
+template <typename T>
+inline bool attn_fwd_vec_ok(const AttnFwdParams<T, float>& p) {
+  return attn_vec_ok<T>(p.shape, {p.q, p.k, p.v}) && attn_vec_ok_out<T>(p.shape, {p.out});
+}
+
 // Returns whether blossom_attention's gate (p.gate, when set) was applied in the epilogue;
 // when not, the caller runs the gate kernel (attn_gate_epilogue.cuh).
 template <typename T, class Policy>
@@ -412,7 +417,7 @@ bool launch_attn_fwd(const AttnFwdParams<T, float>& p, const Policy& pol, cudaSt
                      const char* name) {
   const AttnShape& s = p.shape;
   if (s.batch == 0 || s.q_len == 0 || s.q_heads == 0) return false;
-  const bool vec = attn_vec_ok<T>(s, {p.q, p.k, p.v}) && attn_vec_ok_out<T>(s, {p.out});
+  const bool vec = attn_fwd_vec_ok(p);
   bool gated = false;
   if (launch_attn_fwd_staged(p, pol, vec, stream, &gated)) {  // fast path (attn_staged_tc.cuh)
     check_launch(name);

@@ -144,6 +144,21 @@ struct TcCfg {
   static_assert(size_t(8) * OLD * 4 <= kv_bytes, "output staging must fit the K/V buffers");
 };
 
+// Per-warp shared memory of the fused two-branch kernels (attn_fwd_fused.cuh,
+// attn_dq_fused.cuh): the block-chunk and the per-slot areas are used one after the other.
+template <int D>
+constexpr size_t fused_warp_bytes() {
+  return TcCfg<D>::warp_bytes > TcCfg<D, 16>::warp_bytes ? TcCfg<D>::warp_bytes
+                                                         : TcCfg<D, 16>::warp_bytes;
+}
+
+// Whether two parameter structs see the same tensor (the fused kernels' launch checks).
+template <typename T>
+inline bool same_view(const Bshd<T>& a, const Bshd<T>& b) {
+  return a.ptr == b.ptr && a.stride_b == b.stride_b && a.stride_l == b.stride_l &&
+         a.stride_h == b.stride_h;
+}
+
 // base + j * stride_bytes as one IMAD.WIDE (mad.wide.s32): from C++ the compiler keeps a
 // 64 x 64-bit multiply when the stride came from an int64_t (3-4 instructions per row).
 __device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int stride_bytes) {
@@ -493,12 +508,20 @@ __device__ __forceinline__ void softmax_rescale(float (&cmax)[2], float (&m)[2],
 }
 
 // The 16-byte pieces of the staged output rows (float [8][OLD], column n = head h0 + n % HPW
-// of query i0 + n / HPW), spread over the lanes: store(q, hh, c, v8) for piece c of every row
-// of a query below L.
+// of query i0 + n / HPW), spread over the lanes: store(q, hh, c, v8, k) for piece c of every
+// row of a query below L; k < staged_pieces_per_lane is the piece's turn on its lane (the same
+// lane and turn for the same piece in every kernel of one D, HPW, QPW).
+template <class C, int HPW, int QPW>
+constexpr int staged_pieces_per_lane() {
+  return (HPW * QPW * C::CPR + 31) / 32;
+}
 template <class C, int HPW, int QPW, class Store>
 __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t i0, int64_t L,
                                                       int lane, Store&& store) {
-  for (int t = lane; t < HPW * QPW * C::CPR; t += 32) {
+#pragma unroll
+  for (int k = 0; k < staged_pieces_per_lane<C, HPW, QPW>(); ++k) {
+    const int t = lane + 32 * k;
+    if (t >= HPW * QPW * C::CPR) break;
     const int n = t / C::CPR, c = t % C::CPR;
     const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
     if (QPW > 1 && i0 + q >= L) continue;
@@ -506,7 +529,7 @@ __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t 
     const float4 a0 = reinterpret_cast<const float4*>(src)[0];
     const float4 a1 = reinterpret_cast<const float4*>(src)[1];
     float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    store(q, hh, c, v8);
+    store(q, hh, c, v8, k);
   }
 }
 
@@ -514,12 +537,17 @@ __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t 
 // O normalised by 1 / l and written through shared memory (the K/V buffers) as 16-byte rows,
 // lse = (m + log2 l) ln 2. Column n < HPW * QPW is head h0 + n % HPW of query i0 + n / HPW;
 // rows of queries past L (the last group of an odd L) are not written. GATE: each piece also
-// leaves blossom_attention's gated sum in p.gate.out (attn_gate_epilogue.cuh).
+// leaves blossom_attention's gated sum in p.gate.out (attn_gate_epilogue.cuh). The fused
+// forward (attn_fwd_fused.cuh) passes `keep` (its first branch: each stored piece's words, by
+// turn k of for_each_staged_piece) and `own0` (its gated second branch: branch 0's pieces
+// from those words instead of memory); both null otherwise.
 template <class C, int HPW, int QPW, typename T, bool GATE = false>
 __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p,
                                                 unsigned char* base, const float (&o)[C::NF][4],
                                                 const float (&m)[2], const float (&lp)[2],
-                                                int64_t b, int64_t i0, int64_t h0, int lane) {
+                                                int64_t b, int64_t i0, int64_t h0, int lane,
+                                                uint4* keep = nullptr,
+                                                const uint4* own0 = nullptr) {
   const int gid = lane >> 2, tig = lane & 3;
   const int64_t L = p.shape.q_len, Hq = p.shape.q_heads;
   float l[2], inv[2];
@@ -538,12 +566,17 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
   if constexpr (GATE) stage_gate_weights<T, HPW, QPW>(p.gate, gw, b, i0, h0, L, Hq, lane);
   __syncwarp();
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
-                                     [&](int q, int hh, int c, float (&v8)[kFrag]) {
+                                     [&](int q, int hh, int c, float (&v8)[kFrag], int k) {
     T* dst = p.out.at(b, i0 + q, h0 + hh) + c * kFrag;
-    if constexpr (GATE)  // p.out contiguous: dst's offset is the piece's in every buffer
-      store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh);
-    else
+    if constexpr (GATE) {  // p.out contiguous: dst's offset is the piece's in every buffer
+      store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh,
+                   own0 != nullptr ? own0 + k : nullptr);
+    } else if (keep != nullptr) {
+      keep[k] = pack8(v8, dst);
+      *reinterpret_cast<uint4*>(dst) = keep[k];
+    } else {
       store8_aligned(dst, v8);
+    }
   });
   if (gid == 0) {
 #pragma unroll
@@ -571,7 +604,7 @@ __device__ __forceinline__ void store_dq_warp(const AttnBwdParams<T, float>& p, 
   stage_heads<C>(ost, dq, mul, lane);
   __syncwarp();
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
-                                     [&](int q, int hh, int c, float (&v8)[kFrag]) {
+                                     [&](int q, int hh, int c, float (&v8)[kFrag], int) {
     store8_acc(p.grad_q.at(b, i0 + q, h0 + hh) + c * kFrag, v8, p.accumulate);
   });
 }
@@ -718,31 +751,20 @@ constexpr int tc_min_ctas() {
 }
 
 // ------------------------------------------------------------------------------ forward
-// QPW = 2 (LEAN only): query pairs, see TcWarp; a column's keys are the chunk positions of
-// its query, [0, c0) or [c0, cnt) (DD: [0, c0) or the bits of m2), and it sees exactly 0
-// from the other query's keys.
-// GATE (query pairs only): blossom_attention's gate in the epilogue (p.gate).
-template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
-          bool DD = false, bool GATE = false>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
-    attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
+// The per-slot forward chunk loop of one warp: the online softmax of this lane's columns
+// (running max m, partial sums lp, O^T accumulators o) over the keys of query i (and i + 1
+// for QPW = 2), with qb the warp's Q fragments. Shared by attn_fwd_kernel_tc and the fused
+// block-sparse + window forward (attn_fwd_fused.cuh); base is the warp's TcCfg<D> area.
+template <typename T, int D, int HPW, class Policy, bool LEAN, int QPW, bool DD>
+__device__ __forceinline__ void slot_fwd_chunks(const AttnFwdParams<T, float>& p, const Policy& pol,
+                                                unsigned char* base, int64_t b, int64_t i,
+                                                int64_t g, unsigned qbits,
+                                                const uint32_t (&qb)[D / 16][2], int lane,
+                                                float (&o)[D / 16][4], float (&m)[2],
+                                                float (&lp)[2]) {
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
-  static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
-  static_assert(!GATE || (LEAN && QPW == 2), "the gated epilogue is built for query pairs only");
-  extern __shared__ __align__(128) unsigned char smem_tc[];
-  const int lane = threadIdx.x & 31;
-  const int wib = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  const AttnShape& s = p.shape;
-  const int64_t L = s.q_len;
-  int64_t b, i, g, h0;
-  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
-           : !stage_coords<HPW>(s, wib, b, i, g, h0))
-    return;  // uniform per warp
-  i *= QPW;  // QPW = 2: the first query of the pair
-
-  unsigned char* base = smem_tc + wib * C::warp_bytes;
   TcWarp<T, C, Policy, LEAN, QPW, DD> w;
   w.kv = reinterpret_cast<E*>(base);
   w.kidx = reinterpret_cast<int*>(base + C::idx_off);
@@ -752,7 +774,108 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
   w.sv = p.v.stride_l;
   w.b = b; w.i = i; w.g = g;
   w.lane = lane;
+  // This lane's columns: query i + cq[j] (cq >= QPW: padding column, no keys).
+  const int cq[2] = {(2 * tig) / HPW, (2 * tig + 1) / HPW};
+  if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
+    __syncwarp();
+  }
+  const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
+  const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+  if constexpr (QPW == 1) {
+    w.n_slots = pol.fwd_slots(b, i, g);
+  } else if constexpr (DD) {
+    w.pair_slots_dedupe(pol, qbits);
+  } else {
+    w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
+    w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
+  }
+  w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
+    // Chunk positions of this lane's columns: [lo, hi); DD: the bits of cm, shifted by gid
+    // (bit t * 16 + 8 h: key t * 16 + gid + 8 h).
+    int lo[2], hi[2];
+    unsigned cm[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      lo[j] = QPW == 1 ? 0 : (cq[j] == 1 ? c0 : 0);
+      hi[j] = QPW == 1 ? cnt : (cq[j] == 0 ? c0 : (cq[j] == 1 ? cnt : 0));
+      cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u) : (cq[j] == 1 ? m2 : 0u))
+              >> gid;
+    }
+    const E* kb = w.kbuf(buf);
+    const E* vb = w.vbuf(buf);
+    float sc[C::KT][4];
+#pragma unroll
+    for (int t = 0; t < C::KT; ++t) {
+      sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.f;
+      if (t * 16 < cnt) {
+#pragma unroll
+        for (int f = 0; f < C::NF; ++f) {
+          uint32_t a[4];
+          ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
+          mma16816<E>(sc[t], a, qb[f][0], qb[f][1]);
+        }
+      }
+    }
+    // Scaled scores (keys past cnt: -inf) and the chunk max of heads 2 tig + {0, 1}.
+    float cmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int t = 0; t < C::KT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = t * 16 + gid + (e >> 1) * 8;
+        const bool in = DD ? ((cm[e & 1] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u
+                           : key >= lo[e & 1] && key < hi[e & 1];
+        const float x = in ? sc[t][e] * qsc : -INFINITY;
+        sc[t][e] = x;
+        cmax[e & 1] = fmaxf(cmax[e & 1], x);
+      }
+    float msub[2];
+    softmax_rescale<C, LEAN>(cmax, m, lp, o, msub);
+#pragma unroll
+    for (int t = 0; t < C::KT; ++t) {
+      if (t * 16 < cnt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[t][e] = LEAN ? fast_exp2(sc[t][e] - msub[e & 1]) : exp2f(sc[t][e] - msub[e & 1]);
+          lp[e & 1] += sc[t][e];
+        }
+        uint32_t pb0, pb1;
+        keys_heads_to_b<E>(sc[t], pb0, pb1);
+#pragma unroll
+        for (int f = 0; f < C::NF; ++f) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, vb + t * 16 * C::RS + 16 * f + a_col);
+          mma16816<E>(o[f], a, pb0, pb1);
+        }
+      }
+    }
+  });
+}
 
+// QPW = 2 (LEAN only): query pairs, see TcWarp; a column's keys are the chunk positions of
+// its query, [0, c0) or [c0, cnt) (DD: [0, c0) or the bits of m2), and it sees exactly 0
+// from the other query's keys.
+// GATE (query pairs only): blossom_attention's gate in the epilogue (p.gate).
+template <typename T, int D, int HPW, class Policy, bool LEAN = false, int QPW = 1,
+          bool DD = false, bool GATE = false>
+__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
+    attn_fwd_kernel_tc(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
+  using C = TcCfg<D>;
+  static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
+  static_assert(!GATE || (LEAN && QPW == 2), "the gated epilogue is built for query pairs only");
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const int lane = threadIdx.x & 31;
+  const int wib = threadIdx.x >> 5;
+  const AttnShape& s = p.shape;
+  const int64_t L = s.q_len;
+  int64_t b, i, g, h0;
+  if (LEAN ? !stage_coords_fast<HPW>(grid, wib, b, i, g, h0)
+           : !stage_coords<HPW>(s, wib, b, i, g, h0))
+    return;  // uniform per warp
+  i *= QPW;  // QPW = 2: the first query of the pair
+
+  unsigned char* base = smem_tc + wib * C::warp_bytes;
   // This lane's heads are 2 tig + {0, 1}: running max m, partial sum lp, O^T columns.
   float o[C::NF][4];
 #pragma unroll
@@ -760,86 +883,11 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, DD>())
   float m[2] = {-INFINITY, -INFINITY}, lp[2] = {0.f, 0.f};
 
   const unsigned qbits = group_query_bits<QPW>(pol, b, i, L);
-  // This lane's columns: query i + cq[j] (cq >= QPW: padding column, no keys).
-  const int cq[2] = {(2 * tig) / HPW, (2 * tig + 1) / HPW};
   if (qbits != 0u) {
     uint32_t qb[C::NF][2];
     load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i, h0, qbits, lane);
-    if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
-      tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-      __syncwarp();
-    }
-    const float qsc = static_cast<float>(s.scale) * kLog2e;
-    const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-    if constexpr (QPW == 1) {
-      w.n_slots = pol.fwd_slots(b, i, g);
-    } else if constexpr (DD) {
-      w.pair_slots_dedupe(pol, qbits);
-    } else {
-      w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
-      w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
-    }
-    w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
-      // Chunk positions of this lane's columns: [lo, hi); DD: the bits of cm, shifted by gid
-      // (bit t * 16 + 8 h: key t * 16 + gid + 8 h).
-      int lo[2], hi[2];
-      unsigned cm[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        lo[j] = QPW == 1 ? 0 : (cq[j] == 1 ? c0 : 0);
-        hi[j] = QPW == 1 ? cnt : (cq[j] == 0 ? c0 : (cq[j] == 1 ? cnt : 0));
-        cm[j] = (cq[j] == 0 ? (c0 >= 32 ? kFullMask : (1u << c0) - 1u) : (cq[j] == 1 ? m2 : 0u))
-                >> gid;
-      }
-      const E* kb = w.kbuf(buf);
-      const E* vb = w.vbuf(buf);
-      float sc[C::KT][4];
-#pragma unroll
-      for (int t = 0; t < C::KT; ++t) {
-        sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.f;
-        if (t * 16 < cnt) {
-#pragma unroll
-          for (int f = 0; f < C::NF; ++f) {
-            uint32_t a[4];
-            ldmatrix_x4(a, kb + t * 16 * C::RS + 16 * f + a_row);
-            mma16816<E>(sc[t], a, qb[f][0], qb[f][1]);
-          }
-        }
-      }
-      // Scaled scores (keys past cnt: -inf) and the chunk max of heads 2 tig + {0, 1}.
-      float cmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int t = 0; t < C::KT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = t * 16 + gid + (e >> 1) * 8;
-          const bool in = DD ? ((cm[e & 1] >> (t * 16 + (e >> 1) * 8)) & 1u) != 0u
-                             : key >= lo[e & 1] && key < hi[e & 1];
-          const float x = in ? sc[t][e] * qsc : -INFINITY;
-          sc[t][e] = x;
-          cmax[e & 1] = fmaxf(cmax[e & 1], x);
-        }
-      float msub[2];
-      softmax_rescale<C, LEAN>(cmax, m, lp, o, msub);
-#pragma unroll
-      for (int t = 0; t < C::KT; ++t) {
-        if (t * 16 < cnt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            sc[t][e] = LEAN ? fast_exp2(sc[t][e] - msub[e & 1]) : exp2f(sc[t][e] - msub[e & 1]);
-            lp[e & 1] += sc[t][e];
-          }
-          uint32_t pb0, pb1;
-          keys_heads_to_b<E>(sc[t], pb0, pb1);
-#pragma unroll
-          for (int f = 0; f < C::NF; ++f) {
-            uint32_t a[4];
-            ldmatrix_x4_trans(a, vb + t * 16 * C::RS + 16 * f + a_col);
-            mma16816<E>(o[f], a, pb0, pb1);
-          }
-        }
-      }
-    });
+    slot_fwd_chunks<T, D, HPW, Policy, LEAN, QPW, DD>(p, pol, base, b, i, g, qbits, qb, lane, o,
+                                                      m, lp);
   }
 
   finish_fwd_warp<C, HPW, QPW, T, GATE>(p, base, o, m, lp, b, i, h0, lane);
@@ -1255,6 +1303,55 @@ struct TcBlkWarp {
   }
 };
 
+// The block-chunk forward chunk loop of one warp (the block list, then every chunk), as
+// slot_fwd_chunks for the per-slot kernels; base is the warp's TcCfg<D, 16> area. Shared by
+// attn_fwd_kernel_tc_blk and the fused forward.
+template <typename T, int D, int HPW, class Policy, int QPW>
+__device__ __forceinline__ void blk_fwd_chunks(const AttnFwdParams<T, float>& p, const Policy& pol,
+                                               unsigned char* base, int64_t b, int64_t i0,
+                                               int64_t g, unsigned qbits,
+                                               const uint32_t (&qb)[D / 16][2], int lane,
+                                               float (&o)[D / 16][4], float (&m)[2],
+                                               float (&lp)[2]) {
+  using C = TcCfg<D, 16>;
+  using E = typename TcElem<T>::type;
+  TcBlkWarp<T, C, Policy, QPW> w;
+  w.init(base, p.k, p.v, b, i0, g, p.shape.kv_len, pol, lane);
+  const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
+  const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
+  w.template for_each_group_chunk<HPW>(pol, g, qbits, [&](const E* kb, const E* vb,
+                                                          const uint32_t (&mk)[2]) {
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int f = 0; f < C::NF; ++f) {
+      uint32_t a[4];
+      ldmatrix_x4(a, kb + 16 * f + a_row);
+      mma16816<E>(sc, a, qb[f][0], qb[f][1]);
+    }
+    // Scaled scores (keys that do not attend: -inf) and the chunk max of heads 2 tig + {0, 1}.
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      sc[e] = (mk[e & 1] >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
+    // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
+    float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
+    float msub[2];
+    softmax_rescale<C, true>(cmax, m, lp, o, msub);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sc[e] = fast_exp2(sc[e] - msub[e & 1]);
+      lp[e & 1] += sc[e];
+    }
+    uint32_t pb0, pb1;
+    keys_heads_to_b<E>(sc, pb0, pb1);
+#pragma unroll
+    for (int f = 0; f < C::NF; ++f) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, vb + 16 * f + a_col);
+      mma16816<E>(o[f], a, pb0, pb1);
+    }
+  });
+}
+
 // Forward over block chunks: attn_fwd_kernel_tc with one 16-key segment of a listed block
 // per chunk. The arithmetic per chunk is the generic kernel's at KC = 16 (same operations in
 // the same order: D >= 64 gives the same bits when each chunk's attending keys are a prefix
@@ -1267,13 +1364,11 @@ template <typename T, int D, int HPW, class Policy, int QPW = 1>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
     attn_fwd_kernel_tc_blk(const AttnFwdParams<T, float> p, const Policy pol, const TcGrid grid) {
   using C = TcCfg<D, 16>;
-  using E = typename TcElem<T>::type;
   static_assert(HPW * QPW <= 8, "the (query, head) columns are the N = 8 side of the products");
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
-  const AttnShape& s = p.shape;
-  const int64_t L = s.q_len;
+  const int64_t L = p.shape.q_len;
   int64_t b, i0, g, h0;
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
@@ -1288,41 +1383,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
   if (qbits != 0u) {
     uint32_t qb[C::NF][2];  // loads in flight while the block list is built
     load_group_frags<T, D, HPW, QPW>(qb, p.q, b, i0, h0, qbits, lane);
-    TcBlkWarp<T, C, Policy, QPW> w;
-    w.init(base, p.k, p.v, b, i0, g, s.kv_len, pol, lane);
-    const float qsc = static_cast<float>(s.scale) * kLog2e;
-    const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-    w.template for_each_group_chunk<HPW>(pol, g, qbits, [&](const E* kb, const E* vb,
-                                                            const uint32_t (&mk)[2]) {
-      float sc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        uint32_t a[4];
-        ldmatrix_x4(a, kb + 16 * f + a_row);
-        mma16816<E>(sc, a, qb[f][0], qb[f][1]);
-      }
-      // Scaled scores (keys that do not attend: -inf) and the chunk max of heads 2 tig + {0, 1}.
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        sc[e] = (mk[e & 1] >> ((e >> 1) * 8)) & 1u ? sc[e] * qsc : -INFINITY;
-      // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
-      float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
-      float msub[2];
-      softmax_rescale<C, true>(cmax, m, lp, o, msub);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[e] = fast_exp2(sc[e] - msub[e & 1]);
-        lp[e & 1] += sc[e];
-      }
-      uint32_t pb0, pb1;
-      keys_heads_to_b<E>(sc, pb0, pb1);
-#pragma unroll
-      for (int f = 0; f < C::NF; ++f) {
-        uint32_t a[4];
-        ldmatrix_x4_trans(a, vb + 16 * f + a_col);
-        mma16816<E>(o[f], a, pb0, pb1);
-      }
-    });
+    blk_fwd_chunks<T, D, HPW, Policy, QPW>(p, pol, base, b, i0, g, qbits, qb, lane, o, m, lp);
   }
 
   finish_fwd_warp<C, HPW, QPW>(p, base, o, m, lp, b, i0, h0, lane);

@@ -2,7 +2,7 @@
 // (attn_kernels.cuh, attn_staged_tc.cuh): which keys a query attends (forward), which queries
 // attend a key through the inverse index (backward), and the block-chunk description of the
 // staged kernels. Shared by block_sparse_attention.cu and the fused branch dQ
-// (blossom_branches_bwd.cu).
+// (blossom_branches.cu).
 #pragma once
 #include "common/checks.h"
 #include "common/params.h"

@@ -132,14 +132,26 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, c10::BFloat16*) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
+// 8 floats rounded to T as store8_aligned stores them, and back (as load8_aligned reads them).
 template <typename T>
-__device__ __forceinline__ void store8_aligned(T* p, const float (&f)[kFrag]) {
+__device__ __forceinline__ uint4 pack8(const float (&f)[kFrag], T* p) {
   uint4 u;
   u.x = pack2(f[0], f[1], p);
   u.y = pack2(f[2], f[3], p);
   u.z = pack2(f[4], f[5], p);
   u.w = pack2(f[6], f[7], p);
-  *reinterpret_cast<uint4*>(p) = u;
+  return u;
+}
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& u, const T* p, float (&f)[kFrag]) {
+  unpack2(u.x, p, f[0], f[1]);
+  unpack2(u.y, p, f[2], f[3]);
+  unpack2(u.z, p, f[4], f[5]);
+  unpack2(u.w, p, f[6], f[7]);
+}
+template <typename T>
+__device__ __forceinline__ void store8_aligned(T* p, const float (&f)[kFrag]) {
+  *reinterpret_cast<uint4*>(p) = pack8(f, p);
 }
 
 // Loads the chunk starting at element d0 of a row of length D. VEC: the row start is 16-byte

@@ -48,6 +48,17 @@ void block_sparse_attention_bwd(const AttnBwdParams<T, float>& p, const BlockSpa
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream,
                                 bool dq_done = false);
 
+// blossom_attention's block-sparse (p_sel) and sliding-window (p_win, with the gate
+// epilogue's parameters, p_sel's output as branch 0) forwards, on the same q, k, v and
+// validity: one kernel for both and the gate (attn_fwd_fused.cuh, unless
+// BLOSSOM_OPS_CUDA_FUSED_FWD=0) when both would take the 16-bit query-pair fast paths and the
+// epilogue applies, else the two forwards in that order. Returns whether p_win.gate.out holds
+// the gated sum (false: the caller runs the gate kernel).
+template <typename T>
+bool blossom_branches_fwd(const AttnFwdParams<T, float>& p_sel, const BlockSparseMask& m_sel,
+                          const AttnFwdParams<T, float>& p_win, const SlidingWindowMask& m_win,
+                          cudaStream_t stream);
+
 // blossom_attention's block-sparse (p_sel, writes the gradients) and sliding-window (p_win,
 // accumulate: adds to them) backwards, gated, on the same q, k, v, dO and validity, each with
 // its own workspace (sized by the two *_bwd_workspace_bytes with gated = true). When both

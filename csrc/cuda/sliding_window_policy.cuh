@@ -1,7 +1,7 @@
 // The STIS mask of sliding_window_attention as a Policy of the attention kernels
 // (attn_kernels.cuh, attn_staged_tc.cuh): the slot offsets of the band and the dilation
 // distances, and the query-pair tail of the deduped pair kernels. Shared by
-// sliding_window_attention.cu and the fused branch dQ (blossom_branches_bwd.cu).
+// sliding_window_attention.cu and the fused branch kernels (blossom_branches.cu).
 #pragma once
 #include "common/params.h"
 #include "cuda/common.cuh"

@@ -224,8 +224,12 @@ BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const
   const at::Tensor idx = select_blocks(q, k_cmp, none, ok, top_n, block_size, stride, block_len,
                                        causal, scale);
   at::Tensor o_sel, lse_sel, o_win, lse_win, o_cmp, lse_cmp;
-  std::tie(o_sel, lse_sel) =
-      block_sparse_attention(q, k, v, idx, none, ok, block_size, causal, scale);
+  // CUDA: the block-sparse branch is computed by the window's call below (GateEpilogue's
+  // sel_idx: one kernel for both branches and the gate where it applies).
+  const bool cuda_gated = q.is_cuda() && q.numel() > 0 && gate_logits.is_contiguous();
+  if (!cuda_gated)
+    std::tie(o_sel, lse_sel) =
+        block_sparse_attention(q, k, v, idx, none, ok, block_size, causal, scale);
   if (R == 3) {
     const at::Tensor v_cmp = std::get<0>(block_compress(v, v_pos, none, ok, block_len, stride));
     std::tie(o_cmp, lse_cmp) =
@@ -240,12 +244,15 @@ BlossomOutputs blossom_attention(const at::Tensor& q, const at::Tensor& k, const
   // the separate gate kernel does not run. Bit-identical to it; contiguous buffers only.
   at::Tensor out;
   bool gated = false;
-  if (q.is_cuda() && q.numel() > 0 && gate_logits.is_contiguous() && o_sel.is_contiguous() &&
-      (R == 2 || o_cmp.is_contiguous())) {
+  if (cuda_gated) {
     GateEpilogue ge;
     ge.logits = gate_logits;
+    std::tie(o_sel, lse_sel) = attn::alloc_outputs(q);
+    ge.sel_idx = idx;
+    ge.sel_lse = lse_sel;
+    ge.sel_block_size = block_size;
     ge.branches = {o_sel, at::Tensor()};
-    if (R == 3) ge.branches.push_back(o_cmp);
+    if (R == 3) ge.branches.push_back(o_cmp.contiguous());
     ge.self = 1;
     ge.out = at::empty_like(o_sel, at::MemoryFormat::Contiguous);
     std::tie(o_win, lse_win) = sliding_window_attention_gated(q, k, v, ok, window, dilated,

@@ -44,11 +44,19 @@ struct WindowBranch {
 // q's device, q's dtype: logits [B, L, Hq, R] (R = 2 or 3), branches[r] (q's shape) the
 // branch outputs in gate order with branches[self] undefined (the window's own output),
 // out q's shape.
+// With sel_idx defined, branch 0 (the block-sparse branch over that index) is computed by the
+// same call into branches[0] (allocated by the caller like out) and sel_lse ([B, L, Hq] of the
+// accumulation type, contiguous): in one kernel with the window when it can
+// (csrc/cuda/attn_fwd_fused.cuh), else by the block-sparse forward first. sel_idx: int32
+// [B, L, Hk, n], contiguous, entries in [-1, ceil(L / sel_block_size)) (not checked here:
+// blossom_attention's own select_blocks output).
 struct GateEpilogue {
   at::Tensor logits;
   std::vector<at::Tensor> branches;
   int64_t self = 1;
   at::Tensor out;
+  at::Tensor sel_idx, sel_lse;
+  int64_t sel_block_size = 16;
 };
 
 // csrc/ops/sliding_window_attention.cpp

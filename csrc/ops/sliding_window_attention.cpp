@@ -41,6 +41,20 @@ void check_gate_epilogue(const char* op, const GateEpilogue& gate, const at::Ten
   BLOSSOM_CHECK(gate.out.defined(), op, ": the gate epilogue needs an output tensor");
   check_like(op, "gated out", gate.out, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   BLOSSOM_CHECK(gate.out.is_contiguous(), op, ": the gated output must be contiguous");
+  if (gate.sel_idx.defined()) {  // branch 0 computed here: its index and lse output
+    const at::Tensor& idx = gate.sel_idx;
+    BLOSSOM_CHECK(gate.self == 1 && idx.device() == q.device() && idx.scalar_type() == at::kInt &&
+                      idx.dim() == 4 && idx.size(0) == q.size(0) && idx.size(1) == q.size(1) &&
+                      idx.is_contiguous(),
+                  op, ": the selected branch needs an int32 contiguous (batch, seq, kv_heads, n) "
+                  "index on q's device");
+    check_positive(op, "block_size", gate.sel_block_size);
+    BLOSSOM_CHECK(gate.sel_lse.defined() && gate.sel_lse.is_contiguous() &&
+                      gate.sel_lse.scalar_type() == at::kFloat &&
+                      gate.sel_lse.device() == q.device() &&
+                      gate.sel_lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+                  op, ": the selected branch needs a contiguous (batch, seq, q_heads) lse output");
+  }
 }
 
 // The forward; with `gate`, *applied tells whether the kernel wrote gate->out.
@@ -70,8 +84,17 @@ Tensor2 forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         p.gate.branches = static_cast<int32_t>(gate->branches.size());
         p.gate.self = static_cast<int32_t>(gate->self);
       }
-      const bool gated =
-          gpu::sliding_window_attention_fwd<T>(p, m, at::cuda::getCurrentCUDAStream());
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      bool gated;
+      if (gate != nullptr && gate->sel_idx.defined()) {  // branch 0 too (GateEpilogue)
+        const auto ps = attn::fwd_params<T, float>(q, k, v, gate->branches[0], gate->sel_lse, ok,
+                                                   scale);
+        const BlockSparseMask ms =
+            attn::block_sparse_view(gate->sel_idx, gate->sel_block_size, m.causal);
+        gated = gpu::blossom_branches_fwd<T>(ps, ms, p, m, stream);
+      } else {
+        gated = gpu::sliding_window_attention_fwd<T>(p, m, stream);
+      }
       if (applied != nullptr) *applied = gate != nullptr && gated;
     });
     return {out, lse};

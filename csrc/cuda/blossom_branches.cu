@@ -1,15 +1,33 @@
-// blossom_attention's block-sparse and sliding-window backwards in one call (launch.h), so
-// that their dQ passes can share one kernel (attn_dq_fused.cuh). Order on the stream: the
-// fused dQ (both branches' delta, lse' and grad_gate columns), then the block-sparse backward
-// without its dQ (inverse index, dK/dV), then the window backward without its dQ (dK/dV
-// added). Without the fused kernel: the two backwards as before.
+// blossom_attention's block-sparse and sliding-window branches in one call each way
+// (launch.h), so that the two branches can share kernels.
+// Forward: one kernel for both branches and the gate (attn_fwd_fused.cuh) when it applies,
+// else the block-sparse forward, then the window forward (gate in its epilogue when it can).
+// Backward: the fused dQ (attn_dq_fused.cuh: both branches' delta, lse' and grad_gate
+// columns), then the block-sparse backward without its dQ (inverse index, dK/dV), then the
+// window backward without its dQ (dK/dV added). Without the fused dQ: the two backwards.
 #include "cuda/attn_dq_fused.cuh"
+#include "cuda/attn_fwd_fused.cuh"
 #include "cuda/block_sparse_policy.cuh"
 #include "cuda/launch.h"
 #include "cuda/sliding_window_policy.cuh"
 
 namespace blossom {
 namespace gpu {
+
+template <typename T>
+bool blossom_branches_fwd(const AttnFwdParams<T, float>& p_sel, const BlockSparseMask& m_sel,
+                          const AttnFwdParams<T, float>& p_win, const SlidingWindowMask& m_win,
+                          cudaStream_t stream) {
+  const AttnShape& s = p_sel.shape;
+  if (s.batch > 0 && s.q_heads > 0 && s.q_len > 0 &&
+      detail::launch_attn_fwd_fused(p_sel, make_block_sparse_policy(s, m_sel, p_sel.valid),
+                                    p_win,
+                                    SlidingPolicy::make(p_win.shape.q_len, m_win, p_win.valid),
+                                    stream))
+    return true;
+  block_sparse_attention_fwd<T>(p_sel, m_sel, stream);
+  return sliding_window_attention_fwd<T>(p_win, m_win, stream);
+}
 
 template <typename T>
 void blossom_branches_bwd(const AttnBwdParams<T, float>& p_sel, const BlockSparseMask& m_sel,
@@ -35,6 +53,9 @@ void blossom_branches_bwd(const AttnBwdParams<T, float>& p_sel, const BlockSpars
 }
 
 #define BLOSSOM_INSTANTIATE(T)                                                                \
+  template bool blossom_branches_fwd<T>(const AttnFwdParams<T, float>&, const BlockSparseMask&, \
+                                        const AttnFwdParams<T, float>&,                         \
+                                        const SlidingWindowMask&, cudaStream_t);                \
   template void blossom_branches_bwd<T>(const AttnBwdParams<T, float>&, const BlockSparseMask&, \
                                         void*, size_t, const AttnBwdParams<T, float>&,          \
                                         const SlidingWindowMask&, void*, size_t, cudaStream_t);
