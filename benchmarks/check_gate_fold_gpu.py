@@ -66,6 +66,13 @@ def child(out_path, quick, time_case):
         out2 = blossom_ops.blossom_attention(*ins, lengths=ln, **kw)
         gs2 = torch.autograd.grad(out2, ins, t["go"].to("cuda", dt))
         same = all(torch.equal(a, b) for a, b in zip(gs, gs2))
+        if n == 0:  # which kernels ran: the fused ones must, on the routes that allow them
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                o3 = blossom_ops.blossom_attention(*ins, lengths=ln, **kw)
+                torch.autograd.grad(o3, ins, t["go"].to("cuda", dt))
+                torch.cuda.synchronize()
+            res["kernels"] = sorted({e.key for e in prof.key_averages()})
         fwd = [out] + [parts[x] for x in ("o_sel", "lse_sel", "o_win", "lse_win")]
         res[n] = dict(grads=[x.cpu() for x in gs], idx=parts["block_idx"].cpu(), same=same,
                       fwd=[x.detach().cpu() for x in fwd])
@@ -173,7 +180,17 @@ def main():
         print(f"{'ok  ' if same_kvg else 'FAIL'} fused vs unfused dQ, case {n}: grad k, v, gate "
               f"{'bit-identical' if same_kvg else 'DIFFER'}; grad q relative difference "
               f"{rel(fu[0], un[0]):.2e}")
-    for key in [k for k in runs["fold"] if isinstance(k, str)]:
+    for name, want in (("fold", True), ("old", True), ("fold-unfused", False)):
+        ks = runs[name]["kernels"]
+        for kern in ("attn_fwd_fused_kernel", "attn_dq_fused_kernel"):
+            ran = any(kern in k for k in ks)
+            # the fused dQ belongs to the gate fold: the "old" route has no fused dQ
+            expect = want and not (name == "old" and kern == "attn_dq_fused_kernel")
+            ok = ran == expect
+            fails += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} route {name}, case 0: {kern} "
+                  f"{'ran' if ran else 'did not run'} (expected {'to run' if expect else 'not'})")
+    for key in [k for k in runs["fold"] if isinstance(k, str) and k.startswith("time")]:
         print(f"backward {key} (B x L = {args.time}, bf16): fold {runs['fold'][key]:.3f} ms, "
               f"fold without the fused kernels {runs['fold-unfused'][key]:.3f} ms, "
               f"old {runs['old'][key]:.3f} ms")

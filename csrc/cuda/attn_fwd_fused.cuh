@@ -91,7 +91,9 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps, const SelPolicy& p
         ps.shape.scale != pw.shape.scale)
       return false;
     // The gate's branch 0 must be ps's output, stored with pw's output's layout.
-    if (!gate_epilogue_usable(pw) || pw.gate.branch[0] != ps.out.ptr || !same_view(ps.out, pw.out))
+    if (!gate_epilogue_usable(pw) || pw.gate.branch[0] != ps.out.ptr ||
+        ps.out.stride_b != pw.out.stride_b || ps.out.stride_l != pw.out.stride_l ||
+        ps.out.stride_h != pw.out.stride_h)
       return false;
     if (!attn_fwd_vec_ok(ps) || !attn_fwd_vec_ok(pw)) return false;
     if (!use_block_chunks(pol_s, ps.k, ps.v) || !use_lean_staged(pw.k, pw.v)) return false;
