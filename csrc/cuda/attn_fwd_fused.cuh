@@ -74,7 +74,7 @@ inline bool fused_fwd_off() {
 }
 
 // Launches the fused forward when both branches would take the kernels it merges (16-bit,
-// D in {16, 32, 64, 128}, HPW = 4, block chunks with query pairs, deduped window pairs),
+// D in {64, 128}, HPW = 4, block chunks with query pairs, deduped window pairs),
 // with the same q, k, v and validity, and pw's gate epilogue applies with ps's output as
 // branch 0. False: nothing launched.
 template <typename T, class SelPolicy, class WinPolicy>
@@ -102,6 +102,11 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps, const SelPolicy& p
     if (s.group() % 4 != 0 || s.group() % 8 == 0 || pair_warps >= (int64_t(1) << 31))
       return false;  // HPW = 4 is what dispatch_stage_config picks for this G
     if (block_group_size<4>(pol_s, false) != 2) return false;
+    // D >= 64 only: there both kernels' shared-memory areas are the same size. At D = 16 the
+    // window's 32-key chunks double the fused warp's area against the block-chunk kernel's,
+    // and the fused forward measured slower than the two kernels (run s, H100, L = 16384:
+    // 3.46 ms against 2.25 + 1.13).
+    if (s.head_dim < 64) return false;
     return dispatch_stage_config(s.head_dim, s.group(), true, [&](auto d_c, auto) {
       constexpr int D = decltype(d_c)::value;
       const size_t bytes = kStageWarps * fused_warp_bytes<D>();
