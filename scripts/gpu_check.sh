@@ -10,7 +10,8 @@
 #               benchmarks/check_short_gpu.py, check_short_select_gpu.py, check_bs_dkdv.py
 #               and check_gate_fold_gpu.py (the fast paths' sweeps)
 #        tests  pytest -q -k cuda on each tests/test_*.py in its own process
-#        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py
+#        sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_ops.py and
+#               benchmarks/memcheck_fused.py (the fused two-branch kernels)
 #        bench  benchmarks/bench_gpu.py (BENCH_ARGS passes extra arguments), then the
 #               per-kernel profile (benchmarks/profile_gpu.py) appended to bench.log
 # Logs (at most 8 files, the device tool's limit) go to $OUT: summary.txt, build.log,
@@ -105,6 +106,13 @@ for step in $STEPS; do
       run_step racecheck "$OUT/sanitizer.log" compute-sanitizer --tool racecheck \
         --racecheck-report analysis --error-exitcode 3 --print-limit 20 \
         python3 scripts/sanitize_ops.py
+      # sanitize_ops stays on the short path (L <= 70); the fused two-branch kernels run here
+      run_step memcheck_fused "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+        python3 benchmarks/memcheck_fused.py
+      run_step racecheck_fused "$OUT/sanitizer.log" compute-sanitizer --tool racecheck \
+        --racecheck-report analysis --error-exitcode 3 --print-limit 20 \
+        python3 benchmarks/memcheck_fused.py
       ;;
     bench)
       run_step bench "$OUT/bench.log" python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-}
