@@ -27,7 +27,7 @@
 // D in {16, 32, 64, 128}, G with HPW = 4, block size a power of two >= 16, the default
 // window with dilation); BLOSSOM_OPS_CUDA_FUSED_DQ=0 keeps the two kernels (A/B).
 #pragma once
-#include "cuda/attn_kernels.cuh"
+#include "cuda/fused_branches.cuh"
 
 namespace blossom {
 namespace gpu {
@@ -95,20 +95,12 @@ bool launch_attn_dq_fused(const AttnBwdParams<T, float>& ps, const SelPolicy& po
     return false;
   } else {
     const AttnShape& s = ps.shape;
-    if (fused_dq_off() || s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return false;
-    if (!same_view(ps.q, pw.q) || !same_view(ps.grad_out, pw.grad_out) ||
-        !same_view(ps.k, pw.k) || !same_view(ps.v, pw.v) || !same_view(ps.grad_q, pw.grad_q) ||
-        ps.valid.ptr != pw.valid.ptr ||
-        ps.valid.stride_b != pw.valid.stride_b || ps.accumulate || !pw.accumulate ||
-        ps.shape.scale != pw.shape.scale || bwd_gated(ps) != bwd_gated(pw))
+    if (fused_dq_off()) return false;
+    const int64_t pair_warps = fused_pair_warps(ps, pol_s, pw, pol_w, true);
+    if (pair_warps == 0 || !same_view(ps.grad_out, pw.grad_out) ||
+        !same_view(ps.grad_q, pw.grad_q) || ps.accumulate || !pw.accumulate ||
+        bwd_gated(ps) != bwd_gated(pw) || !attn_bwd_vec_ok(ps) || !attn_bwd_vec_ok(pw))
       return false;
-    if (!attn_bwd_vec_ok(ps) || !attn_bwd_vec_ok(pw)) return false;
-    if (!use_block_chunks(pol_s, ps.k, ps.v) || !use_lean_staged(pw.k, pw.v)) return false;
-    if (!slot_pairs_on(true) || !slot_dedupe_on(pol_w)) return false;
-    const int64_t pair_warps = s.batch * s.kv_heads * (s.group() / 4) * ((s.q_len + 1) / 2);
-    if (s.group() % 4 != 0 || s.group() % 8 == 0 || pair_warps >= (int64_t(1) << 31))
-      return false;  // HPW = 4 is what dispatch_stage_config picks for this G
-    if (block_group_size<4>(pol_s, true) != 2) return false;
     return dispatch_stage_config(s.head_dim, s.group(), true, [&](auto d_c, auto) {
       constexpr int D = decltype(d_c)::value;
       const size_t bytes = kStageWarps * fused_warp_bytes<D>();

@@ -18,7 +18,7 @@
 // Launched by blossom_branches.cu when both forwards would take these kernels and the gate
 // epilogue applies; BLOSSOM_OPS_CUDA_FUSED_FWD=0 keeps the two kernels (A/B).
 #pragma once
-#include "cuda/attn_kernels.cuh"
+#include "cuda/fused_branches.cuh"
 
 namespace blossom {
 namespace gpu {
@@ -85,23 +85,14 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps, const SelPolicy& p
     return false;
   } else {
     const AttnShape& s = ps.shape;
-    if (fused_fwd_off() || s.batch == 0 || s.q_heads == 0 || s.q_len == 0) return false;
-    if (!same_view(ps.q, pw.q) || !same_view(ps.k, pw.k) || !same_view(ps.v, pw.v) ||
-        ps.valid.ptr != pw.valid.ptr || ps.valid.stride_b != pw.valid.stride_b ||
-        ps.shape.scale != pw.shape.scale)
-      return false;
+    if (fused_fwd_off()) return false;
+    const int64_t pair_warps = fused_pair_warps(ps, pol_s, pw, pol_w, false);
+    if (pair_warps == 0 || !attn_fwd_vec_ok(ps) || !attn_fwd_vec_ok(pw)) return false;
     // The gate's branch 0 must be ps's output, stored with pw's output's layout.
     if (!gate_epilogue_usable(pw) || pw.gate.branch[0] != ps.out.ptr ||
         ps.out.stride_b != pw.out.stride_b || ps.out.stride_l != pw.out.stride_l ||
         ps.out.stride_h != pw.out.stride_h)
       return false;
-    if (!attn_fwd_vec_ok(ps) || !attn_fwd_vec_ok(pw)) return false;
-    if (!use_block_chunks(pol_s, ps.k, ps.v) || !use_lean_staged(pw.k, pw.v)) return false;
-    if (!slot_pairs_on(false) || !slot_dedupe_on(pol_w)) return false;
-    const int64_t pair_warps = s.batch * s.kv_heads * (s.group() / 4) * ((s.q_len + 1) / 2);
-    if (s.group() % 4 != 0 || s.group() % 8 == 0 || pair_warps >= (int64_t(1) << 31))
-      return false;  // HPW = 4 is what dispatch_stage_config picks for this G
-    if (block_group_size<4>(pol_s, false) != 2) return false;
     // D >= 64 only: there both kernels' shared-memory areas are the same size. At D = 16 the
     // window's 32-key chunks double the fused warp's area against the block-chunk kernel's,
     // and the fused forward measured slower than the two kernels (run s, H100, L = 16384:

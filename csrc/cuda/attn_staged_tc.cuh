@@ -144,27 +144,19 @@ struct TcCfg {
   static_assert(size_t(8) * OLD * 4 <= kv_bytes, "output staging must fit the K/V buffers");
 };
 
-// Per-warp shared memory of the fused two-branch kernels (attn_fwd_fused.cuh,
-// attn_dq_fused.cuh): the block-chunk and the per-slot areas are used one after the other.
-template <int D>
-constexpr size_t fused_warp_bytes() {
-  return TcCfg<D>::warp_bytes > TcCfg<D, 16>::warp_bytes ? TcCfg<D>::warp_bytes
-                                                         : TcCfg<D, 16>::warp_bytes;
-}
-
-// Whether two parameter structs see the same tensor (the fused kernels' launch checks).
-template <typename T>
-inline bool same_view(const Bshd<T>& a, const Bshd<T>& b) {
-  return a.ptr == b.ptr && a.stride_b == b.stride_b && a.stride_l == b.stride_l &&
-         a.stride_h == b.stride_h;
-}
-
 // base + j * stride_bytes as one IMAD.WIDE (mad.wide.s32): from C++ the compiler keeps a
 // 64 x 64-bit multiply when the stride came from an int64_t (3-4 instructions per row).
 __device__ __forceinline__ const char* tc_row_addr(const char* base, int j, int stride_bytes) {
   const char* r;
   asm("mad.wide.s32 %0, %1, %2, %3;" : "=l"(r) : "r"(j), "r"(stride_bytes), "l"(base));
   return r;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void tc_zero(void* p, int lane) {
+  static_assert(BYTES % 16 == 0, "zero fill works in 16-byte pieces");
+  uint4* q = reinterpret_cast<uint4*>(p);
+  for (int x = lane; x < BYTES / 16; x += 32) q[x] = make_uint4(0, 0, 0, 0);
 }
 
 // Warp coordinates, staging buffers and the enumerate + copy step of one chunk. LEAN (the
@@ -229,6 +221,35 @@ struct TcWarp {
 
   __device__ __forceinline__ E* kbuf(int buf) const { return kv + (buf * 2) * C::KC * C::RS; }
   __device__ __forceinline__ E* vbuf(int buf) const { return kv + (buf * 2 + 1) * C::KC * C::RS; }
+
+  // The forward's and dQ's warp setup: buffers in the warp's area `base`, the K / V rows of
+  // (b, g), query i (and i + 1), the zero fill of the non-LEAN path, and the slot counts of
+  // the queries in qbits. p: AttnFwdParams or AttnBwdParams.
+  template <class Params>
+  __device__ __forceinline__ void setup(const Params& p, const Policy& pol, unsigned char* base,
+                                        int64_t b_, int64_t i_, int64_t g_, unsigned qbits,
+                                        int lane_) {
+    kv = reinterpret_cast<E*>(base);
+    kidx = reinterpret_cast<int*>(base + C::idx_off);
+    kbase = p.k.at(b_, 0, g_);
+    vbase = p.v.at(b_, 0, g_);
+    sk = p.k.stride_l;
+    sv = p.v.stride_l;
+    b = b_; i = i_; g = g_;
+    lane = lane_;
+    if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
+      tc_zero<static_cast<int>(C::kv_bytes)>(kv, lane);
+      __syncwarp();
+    }
+    if constexpr (QPW == 1) {
+      n_slots = pol.fwd_slots(b, i, g);
+    } else if constexpr (DD) {
+      pair_slots_dedupe(pol, qbits);
+    } else {
+      ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
+      n_slots = ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
+    }
+  }
 
   // Enumerates slots [n0, n0 + KC), compacts the valid keys into kidx[buf] and issues the
   // cp.async copies of their K and V rows. Returns the number of valid keys (warp-uniform);
@@ -336,13 +357,6 @@ struct TcWarp {
     }
   }
 };
-
-template <int BYTES>
-__device__ __forceinline__ void tc_zero(void* p, int lane) {
-  static_assert(BYTES % 16 == 0, "zero fill works in 16-byte pieces");
-  uint4* q = reinterpret_cast<uint4*>(p);
-  for (int x = lane; x < BYTES / 16; x += 32) q[x] = make_uint4(0, 0, 0, 0);
-}
 
 // B fragments of X^T (k = head dim, n = head) for the rows h0 + gid (< HPW; zero for the
 // padding heads) of position i: xb[f] holds dims 16 f + 2 tig + {0, 1} and + 8.
@@ -765,31 +779,12 @@ __device__ __forceinline__ void slot_fwd_chunks(const AttnFwdParams<T, float>& p
   using C = TcCfg<D>;
   using E = typename TcElem<T>::type;
   const int gid = lane >> 2, tig = lane & 3;
-  TcWarp<T, C, Policy, LEAN, QPW, DD> w;
-  w.kv = reinterpret_cast<E*>(base);
-  w.kidx = reinterpret_cast<int*>(base + C::idx_off);
-  w.kbase = p.k.at(b, 0, g);
-  w.vbase = p.v.at(b, 0, g);
-  w.sk = p.k.stride_l;
-  w.sv = p.v.stride_l;
-  w.b = b; w.i = i; w.g = g;
-  w.lane = lane;
   // This lane's columns: query i + cq[j] (cq >= QPW: padding column, no keys).
   const int cq[2] = {(2 * tig) / HPW, (2 * tig + 1) / HPW};
-  if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
-    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    __syncwarp();
-  }
+  TcWarp<T, C, Policy, LEAN, QPW, DD> w;
+  w.setup(p, pol, base, b, i, g, qbits, lane);
   const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
   const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-  if constexpr (QPW == 1) {
-    w.n_slots = pol.fwd_slots(b, i, g);
-  } else if constexpr (DD) {
-    w.pair_slots_dedupe(pol, qbits);
-  } else {
-    w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
-    w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
-  }
   w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
     // Chunk positions of this lane's columns: [lo, hi); DD: the bits of cm, shifted by gid
     // (bit t * 16 + 8 h: key t * 16 + gid + 8 h).
@@ -911,32 +906,13 @@ __device__ __forceinline__ void slot_dq_chunks(const AttnBwdParams<T, float>& p,
   using E = typename TcElem<T>::type;
   constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
   const int gid = lane >> 2, tig = lane & 3;
-  TcWarp<T, C, Policy, LEAN, QPW, DD> w;
-  w.kv = reinterpret_cast<E*>(base);
-  w.kidx = reinterpret_cast<int*>(base + C::idx_off);
-  w.kbase = p.k.at(b, 0, g);
-  w.vbase = p.v.at(b, 0, g);
-  w.sk = p.k.stride_l;
-  w.sv = p.v.stride_l;
-  w.b = b; w.i = i; w.g = g;
-  w.lane = lane;
   int cq[2];  // this lane's columns: query i + cq[j] (cq >= QPW: padding column)
 #pragma unroll
   for (int j = 0; j < 2; ++j) cq[j] = 2 * tig + j < NR ? (2 * tig + j) / HPW : QPW;
-  if constexpr (!LEAN) {  // LEAN: every row of a used chunk is written (zero fill past cnt)
-    tc_zero<static_cast<int>(C::kv_bytes)>(w.kv, lane);
-    __syncwarp();
-  }
+  TcWarp<T, C, Policy, LEAN, QPW, DD> w;
+  w.setup(p, pol, base, b, i, g, qbits, lane);
   const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
   const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
-  if constexpr (QPW == 1) {
-    w.n_slots = pol.fwd_slots(b, i, g);
-  } else if constexpr (DD) {
-    w.pair_slots_dedupe(pol, qbits);
-  } else {
-    w.ns0 = (qbits & 1u) != 0u ? pol.fwd_slots(b, i, g) : 0;
-    w.n_slots = w.ns0 + ((qbits & 2u) != 0u ? pol.fwd_slots(b, i + 1, g) : 0);
-  }
   w.for_each_chunk(pol, [&](int buf, int cnt, int c0, unsigned m2) {
     const E* kb = w.kbuf(buf);
     const E* vb = w.vbuf(buf);
