@@ -24,8 +24,11 @@ namespace blossom {
 namespace gpu {
 namespace detail {
 
-template <typename T, int D, class SelPolicy, class WinPolicy>
-__global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, true>())
+// MINB: resident CTAs per SM the register budget must allow (the window forward's bound by
+// default; BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS picks another for A/B, see fused_fwd_ctas).
+template <typename T, int D, class SelPolicy, class WinPolicy,
+          int MINB = tc_min_ctas<D, false, true>()>
+__global__ void __launch_bounds__(kStageWarps * 32, MINB)
     attn_fwd_fused_kernel(const AttnFwdParams<T, float> ps, const SelPolicy pol_s,
                           const AttnFwdParams<T, float> pw, const WinPolicy pol_w,
                           const TcGrid grid) {
@@ -67,6 +70,16 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false, true>(
   finish_fwd_warp<C, HPW, QPW, T, true>(pw, base, o, m, lp, b, i0, h0, lane, nullptr, sel);
 }
 
+// BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS=9 or 10 (read once): the fused forward bounded to that many
+// 2-warp CTAs per SM (<= 112 / <= 102 registers) instead of 8 (<= 128; it takes 125 at
+// D = 64). 0: the default.
+inline int fused_fwd_ctas() {
+  static const int n = env_equals("BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS", "9")    ? 9
+                       : env_equals("BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS", "10") ? 10
+                                                                           : 0;
+  return n;
+}
+
 // Whether BLOSSOM_OPS_CUDA_FUSED_FWD=0 asked for the two separate forwards (read once).
 inline bool fused_fwd_off() {
   static const bool off = env_equals("BLOSSOM_OPS_CUDA_FUSED_FWD", "0");
@@ -102,6 +115,10 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps, const SelPolicy& p
       constexpr int D = decltype(d_c)::value;
       const size_t bytes = kStageWarps * fused_warp_bytes<D>();
       auto kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy>;
+      if constexpr (D == 64) {
+        if (fused_fwd_ctas() == 9) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 9>;
+        if (fused_fwd_ctas() == 10) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 10>;
+      }
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(pair_warps), kStageWarps * 32, bytes, stream>>>(
           ps, pol_s, pw, pol_w, TcGrid::make(s, 4, 2));
