@@ -24,8 +24,9 @@
 // other; equal at D >= 64). Registers: bounded like the window's deduped dQ (the tighter of
 // the two, tc_min_ctas<D, true, true>).
 // Launched by blossom_branches.cu when both branches would take these two kernels (16-bit,
-// D in {16, 32, 64, 128}, G with HPW = 4, block size a power of two >= 16, the default
-// window with dilation); BLOSSOM_OPS_CUDA_FUSED_DQ=0 keeps the two kernels (A/B).
+// D in {16, 32, 64, 128}, G with HPW = 4, block size a power of two >= 16, a window whose
+// query pairs the dedupe accepts: fused_pair_warps); BLOSSOM_OPS_CUDA_FUSED_DQ=0 keeps the two
+// kernels (A/B).
 #pragma once
 #include "cuda/fused_branches.cuh"
 

@@ -103,8 +103,7 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps, const SelPolicy& p
     if (pair_warps == 0 || !attn_fwd_vec_ok(ps) || !attn_fwd_vec_ok(pw)) return false;
     // The gate's branch 0 must be ps's output, stored with pw's output's layout.
     if (!gate_epilogue_usable(pw) || pw.gate.branch[0] != ps.out.ptr ||
-        ps.out.stride_b != pw.out.stride_b || ps.out.stride_l != pw.out.stride_l ||
-        ps.out.stride_h != pw.out.stride_h)
+        !same_layout(ps.out, pw.out))
       return false;
     // D >= 64 only: there both kernels' shared-memory areas are the same size. At D = 16 the
     // window's 32-key chunks double the fused warp's area against the block-chunk kernel's,

@@ -17,11 +17,15 @@ constexpr size_t fused_warp_bytes() {
                                                          : TcCfg<D, 16>::warp_bytes;
 }
 
+// Whether two views have the same strides (an element's offset is the same in both).
+template <typename T>
+inline bool same_layout(const Bshd<T>& a, const Bshd<T>& b) {
+  return a.stride_b == b.stride_b && a.stride_l == b.stride_l && a.stride_h == b.stride_h;
+}
 // Whether two parameter structs see the same tensor.
 template <typename T>
 inline bool same_view(const Bshd<T>& a, const Bshd<T>& b) {
-  return a.ptr == b.ptr && a.stride_b == b.stride_b && a.stride_l == b.stride_l &&
-         a.stride_h == b.stride_h;
+  return a.ptr == b.ptr && same_layout(a, b);
 }
 
 // The fused kernel's warp count when both branches (ps: block-sparse, pw: window; forward or

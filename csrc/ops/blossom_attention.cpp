@@ -349,11 +349,10 @@ BlossomGrads blossom_attention_backward(
                                         none, ok, block_size, causal, scale);
   }
   if (fold) {
-    // Done by the call above.
+    // The window branch ran in the call above.
   } else if (q.is_cuda()) {  // the window kernels add their gradients in their own stores
     sliding_window_attention_backward_add(g_branches[1], q, k, v, o_win, lse_win, ok, window,
-                                          dilated, causal, scale, grad_q, grad_k, grad_v,
-                                          nullptr);
+                                          dilated, causal, scale, grad_q, grad_k, grad_v);
   } else {
     std::tie(gq, gk, gv) = sliding_window_attention_backward(
         g_branches[1], none, q, k, v, o_win, lse_win, none, ok, window, dilated, causal, scale);

@@ -79,15 +79,14 @@ Tensor2 sliding_window_attention_gated(const at::Tensor& q, const at::Tensor& k,
                                        const GateEpilogue& gate, bool* applied);
 // CUDA only: adds this op's gradients to grad_q / grad_k / grad_v (q's, k's, v's shape and
 // dtype, on q's device) in the kernels' own stores, instead of returning new tensors: the
-// second branch of blossom_attention's backward, without a separate add pass.
-// With `gate`, grad_out is the gate's output gradient (see GateFold).
+// second branch of blossom_attention's backward when the gate is not folded (the folded
+// backward runs the window branch through block_sparse_attention_backward_gated's WindowBranch).
 void sliding_window_attention_backward_add(const at::Tensor& grad_out, const at::Tensor& q,
                                            const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& out, const at::Tensor& lse,
                                            const OptTensor& valid, int64_t window, bool dilated,
                                            bool causal, double scale, const at::Tensor& grad_q,
-                                           const at::Tensor& grad_k, const at::Tensor& grad_v,
-                                           const GateFold* gate = nullptr);
+                                           const at::Tensor& grad_k, const at::Tensor& grad_v);
 
 // csrc/ops/block_compress.cpp
 Tensor2 block_compress(const at::Tensor& x, const OptTensor& pos, const OptTensor& lengths,

@@ -132,13 +132,9 @@ void backward_into(const char* op, const at::Tensor& grad_out, const OptTensor& 
                    const at::Tensor& out, const at::Tensor& lse, const OptTensor& lengths,
                    const OptTensor& valid, int64_t window, bool dilated, bool causal,
                    double scale, const at::Tensor& gq, const at::Tensor& gk,
-                   const at::Tensor& gv, bool add, const GateFold* gate) {
+                   const at::Tensor& gv, bool add) {
   check_attention_inputs(op, q, k, v);
   const attn::BwdInputs in = attn::check_backward_inputs(op, grad_out, grad_lse, q, out, lse);
-  if (gate != nullptr) {
-    attn::check_gate_fold(op, *gate, q);
-    BLOSSOM_CHECK(!in.grad_lse.defined(), op, ": the gate fold takes no grad_lse");
-  }
   const at::Tensor ok = resolve_validity(op, lengths, valid, q.size(0), q.size(1), q);
   const SlidingWindowMask m = attn::sliding_window_mask(kOp, q.size(1), window, dilated, causal);
   if (q.numel() == 0) {
@@ -155,9 +151,8 @@ void backward_into(const char* op, const at::Tensor& grad_out, const OptTensor& 
       using T = typename decltype(types)::T;
       auto p = attn::bwd_params<T, float>(in, q, k, v, gq, gk, gv, ok, scale);
       p.accumulate = add;
-      if (gate != nullptr) attn::set_gate_fold(p, *gate);
-      const at::Tensor ws = attn::workspace(
-          gpu::sliding_window_attention_bwd_workspace_bytes(p.shape, m, gate != nullptr), q);
+      const at::Tensor ws =
+          attn::workspace(gpu::sliding_window_attention_bwd_workspace_bytes(p.shape, m), q);
       gpu::sliding_window_attention_bwd<T>(p, m, ws.data_ptr(), static_cast<size_t>(ws.numel()),
                        at::cuda::getCurrentCUDAStream());
     });
@@ -184,7 +179,7 @@ Tensor3 sliding_window_attention_backward(const at::Tensor& grad_out, const OptT
   at::Tensor gq, gk, gv;
   std::tie(gq, gk, gv) = attn::alloc_grads(q, k, v);
   backward_into(kOp, grad_out, grad_lse, q, k, v, out, lse, lengths, valid, window, dilated,
-                causal, scale, gq, gk, gv, /*add=*/false, /*gate=*/nullptr);
+                causal, scale, gq, gk, gv, /*add=*/false);
   return {gq, gk, gv};
 }
 
@@ -193,15 +188,14 @@ void sliding_window_attention_backward_add(const at::Tensor& grad_out, const at:
                                            const at::Tensor& out, const at::Tensor& lse,
                                            const OptTensor& valid, int64_t window, bool dilated,
                                            bool causal, double scale, const at::Tensor& grad_q,
-                                           const at::Tensor& grad_k, const at::Tensor& grad_v,
-                                           const GateFold* gate) {
+                                           const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const char* op = "sliding_window_attention_backward";
   BLOSSOM_CHECK(q.is_cuda(), op, ": accumulating into the gradients is implemented for CUDA only");
   check_like(op, "grad_q", grad_q, q, q.sizes(), "(batch, seq, q_heads, head_dim)");
   check_like(op, "grad_k", grad_k, k, k.sizes(), "(batch, seq, kv_heads, head_dim)");
   check_like(op, "grad_v", grad_v, v, v.sizes(), "(batch, seq, kv_heads, head_dim)");
   backward_into(op, grad_out, c10::nullopt, q, k, v, out, lse, c10::nullopt, valid, window,
-                dilated, causal, scale, grad_q, grad_k, grad_v, /*add=*/true, gate);
+                dilated, causal, scale, grad_q, grad_k, grad_v, /*add=*/true);
 }
 
 }  // namespace blossom
