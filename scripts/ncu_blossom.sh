@@ -4,6 +4,7 @@
 # ceilings. Says whether a kernel is bound by memory traffic or by latency. GPU machine only.
 #   OUT=dir D=64 L=4096 B=16 scripts/ncu_blossom.sh    -> $OUT/ncu.log
 #   NCU_KERNEL=select_mma scripts/ncu_blossom.sh         -> full sections of that kernel
+#   NCU_SOURCE=1 NCU_KERNEL=select_mma scripts/ncu_blossom.sh -> stall samples per instruction
 # --clock-control none leaves the clocks alone (device README); B is kept small so the
 # replayed kernels stay quick (per-kernel behaviour does not depend on B at these sizes).
 set -u -o pipefail
@@ -20,6 +21,19 @@ o = blossom_ops.blossom_attention(q, k, v, gl)
 torch.autograd.grad(o, (q, k, v, gl), torch.randn_like(o))
 torch.cuda.synchronize()
 PY
+if [ -n "${NCU_KERNEL:-}" ] && [ "${NCU_SOURCE:-0}" = 1 ]; then
+  # One kernel, per-instruction stall sampling: which SASS lines the warps wait on, summed per
+  # opcode and ranked (scripts/stall_lines.py), plus the compressed CSV for a closer look.
+  name=${NCU_KERNEL//[^a-zA-Z0-9_]/}
+  timeout ${NCU_TIMEOUT:-300} ncu --clock-control none -k "regex:$NCU_KERNEL" -c 1 \
+    --section SourceCounters --section WarpStateStats -o "/tmp/rep_$name" -f \
+    python3 /tmp/ncu_step.py > /dev/null 2>&1
+  echo "rc=$? kernel $NCU_KERNEL (D=${D:-64} L=${L:-4096} B=${B:-16}), source view"
+  ncu -i "/tmp/rep_$name.ncu-rep" --page source --print-source sass --csv > "/tmp/src_$name.csv"
+  python3 scripts/stall_lines.py "/tmp/src_$name.csv" > "$OUT/stall_src_$name.txt" 2>&1
+  gzip -c "/tmp/src_$name.csv" > "$OUT/src_$name.csv.gz"
+  exit 0
+fi
 if [ -n "${NCU_KERNEL:-}" ]; then
   # One kernel (name regex), full sections: stall reasons, pipes, memory, launch.
   SECTIONS=${NCU_SECTIONS:-"SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats InstructionStats ComputeWorkloadAnalysis MemoryWorkloadAnalysis"}

@@ -254,7 +254,8 @@ __device__ __forceinline__ void block_sums(float (&w)[8], int lane) {
 // The kernel body; select_mma2_kernel / _r128 below only differ in their launch bounds.
 // N: list length (4 serves top_n <= 4, 8 serves top_n <= 8).
 template <typename T, int DP, int G, int N>
-__device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const int64_t C) {
+__device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const int64_t C,
+                                                 const int flags) {
   using E = typename TcElem<T>::type;
   using Lay = TcLayout<DP>;
   using Rw = Rows<G>;
@@ -300,6 +301,33 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
   const int own_last_w = block_of_pos(std::min(L, i0 + (warp + 1) * QW) - 1);
   const int t_end_w = causal ? std::min(t_end, own_last_w * tpb) : t_end;
 
+  // Q tile pieces: thread tid stages pieces idx = tid + n kThreads (n < QN) of the
+  // kRows x DP / 8 16-byte pieces, row R = idx / (DP / 8) in the order of Rows<G>::map (zeros
+  // for padded / out-of-range queries and columns >= D). With early Q loads (the default;
+  // BLOSSOM_OPS_CUDA_SELECT_QLOAD=old: flags bit 0 clear) all QN loads are issued here, before
+  // the block-validity fill, and stored after it: one exposed round trip per CTA instead of
+  // one per piece (Nsight Compute, run x: the serial load -> store pairs of the staging loop
+  // held ~9% of the kernel's stall samples at D = 64, L = 4096; run y: 0.761 -> 0.727 ms at
+  // L = 4096, 6.97 -> 6.85 at L = 16384, B = 64 Hq = 8 Hk = 2 bf16, H100).
+  constexpr int QN = kRows * (DP / 8) / kThreads;
+  static_assert(QN * kThreads == kRows * (DP / 8), "Q pieces per thread");
+  const bool q_early = (flags & 1) != 0;
+  auto q_piece = [&](int idx) -> uint4 {
+    const int R = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
+    int qw, hh;
+    Rw::map(R & 15, qw, hh);
+    const int64_t i = i0 + (R >> 4) * QW + qw;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (d8 < D && i < L && p.valid(b, i))
+      v = __ldg(reinterpret_cast<const uint4*>(p.q.at(b, i, g * G + hh) + d8));
+    return v;
+  };
+  uint4 qv[QN];
+  if (q_early) {
+#pragma unroll
+    for (int n = 0; n < QN; ++n) qv[n] = q_piece(tid + n * kThreads);
+  }
+
   // blockvalid[c]: block c holds a valid key (coalesced byte reads; equal-value writes).
   for (int c = tid; c < c_hi; c += kThreads) blockvalid[c] = p.valid.ptr == nullptr;
   __syncthreads();
@@ -309,21 +337,20 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
       if (p.valid(b, j)) blockvalid[block_of_pos(j)] = 1;
   }
 
-  // Q tile -> K buffer 0, row R = 16 warp + r in the order of Rows<G>::map (zeros for padded
-  // / out-of-range queries and columns >= D), then into registers as B fragments for the
+  // Q tile -> K buffer 0, row R = 16 warp + r, then into registers as B fragments for the
   // whole CTA. Columns D..DP of K buffer 1 are zeroed here once (the loader only copies
   // columns < D; buffer 0 gets its zeros from the Q staging): Q is 0 there, but 0 x
   // uninitialised bits could be NaN.
-  for (int idx = tid; idx < kRows * (DP / 8); idx += kThreads) {
+  auto q_store = [&](int idx, uint4 v) {
     const int R = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
-    int qw, hh;
-    Rw::map(R & 15, qw, hh);
-    const int64_t i = i0 + (R >> 4) * QW + qw;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (d8 < D && i < L && p.valid(b, i))
-      v = __ldg(reinterpret_cast<const uint4*>(p.q.at(b, i, g * G + hh) + d8));
     *reinterpret_cast<uint4*>(kbuf + R * LDK + d8) = v;
     if (d8 >= D) *reinterpret_cast<uint4*>(kbuf + (kCols + R) * LDK + d8) = v;
+  };
+  if (q_early) {
+#pragma unroll
+    for (int n = 0; n < QN; ++n) q_store(tid + n * kThreads, qv[n]);
+  } else {  // the previous staging: each piece loaded where it is stored
+    for (int idx = tid; idx < kRows * (DP / 8); idx += kThreads) q_store(idx, q_piece(idx));
   }
   __syncthreads();  // also publishes blockvalid
   // qb[kk][nt]: the B fragment (k = d of k16 step kk, n = row 8 nt + gid). Matrix j of the
@@ -742,14 +769,14 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
 
 template <typename T, int DP, int G, int N>
 __global__ void __launch_bounds__(kThreads)
-    select_mma2_kernel(const SelectParams<T> p, const int64_t C) {
-  select_mma2_body<T, DP, G, N>(p, C);
+    select_mma2_kernel(const SelectParams<T> p, const int64_t C, const int flags) {
+  select_mma2_body<T, DP, G, N>(p, C, flags);
 }
 // Same, capped at 128 registers (4 CTAs / SM).
 template <typename T, int DP, int G, int N>
 __global__ void __launch_bounds__(kThreads, 4)
-    select_mma2_kernel_r128(const SelectParams<T> p, const int64_t C) {
-  select_mma2_body<T, DP, G, N>(p, C);
+    select_mma2_kernel_r128(const SelectParams<T> p, const int64_t C, const int flags) {
+  select_mma2_body<T, DP, G, N>(p, C, flags);
 }
 // Same body at MINB CTAs per SM. Nsight Compute (session 8) showed the r128 kernel
 // latency-bound at 4 CTAs per SM (1.04 eligible warps per scheduler, 25% occupancy); more
@@ -772,8 +799,8 @@ __global__ void __launch_bounds__(kThreads, 4)
 // (read once) keeps the previous bounds everywhere, for A/B runs.
 template <typename T, int DP, int G, int N, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB)
-    select_mma2_kernel_occ(const SelectParams<T> p, const int64_t C) {
-  select_mma2_body<T, DP, G, N>(p, C);
+    select_mma2_kernel_occ(const SelectParams<T> p, const int64_t C, const int flags) {
+  select_mma2_body<T, DP, G, N>(p, C, flags);
 }
 template <int DP, int G, int N>
 constexpr int kSelectCtas = N != 4                              ? 0  // top_n > 4: longer lists, more spills
@@ -781,6 +808,12 @@ constexpr int kSelectCtas = N != 4                              ? 0  // top_n > 
                             : G == 2 && DP == 16               ? 6
                             : G == 1 && (DP == 16 || DP == 64) ? 4
                                                                : 0;
+// BLOSSOM_OPS_CUDA_SELECT_QLOAD=old (read once): the Q tile staged piece by piece, each load
+// right before its store, as before the early loads (A/B).
+inline bool select_qload_old() {
+  static const bool old = env_equals("BLOSSOM_OPS_CUDA_SELECT_QLOAD", "old");
+  return old;
+}
 inline bool select_ctas_old() {
   static const bool old = env_equals("BLOSSOM_OPS_CUDA_SELECT_CTAS", "old");
   return old;
@@ -804,7 +837,7 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
   const int64_t ctas = s.batch * s.kv_heads * ceil_div(s.q_len, 64 / G);
   if (ctas >= (int64_t(1) << 31)) return false;
   // if constexpr: only the chosen variant is instantiated (compile time).
-  void (*kernel)(const SelectParams<T>, const int64_t) = nullptr;
+  void (*kernel)(const SelectParams<T>, const int64_t, const int) = nullptr;
   if constexpr (kCapRegs<DP, G, N>) kernel = select_mma2_kernel_r128<T, DP, G, N>;
   else kernel = select_mma2_kernel<T, DP, G, N>;
   if constexpr (kSelectCtas<DP, G, N> > 0) {
@@ -812,7 +845,8 @@ bool launch_tc(const SelectParams<T>& p, int64_t C, cudaStream_t stream) {
       kernel = select_mma2_kernel_occ<T, DP, G, N, kSelectCtas<DP, G, N>>;
   }
   opt_in_smem(kernel, static_cast<int>(bytes));
-  kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes), stream>>>(p, C);
+  kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes), stream>>>(
+      p, C, select_qload_old() ? 0 : 1);
   check_launch("select_blocks_fwd (tensor cores)");
   return true;
 }
