@@ -74,6 +74,10 @@ struct AttnFwdParams {
   Validity valid;      // validity of the query positions (and, for plain attention, keys)
   // Optional (CUDA only; the launchers that may honour it say so by their return value).
   GateEpilogueParams<T> gate;
+  // CUDA staged kernels only (set by their launchers from BLOSSOM_OPS_CUDA_LAZY_MAX; the CPU
+  // kernels ignore it): the online softmax keeps its running reference while no score of a
+  // chunk exceeds it by more than kLazyMax (csrc/cuda/attn_staged_tc.cuh, softmax_rescale).
+  bool lazy_max = false;
 };
 
 // Backward of one masked attention. grad_q/grad_k/grad_v are written in full (not

@@ -91,12 +91,14 @@ inline bool fused_fwd_off() {
 // with the same q, k, v and validity, and pw's gate epilogue applies with ps's output as
 // branch 0. False: nothing launched.
 template <typename T, class SelPolicy, class WinPolicy>
-bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps, const SelPolicy& pol_s,
-                           const AttnFwdParams<T, float>& pw, const WinPolicy& pol_w,
+bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps_in, const SelPolicy& pol_s,
+                           const AttnFwdParams<T, float>& pw_in, const WinPolicy& pol_w,
                            cudaStream_t stream) {
   if constexpr (!stage_type_ok<T>()) {
     return false;
   } else {
+    AttnFwdParams<T, float> ps = ps_in, pw = pw_in;
+    ps.lazy_max = pw.lazy_max = lazy_max_on();
     const AttnShape& s = ps.shape;
     if (fused_fwd_off()) return false;
     const int64_t pair_warps = fused_pair_warps(ps, pol_s, pw, pol_w, false);

@@ -493,13 +493,40 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   }
 }
 
+// Lazy reference of the online softmax (log2 units of the scaled scores): see softmax_rescale.
+constexpr float kLazyMax = 8.f;
+
+// BLOSSOM_OPS_CUDA_LAZY_MAX=1 (read once): the staged forwards use the lazy reference. Written
+// in session 12 and NOT yet run on a GPU, hence off by default (csrc/cuda/NOTES.md, "Lazy
+// softmax reference").
+inline bool lazy_max_on() {
+  static const bool on = env_equals("BLOSSOM_OPS_CUDA_LAZY_MAX", "1");
+  return on;
+}
+
 // One online-softmax step of a chunk for this lane's columns 2 tig + {0, 1}: the chunk max
 // cmax reduced over each column's 8 lanes (fixed butterfly), the new running max m, msub (0
 // while a column has seen no key: exp2(-inf - 0) = 0, never -inf - -inf), and alpha =
 // exp2(m_old - msub) applied to lp and the O^T accumulators. FAST: fast_exp2, else exp2f.
+// lazy: when no lane's chunk max (its own keys: cmax as passed in) exceeds its column's m by
+// more than kLazyMax, the step keeps m as the reference (one vote instead of the butterfly,
+// the exp2 and the 2 + 4 NF multiplies): the chunk's probabilities exp2(s - m) are then at
+// most 2^kLazyMax, and lp, O and lse = m + log2(lp) stay exact up to rounding (m needs only
+// to bound the scores closely enough that exp2 neither overflows nor loses the sum; the
+// first chunk with a key always takes the full step, m being -inf). Every lane of the warp
+// takes the same branch, so m stays the same on a column's 8 lanes.
 template <class C, bool FAST>
 __device__ __forceinline__ void softmax_rescale(float (&cmax)[2], float (&m)[2], float (&lp)[2],
-                                                float (&o)[C::NF][4], float (&msub)[2]) {
+                                                float (&o)[C::NF][4], float (&msub)[2],
+                                                bool lazy = false) {
+  if (lazy) {
+    const bool grow = cmax[0] > m[0] + kLazyMax || cmax[1] > m[1] + kLazyMax;
+    if (!__any_sync(kFullMask, grow)) {
+      msub[0] = m[0] == -INFINITY ? 0.f : m[0];
+      msub[1] = m[1] == -INFINITY ? 0.f : m[1];
+      return;
+    }
+  }
   float alpha[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -826,7 +853,7 @@ __device__ __forceinline__ void slot_fwd_chunks(const AttnFwdParams<T, float>& p
         cmax[e & 1] = fmaxf(cmax[e & 1], x);
       }
     float msub[2];
-    softmax_rescale<C, LEAN>(cmax, m, lp, o, msub);
+    softmax_rescale<C, LEAN>(cmax, m, lp, o, msub, p.lazy_max);
 #pragma unroll
     for (int t = 0; t < C::KT; ++t) {
       if (t * 16 < cnt) {
@@ -1311,7 +1338,7 @@ __device__ __forceinline__ void blk_fwd_chunks(const AttnFwdParams<T, float>& p,
     // (The generic kernel starts the max at -inf: the same value unless both keys are NaN.)
     float cmax[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
     float msub[2];
-    softmax_rescale<C, true>(cmax, m, lp, o, msub);
+    softmax_rescale<C, true>(cmax, m, lp, o, msub, p.lazy_max);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       sc[e] = fast_exp2(sc[e] - msub[e & 1]);
@@ -1575,11 +1602,13 @@ inline unsigned stage_grid(int64_t warps) {
 // *gated: whether it applied p.gate (only the query-pair instance of a Policy with
 // kGateEpilogue does, when gate_epilogue_usable); untouched otherwise.
 template <typename T, class Policy>
-bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p, const Policy& pol, bool vec,
+bool launch_attn_fwd_staged(const AttnFwdParams<T, float>& p_in, const Policy& pol, bool vec,
                             cudaStream_t stream, bool* gated = nullptr) {
   if constexpr (!stage_type_ok<T>()) {
     return false;
   } else {
+    AttnFwdParams<T, float> p = p_in;
+    p.lazy_max = lazy_max_on();
     const AttnShape& s = p.shape;
     const bool blk = use_block_chunks(pol, p.k, p.v), lean = use_lean_staged(p.k, p.v);
     (void)blk;  // no block-chunk kernels for this policy
