@@ -74,7 +74,7 @@ struct AttnFwdParams {
   Validity valid;      // validity of the query positions (and, for plain attention, keys)
   // Optional (CUDA only; the launchers that may honour it say so by their return value).
   GateEpilogueParams<T> gate;
-  // CUDA staged kernels only (set by their launchers from BLOSSOM_OPS_CUDA_LAZY_MAX; the CPU
+  // CUDA staged kernels only (set by their launchers, on unless BLOSSOM_OPS_CUDA_LAZY_MAX=0; the CPU
   // kernels ignore it): the online softmax keeps its running reference while no score of a
   // chunk exceeds it by more than kLazyMax (csrc/cuda/attn_staged_tc.cuh, softmax_rescale).
   bool lazy_max = false;
