@@ -12,7 +12,9 @@ block-sparse + window dQ (BLOSSOM_OPS_CUDA_FUSED_DQ=0, csrc/cuda/attn_dq_fused.c
 grad_k, grad_v and grad_gate must equal the default route's bit for bit (only the dQ kernels
 differ), grad_q by rounding only (the separate kernels round dQ twice). That route also
 turns off the fused forward (BLOSSOM_OPS_CUDA_FUSED_FWD=0, csrc/cuda/attn_fwd_fused.cuh):
-out and every branch output and lse must equal the default route's bit for bit.
+out and every branch output and lse must equal the default route's bit for bit. A fifth route issues the fused dQ's second-branch prologue loads late
+(BLOSSOM_OPS_CUDA_EARLY_LOADS=0, as before session 13): every output and gradient must equal
+the default route's bit for bit.
     python3 benchmarks/check_gate_fold_gpu.py [--quick] [--time 64x4096]
 """
 from __future__ import annotations
@@ -145,7 +147,9 @@ def main():
                                            "BLOSSOM_OPS_CUDA_SIMPLE": "1"}),
                           ("fold-unfused", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
                                             "BLOSSOM_OPS_CUDA_FUSED_DQ": "0",
-                                            "BLOSSOM_OPS_CUDA_FUSED_FWD": "0"})):
+                                            "BLOSSOM_OPS_CUDA_FUSED_FWD": "0"}),
+                          ("fold-late", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
+                                         "BLOSSOM_OPS_CUDA_EARLY_LOADS": "0"})):
             path = os.path.join(tmp, name + ".pt")
             cmd = [sys.executable, __file__, "--child", path] + (["--quick"] if args.quick else [])
             if args.time and name != "fold+simple":
@@ -174,13 +178,21 @@ def main():
         fails += not same_fwd
         print(f"{'ok  ' if same_fwd else 'FAIL'} fused vs unfused forward, case {n}: out, "
               f"o_sel, lse_sel, o_win, lse_win {'bit-identical' if same_fwd else 'DIFFER'}")
+        late = runs["fold-late"][n]
+        same_late = all(torch.equal(a, b) for a, b in
+                        zip(runs["fold"][n]["fwd"] + runs["fold"][n]["grads"],
+                            late["fwd"] + late["grads"]))
+        fails += not same_late
+        print(f"{'ok  ' if same_late else 'FAIL'} early vs late loads, case {n}: outputs and "
+              f"gradients {'bit-identical' if same_late else 'DIFFER'}")
         fu, un = runs["fold"][n]["grads"], runs["fold-unfused"][n]["grads"]
         same_kvg = all(torch.equal(a, b) for a, b in zip(fu[1:], un[1:]))
         fails += not same_kvg
         print(f"{'ok  ' if same_kvg else 'FAIL'} fused vs unfused dQ, case {n}: grad k, v, gate "
               f"{'bit-identical' if same_kvg else 'DIFFER'}; grad q relative difference "
               f"{rel(fu[0], un[0]):.2e}")
-    for name, want in (("fold", True), ("old", True), ("fold-unfused", False)):
+    for name, want in (("fold", True), ("old", True), ("fold-unfused", False),
+                       ("fold-late", True)):
         ks = runs[name]["kernels"]
         for kern in ("attn_fwd_fused_kernel", "attn_dq_fused_kernel"):
             ran = any(kern in k for k in ks)

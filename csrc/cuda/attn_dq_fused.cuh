@@ -12,10 +12,11 @@
 // the block-chunk kernel's query groups at HPW = 4 (8 / HPW = 2 queries) and the window's
 // query pairs are the same warps, with the same N = 8 column layout (column n = head
 // h0 + n % 4 of query i0 + n / 4). Per warp:
-//   1. block-sparse prologue (rowsums of dO * O_sel, delta_sel, lse' and the gate gradient
-//      of branch 0), Q / dO fragments loaded once, the block-chunk loop (blk_dq_chunks);
-//   2. window prologue (the same for O_win, branch 1), the per-slot pair loop
-//      (slot_dq_chunks) on the same fragments and accumulators;
+//   1. both prologues at once (dq_prologue_pair: rowsums of dO * O_sel and dO * O_win in one
+//      pass over dO, delta, lse' and the gate gradient of branches 0 and 1), Q / dO fragments
+//      loaded once, the block-chunk loop (blk_dq_chunks);
+//   2. the per-slot pair loop (slot_dq_chunks) on the same fragments and accumulators, with
+//      the window's terms kept from step 1;
 //   3. one store of dQ (not added: this is the first write of grad_q).
 // Each branch keeps its own lse / delta / column masks, so the sum is the two kernels'
 // accumulators added in registers (fp32) before the single rounding; every other output
@@ -34,7 +35,9 @@ namespace blossom {
 namespace gpu {
 namespace detail {
 
-template <typename T, int D, class SelPolicy, class WinPolicy>
+// kPair: both prologues at once (dq_prologue_pair); false (BLOSSOM_OPS_CUDA_EARLY_LOADS=0,
+// fused_branches.cuh): the window's prologue after the block-sparse loop, as before session 13.
+template <typename T, int D, class SelPolicy, class WinPolicy, bool kPair = true>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>())
     attn_dq_fused_kernel(const AttnBwdParams<T, float> ps, const SelPolicy pol_s,
                          float* __restrict__ delta_s, const AttnBwdParams<T, float> pw,
@@ -55,25 +58,44 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>()
 
   // Both policies read the same validity (the launcher checks it), so one set of query bits.
   const unsigned qbits = group_query_bits<QPW>(pol_s, b, i0, L);
-  // Loaded in the first body whenever qbits != 0; the second body reads them only then (its
-  // prologue runs for a superset of the first's cases, never with qbits != 0 alone).
-  uint32_t qb[NF][2], ob[NF][2];
-  dq_prologue<T, D, HPW, QPW>(ps, delta_s, b, i0, h0, qbits, lane, [&](const float (&my_lse2)[2],
-                                                                       const float (&my_dlt)[2]) {
-    if (qbits != 0u) {
-      load_group_frags<T, D, HPW, QPW>(qb, ps.q, b, i0, h0, qbits, lane);
-      load_group_frags<T, D, HPW, QPW>(ob, ps.grad_out, b, i0, h0, qbits, lane);
-      blk_dq_chunks<T, D, HPW, SelPolicy, QPW>(ps, pol_s, base, b, i0, g, qbits, qb, ob,
-                                               my_lse2, my_dlt, lane, dq);
-    }
-  });
-  __syncwarp();  // the block list and rows of the first loop are dead before the second
-  dq_prologue<T, D, HPW, QPW>(pw, delta_w, b, i0, h0, qbits, lane, [&](const float (&my_lse2)[2],
-                                                                       const float (&my_dlt)[2]) {
-    if (qbits != 0u)
-      slot_dq_chunks<T, D, HPW, WinPolicy, true, QPW, true>(pw, pol_w, base, b, i0, g, qbits, qb,
-                                                            ob, my_lse2, my_dlt, lane, dq);
-  });
+  if constexpr (!kPair) {
+    uint32_t qb[NF][2], ob[NF][2];
+    dq_prologue<T, D, HPW, QPW>(ps, delta_s, b, i0, h0, qbits, lane,
+                                [&](const float (&my_lse2)[2], const float (&my_dlt)[2]) {
+      if (qbits != 0u) {
+        load_group_frags<T, D, HPW, QPW>(qb, ps.q, b, i0, h0, qbits, lane);
+        load_group_frags<T, D, HPW, QPW>(ob, ps.grad_out, b, i0, h0, qbits, lane);
+        blk_dq_chunks<T, D, HPW, SelPolicy, QPW>(ps, pol_s, base, b, i0, g, qbits, qb, ob,
+                                                 my_lse2, my_dlt, lane, dq);
+      }
+    });
+    __syncwarp();
+    dq_prologue<T, D, HPW, QPW>(pw, delta_w, b, i0, h0, qbits, lane,
+                                [&](const float (&my_lse2)[2], const float (&my_dlt)[2]) {
+      if (qbits != 0u)
+        slot_dq_chunks<T, D, HPW, WinPolicy, true, QPW, true>(pw, pol_w, base, b, i0, g, qbits,
+                                                              qb, ob, my_lse2, my_dlt, lane, dq);
+    });
+    store_dq_warp<TcCfg<D>, HPW, QPW>(ps, base, dq, b, i0, h0, lane);
+    return;
+  }
+  // Both branches' prologues at once (their loads in flight together); the window's row terms
+  // wait in t_w (two registers) through the block-sparse loop.
+  float t_s[2], t_w[2];
+  dq_prologue_pair<T, D, HPW, QPW>(ps, delta_s, pw, delta_w, b, i0, h0, qbits, lane, t_s, t_w);
+  if (qbits != 0u) {  // then some row has terms (qbits is a subset of the prologue's rows)
+    uint32_t qb[NF][2], ob[NF][2];
+    load_group_frags<T, D, HPW, QPW>(qb, ps.q, b, i0, h0, qbits, lane);
+    load_group_frags<T, D, HPW, QPW>(ob, ps.grad_out, b, i0, h0, qbits, lane);
+    float my_lse2[2], my_dlt[2];
+    dq_cols(t_s, lane, my_lse2, my_dlt);
+    blk_dq_chunks<T, D, HPW, SelPolicy, QPW>(ps, pol_s, base, b, i0, g, qbits, qb, ob, my_lse2,
+                                             my_dlt, lane, dq);
+    __syncwarp();  // the block list and rows of the first loop are dead before the second
+    dq_cols(t_w, lane, my_lse2, my_dlt);
+    slot_dq_chunks<T, D, HPW, WinPolicy, true, QPW, true>(pw, pol_w, base, b, i0, g, qbits, qb,
+                                                          ob, my_lse2, my_dlt, lane, dq);
+  }
 
   store_dq_warp<TcCfg<D>, HPW, QPW>(ps, base, dq, b, i0, h0, lane);
 }
@@ -105,7 +127,8 @@ bool launch_attn_dq_fused(const AttnBwdParams<T, float>& ps, const SelPolicy& po
     return dispatch_stage_config(s.head_dim, s.group(), true, [&](auto d_c, auto) {
       constexpr int D = decltype(d_c)::value;
       const size_t bytes = kStageWarps * fused_warp_bytes<D>();
-      auto kernel = attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy>;
+      auto kernel = early_loads_off() ? attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy, false>
+                                      : attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy, true>;
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(pair_warps), kStageWarps * 32, bytes, stream>>>(
           ps, pol_s, delta_s, pw, pol_w, delta_w, TcGrid::make(s, 4, 2));

@@ -59,14 +59,29 @@ __device__ __forceinline__ float gate_sigmoid(float x) {
 // in s P, far below bf16 / fp16 rounding and 50x under the fp32 tests' 5e-5. g -> -inf gives
 // lse' = +inf and s P = exp2(-inf) = 0 exactly (every dK/dV kernel then adds 0); lse = -inf
 // (no key, padded row) stays -inf.
+// What dq_row_terms reads for a row: lse and, gated, the gate logit (else grad_lse or 0).
+// Split from the arithmetic so that the fused dQ can issue both branches' loads together
+// (dq_prologue_pair in attn_staged_tc.cuh).
+struct DqRowIn {
+  float lse, gl;
+};
 template <typename T>
-__device__ __forceinline__ void dq_row_terms(const AttnBwdParams<T, float>& p, int64_t b,
-                                             int64_t i, int64_t h, int64_t row, float x, bool qv,
-                                             bool writer, float* __restrict__ delta, float& dlt,
-                                             float& lse2) {
-  const float lse = p.lse[row];
+__device__ __forceinline__ DqRowIn dq_row_in(const AttnBwdParams<T, float>& p, int64_t b,
+                                             int64_t i, int64_t h, int64_t row) {
+  DqRowIn r;
+  r.lse = p.lse[row];
+  r.gl = p.gate.ptr != nullptr ? to_float(p.gate.at(b, i, h)[p.gate_r])
+                               : (p.grad_lse != nullptr ? p.grad_lse[row] : 0.f);
+  return r;
+}
+template <typename T>
+__device__ __forceinline__ void dq_row_terms(const AttnBwdParams<T, float>& p, const DqRowIn& in,
+                                             int64_t b, int64_t i, int64_t h, int64_t row,
+                                             float x, bool qv, bool writer,
+                                             float* __restrict__ delta, float& dlt, float& lse2) {
+  const float lse = in.lse;
   if (p.gate.ptr != nullptr) {
-    const float gl = to_float(p.gate.at(b, i, h)[p.gate_r]);
+    const float gl = in.gl;
     const float neg_log2_s = __log2f(1.f + exp2f(-gl * kLog2e));
     const float shifted = lse == -INFINITY ? -INFINITY : fmaf(neg_log2_s, kLn2, lse);
     dlt = x;
@@ -77,11 +92,17 @@ __device__ __forceinline__ void dq_row_terms(const AttnBwdParams<T, float>& p, i
       gated_lse(delta, p.shape)[row] = shifted;
     }
   } else {
-    const float gl = p.grad_lse != nullptr ? p.grad_lse[row] : 0.f;
-    dlt = x - gl;
+    dlt = x - in.gl;
     lse2 = lse * kLog2e;
   }
   if (writer) delta[row] = qv ? dlt : 0.f;
+}
+template <typename T>
+__device__ __forceinline__ void dq_row_terms(const AttnBwdParams<T, float>& p, int64_t b,
+                                             int64_t i, int64_t h, int64_t row, float x, bool qv,
+                                             bool writer, float* __restrict__ delta, float& dlt,
+                                             float& lse2) {
+  dq_row_terms(p, dq_row_in(p, b, i, h, row), b, i, h, row, x, qv, writer, delta, dlt, lse2);
 }
 
 // ---- host side ---------------------------------------------------------------------------

@@ -456,6 +456,41 @@ __device__ __forceinline__ float group_rowsum(const Bshd<const T>& out, const Bs
   return __shfl_sync(kFullMask, xs, 4 * hl);
 }
 
+// group_rowsum of two outputs against the same dO (the fused dQ's two branches): one load of
+// each dO piece, both outputs' pieces loaded with it; each sum in group_rowsum's order, so
+// both are bit-identical to two group_rowsum calls.
+template <typename T, int D, int HPW, int QPW>
+__device__ __forceinline__ void group_rowsum2(const Bshd<const T>& out_a, const Bshd<const T>& out_b,
+                                              const Bshd<const T>& dout, int64_t b, int64_t i0,
+                                              int64_t h0, unsigned rbits, int hl, int lane,
+                                              float& xa, float& xb) {
+  const int r = lane >> 2, pc = lane & 3;
+  float sa = 0.f, sb = 0.f;
+  if (r < HPW * QPW && ((rbits >> (r / HPW)) & 1u) != 0u) {
+    const T* arow = out_a.at(b, i0 + r / HPW, h0 + r % HPW);
+    const T* brow = out_b.at(b, i0 + r / HPW, h0 + r % HPW);
+    const T* drow = dout.at(b, i0 + r / HPW, h0 + r % HPW);
+#pragma unroll
+    for (int c = pc; c < D / kFrag; c += 4) {
+      float fa[kFrag], fb[kFrag], fd[kFrag];
+      load8_aligned(arow + c * kFrag, fa);
+      load8_aligned(brow + c * kFrag, fb);
+      load8_aligned(drow + c * kFrag, fd);
+#pragma unroll
+      for (int e = 0; e < kFrag; ++e) {
+        sa = fmaf(fd[e], fa[e], sa);
+        sb = fmaf(fd[e], fb[e], sb);
+      }
+    }
+  }
+  sa += __shfl_xor_sync(kFullMask, sa, 1);
+  sb += __shfl_xor_sync(kFullMask, sb, 1);
+  sa += __shfl_xor_sync(kFullMask, sa, 2);
+  sb += __shfl_xor_sync(kFullMask, sb, 2);
+  xa = __shfl_sync(kFullMask, sa, 4 * hl);
+  xb = __shfl_sync(kFullMask, sb, 4 * hl);
+}
+
 // Shared-memory byte offsets of this lane's ldmatrix row for a 16 x 16 tile of the staged
 // rows (16 keys x 16 dims): `rows` as the A operand with the keys as M (K for S^T = K Q^T),
 // `cols` through ldmatrix.trans as the A operand with the dims as M (V^T for O^T = V^T P^T).
@@ -650,6 +685,20 @@ __device__ __forceinline__ void store_dq_warp(const AttnBwdParams<T, float>& p, 
   });
 }
 
+// The queries of a dQ warp whose rows get per-row terms: the valid ones (qbits), and when
+// gated every query below L (a padded row still has a gate gradient; attn_gate_fold.cuh).
+template <int QPW>
+__device__ __forceinline__ unsigned dq_row_bits(bool gated, unsigned qbits, int64_t i0,
+                                                int64_t L) {
+  unsigned rbits = qbits;
+  if (gated) {
+#pragma unroll
+    for (int q = 0; q < QPW; ++q)
+      if (i0 + q < L) rbits |= 1u << q;
+  }
+  return rbits;
+}
+
 // Prologue of both staged dQ kernels (per-slot and block-chunk): rowsum(dO * O) of each
 // (query, head) row of the warp, the per-row terms (dq_row_terms: delta, lse; gated: lse',
 // grad_gate) by lane n < NR for row n, delta = 0 for the rows of padded queries, then
@@ -668,12 +717,7 @@ __device__ __forceinline__ void dq_prologue(const AttnBwdParams<T, float>& p,
   // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
   const int hl = lane < NR ? lane : 0, ql = hl / HPW;
   const int64_t my_row = (b * L + i0 + ql) * Hq + h0 + hl % HPW;
-  unsigned rbits = qbits;
-  if (p.gate.ptr != nullptr) {
-#pragma unroll
-    for (int q = 0; q < QPW; ++q)
-      if (i0 + q < L) rbits |= 1u << q;
-  }
+  const unsigned rbits = dq_row_bits<QPW>(p.gate.ptr != nullptr, qbits, i0, L);
   if (rbits != 0u) {
     float xl;  // rowsum(dO * O) of lane hl's row
     if constexpr (QPW == 1) {
@@ -697,6 +741,64 @@ __device__ __forceinline__ void dq_prologue(const AttnBwdParams<T, float>& p,
     body(static_cast<const float(&)[2]>(my_lse2), static_cast<const float(&)[2]>(my_dlt));
   } else if (lane < NR && i0 + ql < L) {
     delta[my_row] = 0.f;
+  }
+}
+
+// dq_prologue for the fused dQ's two branches (ps: block-sparse, pw: window; the same q, dO,
+// validity and gate presence, checked by its launcher) with their loads issued together: both
+// rows' lse and gate logits, then one pass over dO and both outputs (group_rowsum2), instead
+// of the second branch's round trips after the first branch's chunk loop (session 13: ~5% of
+// the fused dQ's stall samples waited there). Same values and stores as two dq_prologue
+// calls. Leaves this lane's row terms (lane n < NR: row n) in t_*; dq_cols spreads them to
+// the lane's columns. Returns whether some row has terms (dq_prologue's rbits != 0).
+template <typename T, int D, int HPW, int QPW>
+__device__ __forceinline__ bool dq_prologue_pair(const AttnBwdParams<T, float>& ps,
+                                                 float* __restrict__ delta_s,
+                                                 const AttnBwdParams<T, float>& pw,
+                                                 float* __restrict__ delta_w, int64_t b,
+                                                 int64_t i0, int64_t h0, unsigned qbits, int lane,
+                                                 float (&t_s)[2], float (&t_w)[2]) {
+  constexpr int NR = HPW * QPW;
+  const int64_t L = ps.shape.q_len, Hq = ps.shape.q_heads;
+  const int hl = lane < NR ? lane : 0, ql = hl / HPW;
+  const int64_t my_row = (b * L + i0 + ql) * Hq + h0 + hl % HPW;
+  const unsigned rbits = dq_row_bits<QPW>(ps.gate.ptr != nullptr, qbits, i0, L);
+  t_s[0] = t_s[1] = t_w[0] = t_w[1] = 0.f;  // [0] delta, [1] lse * log2(e)
+  const bool has = ((rbits >> ql) & 1u) != 0u;
+  if (rbits != 0u) {
+    DqRowIn in_s{0.f, 0.f}, in_w{0.f, 0.f};
+    if (has) {
+      in_s = dq_row_in(ps, b, i0 + ql, h0 + hl % HPW, my_row);
+      in_w = dq_row_in(pw, b, i0 + ql, h0 + hl % HPW, my_row);
+    }
+    float xs, xw;
+    group_rowsum2<T, D, HPW, QPW>(ps.out, pw.out, ps.grad_out, b, i0, h0, rbits, hl, lane, xs,
+                                  xw);
+    if (has) {
+      const bool qv = ((qbits >> ql) & 1u) != 0u;
+      dq_row_terms(ps, in_s, b, i0 + ql, h0 + hl % HPW, my_row, xs, qv, lane < NR, delta_s,
+                   t_s[0], t_s[1]);
+      dq_row_terms(pw, in_w, b, i0 + ql, h0 + hl % HPW, my_row, xw, qv, lane < NR, delta_w,
+                   t_w[0], t_w[1]);
+      return true;
+    }
+  }
+  if (lane < NR && i0 + ql < L) {
+    delta_s[my_row] = 0.f;
+    delta_w[my_row] = 0.f;
+  }
+  return rbits != 0u;
+}
+
+// A dq_prologue_pair branch's row terms t (delta, lse * log2(e)) spread to this lane's
+// columns 2 tig + {0, 1}, as dq_prologue hands them to its body.
+__device__ __forceinline__ void dq_cols(const float (&t)[2], int lane, float (&my_lse2)[2],
+                                        float (&my_dlt)[2]) {
+  const int tig = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    my_lse2[j] = __shfl_sync(kFullMask, t[1], 2 * tig + j);
+    my_dlt[j] = __shfl_sync(kFullMask, t[0], 2 * tig + j);
   }
 }
 

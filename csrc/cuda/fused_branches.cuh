@@ -17,6 +17,15 @@ constexpr size_t fused_warp_bytes() {
                                                          : TcCfg<D, 16>::warp_bytes;
 }
 
+// BLOSSOM_OPS_CUDA_EARLY_LOADS=0 (read once; A/B): the fused dQ issues the loads of its second
+// branch's prologue after the first branch's chunk loop, as before session 13, instead of
+// together with the first's (dq_prologue_pair). (The same for the fused forward's gate logit
+// measured neutral in run z6 and was not kept.)
+inline bool early_loads_off() {
+  static const bool off = env_equals("BLOSSOM_OPS_CUDA_EARLY_LOADS", "0");
+  return off;
+}
+
 // Whether two views have the same strides (an element's offset is the same in both).
 template <typename T>
 inline bool same_layout(const Bshd<T>& a, const Bshd<T>& b) {
