@@ -5,6 +5,8 @@
 #   OUT=dir D=64 L=4096 B=16 scripts/ncu_blossom.sh    -> $OUT/ncu.log
 #   NCU_KERNEL=select_mma scripts/ncu_blossom.sh         -> full sections of that kernel
 #   NCU_SOURCE=1 NCU_KERNEL=select_mma scripts/ncu_blossom.sh -> stall samples per instruction
+#     (scripts/stall_lines.py), and $OUT/src_<kernel>.csv.gz for scripts/sass_blocks.py
+#     (executed instructions per basic block: fixed per-warp work against loops)
 # --clock-control none leaves the clocks alone (device README); B is kept small so the
 # replayed kernels stay quick (per-kernel behaviour does not depend on B at these sizes).
 set -u -o pipefail
