@@ -50,15 +50,6 @@ __device__ __forceinline__ float gate_sigmoid(float x) {
   return __fdividef(1.f, 1.f + __expf(-x));
 }
 
-// Per-row terms of the dQ pass for row `row` = (b, i, h), from x = rowsum(dO o O): the delta
-// and lse * log2(e) its key loop uses; when `writer`, the stores of delta (0 for a padded row,
-// !qv) and, gated, of grad_gate[b, i, h][r] and lse' (after the delta rows). The dQ kernels
-// give each head of a warp's row group to one lane (lane hh < HPW for head h0 + hh) and
-// broadcast the results by shuffles: ~20 instructions per warp instead of per head.
-// lse' = lse + ln(1 + e^-g), evaluated in base 2 on the SFU (ex2, lg2): ~1e-6 relative error
-// in s P, far below bf16 / fp16 rounding and 50x under the fp32 tests' 5e-5. g -> -inf gives
-// lse' = +inf and s P = exp2(-inf) = 0 exactly (every dK/dV kernel then adds 0); lse = -inf
-// (no key, padded row) stays -inf.
 // What dq_row_terms reads for a row: lse and, gated, the gate logit (else grad_lse or 0).
 // Split from the arithmetic so that the fused dQ can issue both branches' loads together
 // (dq_prologue_pair in attn_staged_tc.cuh).
@@ -74,6 +65,16 @@ __device__ __forceinline__ DqRowIn dq_row_in(const AttnBwdParams<T, float>& p, i
                                : (p.grad_lse != nullptr ? p.grad_lse[row] : 0.f);
   return r;
 }
+
+// Per-row terms of the dQ pass for row `row` = (b, i, h), from x = rowsum(dO o O): the delta
+// and lse * log2(e) its key loop uses; when `writer`, the stores of delta (0 for a padded row,
+// !qv) and, gated, of grad_gate[b, i, h][r] and lse' (after the delta rows). The dQ kernels
+// give each head of a warp's row group to one lane (lane hh < HPW for head h0 + hh) and
+// broadcast the results by shuffles: ~20 instructions per warp instead of per head.
+// lse' = lse + ln(1 + e^-g), evaluated in base 2 on the SFU (ex2, lg2): ~1e-6 relative error
+// in s P, far below bf16 / fp16 rounding and 50x under the fp32 tests' 5e-5. g -> -inf gives
+// lse' = +inf and s P = exp2(-inf) = 0 exactly (every dK/dV kernel then adds 0); lse = -inf
+// (no key, padded row) stays -inf.
 template <typename T>
 __device__ __forceinline__ void dq_row_terms(const AttnBwdParams<T, float>& p, const DqRowIn& in,
                                              int64_t b, int64_t i, int64_t h, int64_t row,

@@ -699,6 +699,18 @@ __device__ __forceinline__ unsigned dq_row_bits(bool gated, unsigned qbits, int6
   return rbits;
 }
 
+// A row's dQ terms t (delta, lse * log2(e)) of lane n < NR's row n, spread to this lane's
+// columns 2 tig + {0, 1} (dq_prologue and dq_prologue_pair).
+__device__ __forceinline__ void dq_cols(const float (&t)[2], int lane, float (&my_lse2)[2],
+                                        float (&my_dlt)[2]) {
+  const int tig = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    my_lse2[j] = __shfl_sync(kFullMask, t[1], 2 * tig + j);
+    my_dlt[j] = __shfl_sync(kFullMask, t[0], 2 * tig + j);
+  }
+}
+
 // Prologue of both staged dQ kernels (per-slot and block-chunk): rowsum(dO * O) of each
 // (query, head) row of the warp, the per-row terms (dq_row_terms: delta, lse; gated: lse',
 // grad_gate) by lane n < NR for row n, delta = 0 for the rows of padded queries, then
@@ -713,7 +725,6 @@ __device__ __forceinline__ void dq_prologue(const AttnBwdParams<T, float>& p,
                                             int64_t h0, unsigned qbits, int lane, Body&& body) {
   constexpr int NR = HPW * QPW;  // (query, head) rows of the warp
   const int64_t L = p.shape.q_len, Hq = p.shape.q_heads;
-  const int tig = lane & 3;
   // Row of lane n < NR's (query, head) in the [B, L, Hq] arrays (lanes >= NR: row 0's).
   const int hl = lane < NR ? lane : 0, ql = hl / HPW;
   const int64_t my_row = (b * L + i0 + ql) * Hq + h0 + hl % HPW;
@@ -725,19 +736,15 @@ __device__ __forceinline__ void dq_prologue(const AttnBwdParams<T, float>& p,
     } else {
       xl = group_rowsum<T, D, HPW, QPW>(p.out, p.grad_out, b, i0, h0, rbits, hl, lane);
     }
-    float t_dlt = 0.f, t_lse2 = 0.f;
+    float t[2] = {0.f, 0.f};  // delta, lse * log2(e)
     if (((rbits >> ql) & 1u) != 0u) {
       dq_row_terms(p, b, i0 + ql, h0 + hl % HPW, my_row, xl, ((qbits >> ql) & 1u) != 0u,
-                   lane < NR, delta, t_dlt, t_lse2);
+                   lane < NR, delta, t[0], t[1]);
     } else if (lane < NR && i0 + ql < L) {
       delta[my_row] = 0.f;
     }
     float my_lse2[2], my_dlt[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      my_lse2[j] = __shfl_sync(kFullMask, t_lse2, 2 * tig + j);
-      my_dlt[j] = __shfl_sync(kFullMask, t_dlt, 2 * tig + j);
-    }
+    dq_cols(t, lane, my_lse2, my_dlt);
     body(static_cast<const float(&)[2]>(my_lse2), static_cast<const float(&)[2]>(my_dlt));
   } else if (lane < NR && i0 + ql < L) {
     delta[my_row] = 0.f;
@@ -749,10 +756,10 @@ __device__ __forceinline__ void dq_prologue(const AttnBwdParams<T, float>& p,
 // rows' lse and gate logits, then one pass over dO and both outputs (group_rowsum2), instead
 // of the second branch's round trips after the first branch's chunk loop (session 13: ~5% of
 // the fused dQ's stall samples waited there). Same values and stores as two dq_prologue
-// calls. Leaves this lane's row terms (lane n < NR: row n) in t_*; dq_cols spreads them to
-// the lane's columns. Returns whether some row has terms (dq_prologue's rbits != 0).
+// calls. Leaves this lane's row terms (lane n < NR: row n; zeros where a row has none) in
+// t_*; dq_cols spreads them to the lane's columns.
 template <typename T, int D, int HPW, int QPW>
-__device__ __forceinline__ bool dq_prologue_pair(const AttnBwdParams<T, float>& ps,
+__device__ __forceinline__ void dq_prologue_pair(const AttnBwdParams<T, float>& ps,
                                                  float* __restrict__ delta_s,
                                                  const AttnBwdParams<T, float>& pw,
                                                  float* __restrict__ delta_w, int64_t b,
@@ -780,25 +787,12 @@ __device__ __forceinline__ bool dq_prologue_pair(const AttnBwdParams<T, float>& 
                    t_s[0], t_s[1]);
       dq_row_terms(pw, in_w, b, i0 + ql, h0 + hl % HPW, my_row, xw, qv, lane < NR, delta_w,
                    t_w[0], t_w[1]);
-      return true;
+      return;
     }
   }
   if (lane < NR && i0 + ql < L) {
     delta_s[my_row] = 0.f;
     delta_w[my_row] = 0.f;
-  }
-  return rbits != 0u;
-}
-
-// A dq_prologue_pair branch's row terms t (delta, lse * log2(e)) spread to this lane's
-// columns 2 tig + {0, 1}, as dq_prologue hands them to its body.
-__device__ __forceinline__ void dq_cols(const float (&t)[2], int lane, float (&my_lse2)[2],
-                                        float (&my_dlt)[2]) {
-  const int tig = lane & 3;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    my_lse2[j] = __shfl_sync(kFullMask, t[1], 2 * tig + j);
-    my_dlt[j] = __shfl_sync(kFullMask, t[0], 2 * tig + j);
   }
 }
 
