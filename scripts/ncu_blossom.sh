@@ -6,7 +6,9 @@
 #   NCU_KERNEL=select_mma scripts/ncu_blossom.sh         -> full sections of that kernel
 #   NCU_SOURCE=1 NCU_KERNEL=select_mma scripts/ncu_blossom.sh -> stall samples per instruction
 #     (scripts/stall_lines.py), and $OUT/src_<kernel>.csv.gz for scripts/sass_blocks.py
-#     (executed instructions per basic block: fixed per-warp work against loops)
+#     (executed instructions per basic block: fixed per-warp work against loops), the
+#     kernel's SASS with line info ($OUT/sass_<kernel>.txt.gz) and what scripts/sass_lines.py
+#     makes of both ($OUT/lines_<kernel>.txt: instructions per source line and function)
 # --clock-control none leaves the clocks alone (device README); B is kept small so the
 # replayed kernels stay quick (per-kernel behaviour does not depend on B at these sizes).
 set -u -o pipefail
@@ -34,6 +36,19 @@ if [ -n "${NCU_KERNEL:-}" ] && [ "${NCU_SOURCE:-0}" = 1 ]; then
   ncu -i "/tmp/rep_$name.ncu-rep" --page source --print-source sass --csv > "/tmp/src_$name.csv"
   python3 scripts/stall_lines.py "/tmp/src_$name.csv" > "$OUT/stall_src_$name.txt" 2>&1
   gzip -c "/tmp/src_$name.csv" > "$OUT/src_$name.csv.gz"
+  # The kernel's SASS with source lines (nvdisasm -g over the extension's cubins, functions
+  # whose mangled name contains $name), then executed instructions per source line and
+  # function (scripts/sass_lines.py: which code the instructions come from).
+  so=$(python3 -c "import blossom_ops._C as m; print(m.__file__)")
+  cub=$(mktemp -d) && (cd "$cub" && cuobjdump -xelf all "$so" > /dev/null 2>&1)
+  for f in "$cub"/*.cubin; do nvdisasm -g -c "$f" 2> /dev/null; done | python3 -c '
+import re, sys
+parts = re.split(r"(?m)^(?=\s*\.section\s+\.text\.)", sys.stdin.read())
+sys.stdout.write("".join(p for p in parts if sys.argv[1] in p.split("\n", 1)[0]))' "$name" \
+    | gzip > "$OUT/sass_$name.txt.gz"
+  python3 scripts/sass_lines.py "$OUT/src_$name.csv.gz" "$OUT/sass_$name.txt.gz" --lines \
+    --top 50 > "$OUT/lines_$name.txt" 2>&1
+  rm -rf "$cub"
   exit 0
 fi
 if [ -n "${NCU_KERNEL:-}" ]; then

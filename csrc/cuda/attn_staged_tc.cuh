@@ -632,7 +632,7 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
     l[j] = lp[j];
 #pragma unroll
     for (int o2 = 4; o2 < 32; o2 <<= 1) l[j] += __shfl_xor_sync(kFullMask, l[j], o2);
-    inv[j] = l[j] > 0.f ? 1.f / l[j] : 0.f;
+    inv[j] = l[j] > 0.f ? fast_rcp(l[j]) : 0.f;  // l >= 1 once a key was seen
   }
   __syncwarp();  // the K/V buffers become the output staging area
   float* ost = reinterpret_cast<float*>(base);
@@ -641,9 +641,10 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
   static_assert(!GATE || (8 * C::OLD + 3 * 8) * 4 <= C::kv_bytes, "gate weights must fit");
   if constexpr (GATE) stage_gate_weights<T, HPW, QPW>(p.gate, gw, b, i0, h0, L, Hq, lane);
   __syncwarp();
+  T* const orow = p.out.at(b, i0, h0);  // the pieces' offsets from here are small products
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
                                      [&](int q, int hh, int c, float (&v8)[kFrag], int k) {
-    T* dst = p.out.at(b, i0 + q, h0 + hh) + c * kFrag;
+    T* dst = orow + q * p.out.stride_l + hh * p.out.stride_h + c * kFrag;
     if constexpr (GATE) {  // p.out contiguous: dst's offset is the piece's in every buffer
       store8_gated(p.gate, dst - p.out.ptr, v8, dst, gw + q * HPW + hh,
                    own0 != nullptr ? own0 + k : nullptr);
@@ -655,13 +656,13 @@ __device__ __forceinline__ void finish_fwd_warp(const AttnFwdParams<T, float>& p
     }
   });
   if (gid == 0) {
+    float* const lrow = p.lse + (b * L + i0) * Hq + h0;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int n = 2 * tig + j;
       const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
       if (n < HPW * QPW && (QPW == 1 || i0 + q < L))
-        p.lse[(b * L + i0 + q) * Hq + h0 + hh] =
-            l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
+        lrow[q * Hq + hh] = l[j] > 0.f ? (m[j] + __log2f(l[j])) * kLn2 : -INFINITY;
     }
   }
 }
@@ -679,9 +680,11 @@ __device__ __forceinline__ void store_dq_warp(const AttnBwdParams<T, float>& p, 
   const float mul[2] = {sc, sc};
   stage_heads<C>(ost, dq, mul, lane);
   __syncwarp();
+  T* const grow = p.grad_q.at(b, i0, h0);
   for_each_staged_piece<C, HPW, QPW>(ost, i0, L, lane,
                                      [&](int q, int hh, int c, float (&v8)[kFrag], int) {
-    store8_acc(p.grad_q.at(b, i0 + q, h0 + hh) + c * kFrag, v8, p.accumulate);
+    store8_acc(grow + q * p.grad_q.stride_l + hh * p.grad_q.stride_h + c * kFrag, v8,
+               p.accumulate);
   });
 }
 
@@ -1263,8 +1266,8 @@ struct TcBlkWarp {
     const int c = is_v ? w - C::CPR : w;
     const int64_t st_el = is_v ? v.stride_l : k.stride_l;
     st = static_cast<int>(st_el * static_cast<int64_t>(sizeof(T)));
-    src = reinterpret_cast<const char*>((is_v ? v.at(b, 0, g) : k.at(b, 0, g)) + c * kFrag +
-                                        r0 * st_el);
+    const Bshd<const T>& x = is_v ? v : k;
+    src = reinterpret_cast<const char*>(x.at(b, 0, g) + c * kFrag + r0 * st_el);
     dst0 = kv + (is_v ? C::KC * C::RS : 0) + c * kFrag + r0 * C::RS;
     bs = pol.blk_size();
     len = static_cast<int>(kv_len);
@@ -1310,7 +1313,8 @@ struct TcBlkWarp {
   // in bounds).
   __device__ __forceinline__ uint32_t issue(const Policy& pol, int key0, int kend, int buf) const {
     const int nk = kend - key0;
-    uint32_t mask = nk >= C::KC ? 0xffffu : (nk > 0 ? (1u << nk) - 1u : 0u);
+    // Keys [key0, min(kend, key0 + 16)): a shift of the full mask (16 - nk clamped to 0..16).
+    uint32_t mask = 0xffffu >> (C::KC - min(max(nk, 0), C::KC));
     if (!all_valid) {
       const bool v = lane < nk && lane < C::KC && pol.key_valid(b, key0 + lane);
       mask &= __ballot_sync(kFullMask, v);
@@ -1347,31 +1351,28 @@ struct TcBlkWarp {
   // column's own edge are real rows that the column masks out: ColumnMasks).
   template <class Body>
   __device__ __forceinline__ void for_each_chunk(const Policy& pol, int nblk, Body&& body) const {
-    const int spb = bs >> 4;
-    const int n_chunks = nblk * spb;
-    const int* next = blist;  // issue cursor: block *next, segment seg
-    int seg = 0;
+    // bs is a power of two >= 16 (BlockSparsePolicy::block_chunks_ok): chunk ch is segment
+    // ch & (spb - 1) of entry ch >> spb_sh, decoded from ch alone (no cursor to advance).
+    const int spb_sh = 27 - __clz(bs);  // log2(bs / 16)
+    const int n_chunks = nblk << spb_sh;
+    const int seg_mask = (1 << spb_sh) - 1;
     int key0_next = 0;
     unsigned qm_next = 1u;
-    auto issue_next = [&](int buf) {
-      const int e = *next;
+    auto issue_next = [&](int ch, int buf) {
+      const int e = blist[ch >> spb_sh];
       const int blk = QPW == 1 ? e : (e & ((1 << kQShift) - 1));
       qm_next = QPW == 1 ? 1u : static_cast<unsigned>(e) >> kQShift;
-      key0_next = blk * bs + seg * C::KC;
-      if (++seg == spb) {
-        seg = 0;
-        ++next;
-      }
+      key0_next = blk * bs + (ch & seg_mask) * C::KC;
       return issue(pol, key0_next, kend0, buf);
     };
-    uint32_t mask = n_chunks > 0 ? issue_next(0) : 0u;
+    uint32_t mask = n_chunks > 0 ? issue_next(0, 0) : 0u;
     int key0 = key0_next;
     unsigned qm = qm_next;
     for (int ch = 0; ch < n_chunks; ++ch) {
       const int buf = ch & 1;
       uint32_t mask_next = 0u;
       if (ch + 1 < n_chunks) {
-        mask_next = issue_next(buf ^ 1);
+        mask_next = issue_next(ch + 1, buf ^ 1);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
