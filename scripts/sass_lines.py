@@ -10,7 +10,7 @@ code instead of addresses. Inputs, both from scripts/ncu_blossom.sh with NCU_SOU
 The kernel's function in the disassembly is the one whose opcode sequence equals the CSV's
 (several instantiations share a name prefix), so no mangled name is needed. Inlined code is
 charged to its innermost line; the "function" view charges each line to the closest function,
-struct or lambda defined above it in its file.
+struct or lambda defined above it in its file (a member as Struct::name).
 
     python3 scripts/sass_lines.py src.csv.gz sass.txt.gz [--warps N] [--top 40] [--lines]
 """
@@ -72,13 +72,20 @@ def enclosing(file: str, cache: dict) -> list[tuple[int, str]]:
         for sub in ("csrc/cuda", "csrc/common", "csrc"):
             path = os.path.join(ROOT, sub, file)
             if os.path.exists(path):
+                owner = ""  # the struct a top-level "struct X {" ... "};" encloses
                 with open(path) as f:
                     for n, text in enumerate(f, 1):
                         if text.lstrip().startswith("//"):
                             continue
-                        for pat, tag in ((r"(?:__device__|__global__)[^(]*?\b(\w+)\s*\(", ""),
-                                         (r"^\s*(?:struct|class)\s+(\w+)", "struct "),
-                                         (r"auto\s+(\w+)\s*=\s*\[", "lambda ")):
+                        if text.startswith("};"):
+                            owner = ""
+                        m = re.match(r"(?:struct|class)\s+(\w+)", text)
+                        if m and not text.rstrip().endswith(";"):
+                            owner = m.group(1) + "::"
+                            found.append((n, "struct " + m.group(1)))
+                            continue
+                        for pat, tag in ((r"(?:__device__|__global__)[^(]*?\b(\w+)\s*\(", owner),
+                                         (r"auto\s+(\w+)\s*=\s*\[", "lambda " + owner)):
                             m = re.search(pat, text)
                             if m:
                                 found.append((n, tag + m.group(1)))
