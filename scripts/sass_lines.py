@@ -13,6 +13,7 @@ charged to its innermost line; the "function" view charges each line to the clos
 struct or lambda defined above it in its file (a member as Struct::name).
 
     python3 scripts/sass_lines.py src.csv.gz sass.txt.gz [--warps N] [--top 40] [--lines]
+                                  [--src DIR]   (the csrc tree of the profiled build)
 """
 from __future__ import annotations
 
@@ -65,12 +66,12 @@ def functions(sass_text: str) -> list[list[tuple[str, tuple[str, int] | None]]]:
     return out
 
 
-def enclosing(file: str, cache: dict) -> list[tuple[int, str]]:
-    """(line, name) of every function, struct or lambda defined in csrc/**/file."""
+def enclosing(file: str, cache: dict, src: str) -> list[tuple[int, str]]:
+    """(line, name) of every function, struct or lambda defined in src/{cuda,common,.}/file."""
     if file not in cache:
         found = []
-        for sub in ("csrc/cuda", "csrc/common", "csrc"):
-            path = os.path.join(ROOT, sub, file)
+        for sub in ("cuda", "common", "."):
+            path = os.path.join(src, sub, file)
             if os.path.exists(path):
                 owner = ""  # the struct a top-level "struct X {" ... "};" encloses
                 with open(path) as f:
@@ -101,6 +102,8 @@ def main() -> int:
     ap.add_argument("--warps", type=float, default=0, help="warps launched: per-warp counts")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--lines", action="store_true", help="also list the top source lines")
+    ap.add_argument("--src", default=os.path.join(ROOT, "csrc"),
+                    help="source tree the line numbers refer to (default: this checkout's csrc)")
     args = ap.parse_args()
 
     rows = list(csv.reader(read_text(args.csv).splitlines()))
@@ -141,7 +144,7 @@ def main() -> int:
             key = "(no line)"
         else:
             name = "?"
-            for at, nm in enclosing(w[0], cache):
+            for at, nm in enclosing(w[0], cache, args.src):
                 if at <= w[1]:
                     name = nm
             key = f"{w[0]}: {name}"
