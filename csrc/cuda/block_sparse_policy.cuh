@@ -74,7 +74,7 @@ struct BlockSparsePolicy {
     const int c = m.at(b, i, g)[s - 1];
     return (c < 0 || c >= static_cast<int>(C) || c == own || (m.causal && c * bs > ii)) ? -1 : c;
   }
-  // In 32 bits: the kernels that ask run with L <= 2^30 (block_chunks_ok) and i < L.
+  // In 32 bits: the kernels that ask run with L <= 2^30 (block_chunks_ok) and i <= L.
   __device__ __forceinline__ int key_end(int64_t i) const {
     const int ii = static_cast<int>(i), l = static_cast<int>(L);
     return m.causal && ii + 1 < l ? ii + 1 : l;
