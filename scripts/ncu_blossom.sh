@@ -42,8 +42,10 @@ if [ -n "${NCU_KERNEL:-}" ] && [ "${NCU_SOURCE:-0}" = 1 ]; then
   so=$(python3 -c "import blossom_ops._C as m; print(m.__file__)")
   cub=$(mktemp -d) && (cd "$cub" && cuobjdump -xelf all "$so" > /dev/null 2>&1)
   for f in "$cub"/*.cubin; do nvdisasm -g -c "$f" 2> /dev/null; done | python3 -c '
-import re, sys
-parts = re.split(r"(?m)^(?=\s*\.section\s+\.text\.)", sys.stdin.read())
+import sys
+sys.path.insert(0, "scripts")
+from sass_lines import split_functions
+parts = split_functions(sys.stdin.read())
 sys.stdout.write("".join(p for p in parts if sys.argv[1] in p.split("\n", 1)[0]))' "$name" \
     | gzip > "$OUT/sass_$name.txt.gz"
   python3 scripts/sass_lines.py "$OUT/src_$name.csv.gz" "$OUT/sass_$name.txt.gz" --lines \

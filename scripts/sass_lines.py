@@ -25,6 +25,9 @@ import os
 import re
 import sys
 
+from sass_blocks import opcode  # scripts/, this script's directory, is on sys.path
+from stall_lines import number
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -34,24 +37,16 @@ def read_text(path: str) -> str:
         return f.read()
 
 
-def number(text: str) -> float:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return 0.0
-
-
-def opcode(sass: str) -> str:
-    parts = sass.split()
-    if parts and parts[0].startswith("@"):
-        parts = parts[1:]
-    return parts[0] if parts else "?"
+def split_functions(sass_text: str) -> list[str]:
+    """The disassembly cut at each function's `.section .text.<name>` line (the text before
+    the first one comes first)."""
+    return re.split(r"(?m)^(?=\s*\.section\s+\.text\.)", sass_text)
 
 
 def functions(sass_text: str) -> list[list[tuple[str, tuple[str, int] | None]]]:
     """Per function of the disassembly: [(opcode, (file, line) or None)] in address order."""
     out = []
-    for part in re.split(r"(?m)^(?=\s*\.section\s+\.text\.)", sass_text):
+    for part in split_functions(sass_text):
         where, code = None, []
         for line in part.split("\n"):
             m = re.search(r'//## File "([^"]+)", line (\d+)', line)

@@ -96,12 +96,6 @@ __device__ __forceinline__ int fast_div(int x, unsigned magic) {  // 0 <= x < 81
   return magic == 0u ? x : static_cast<int>(__umulhi(static_cast<unsigned>(x), magic));
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> +0; ~2 ulp
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Bits [lo, hi) of a 32-bit word (0 <= lo, clipped at 32).
 __device__ __forceinline__ unsigned bit_range(int lo, int hi) {
   hi = hi < 32 ? hi : 32;
@@ -128,12 +122,6 @@ __device__ __forceinline__ int count_bits(const unsigned* vm, int lo, int hi) {
 __device__ __forceinline__ unsigned rank_key(float imp) {
   const unsigned x = __float_as_uint(imp + 0.f);  // -0 -> +0 (x + 0 is not folded)
   return x <= 0x7f800000u ? x + 2u : 1u;
-}
-
-__device__ __forceinline__ float fast_rcp(float x) {  // 1/x, ~1 ulp (x >= 1 here)
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Two 16-bit values packed in a word -> floats (exact). bf16 is the high half of a float:
