@@ -2,8 +2,8 @@
 lane, together with the inverse index it reads (block_index_kernel in
 csrc/cuda/block_sparse_attention.cu: the selected_block rule, the order warp / 32-query group /
 slot / lane, the counting-sort offsets). Modelled: the CTA -> (b, g, block, key tile) split, the
-K/V copy over the CTA's 128 threads, the slot list (own-block queries from 16 kt when causal,
-clipped to L, then the bucket), the chunk walk u = w, w + 4, ... with the (group, head) carry,
+K/V copy over the CTA's threads, the slot list (own-block queries from 16 kt when causal,
+clipped to L, then the bucket), the chunk walk u = w, w + W, ... with the (group, head) carry,
 the one-ahead position prefetch, the cp.async row copies (lane -> row / piece, shuffled
 positions, 32-bit offsets, zero fill), lse / delta staging, ldmatrix addresses, mma.sync
 m16n8k16 fragment layouts, the causal triangle of group 0, the P^T / dS^T A fragments, the
@@ -21,7 +21,7 @@ that underflowed: lse' = +inf, attn_gate_fold.cuh) must contribute nothing. No t
 `--mutate` re-runs the cases with deliberate bugs planted in the replay (one at a time) and
 checks that each is caught: evidence that the comparison can see such errors.
 
-Usage: python3 scripts/emulate_bs_dkdv_mma.py [--quick] [--mutate] [--sweep N]
+Usage: python3 scripts/emulate_bs_dkdv_mma.py [--quick] [--mutate] [--sweep N] [--warps W]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from mma_emu import mma
 warnings.simplefilter("ignore", RuntimeWarning)  # mutations produce inf / NaN on purpose
 
 LOG2E = 1.4426950408889634
-WARPS, INDEX_WARPS = 4, 8
+WARPS, INDEX_WARPS = 2, 8  # WARPS: the kernel's kBsWarps (--warps 4: kBsWarpsOld)
 GARBAGE = 1 << 20  # unused index entries: a position far outside every buffer
 MUT: set[str] = set()
 
@@ -452,7 +452,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="first three cases only")
     ap.add_argument("--mutate", action="store_true", help="check that planted bugs are caught")
     ap.add_argument("--sweep", type=int, default=0, help="also N random shapes and masks")
+    ap.add_argument("--warps", type=int, default=2, choices=(2, 4),
+                    help="warps per key tile (the kernel's W; 4: BLOSSOM_OPS_CUDA_BS_WARPS=4)")
     args = ap.parse_args()
+    global WARPS
+    WARPS = args.warps
     cases = CASES[:3] if args.quick else CASES
     worst = 0.0
     for nc, c in enumerate(cases):

@@ -10,8 +10,8 @@
 // chunks are in flight by cp.async while one is computed.
 //
 // Work decomposition
-//   * CTA = (b, KV head g, block c, 16-key tile kt; bs / 16 tiles per block), 4 warps on the
-//     same tile; grid order kt, c fastest, so the CTAs running together gather rows of one or
+//   * CTA = (b, KV head g, block c, 16-key tile kt; bs / 16 tiles per block), W = kBsWarps
+//     = 2 warps on the same tile (4 before session 15, see kBsWarps); grid order kt, c fastest, so the CTAs running together gather rows of one or
 //     two (b, g) slices (4 MB of q + dO at D=64 L=4096: L2-resident). K and V of the tile are
 //     staged once per CTA by cp.async (zeros for keys past L or padded) and kept in registers
 //     as A fragments by every warp (D <= 64; at D = 128 re-read by ldmatrix per chunk).
@@ -20,8 +20,9 @@
 //     the inverse index (block_index_kernel: valid queries only, no duplicates, the own block
 //     excluded, and when causal only queries after the block, so no causal test is needed
 //     there). Chunk u = 16 slots (group u / G) of one query head (u % G): the columns of the
-//     products. Warp w walks chunks w, w + 4, w + 8, ... (G = 4: warp w = head w of every
-//     group), so long lists (popular blocks) are split 4 ways and the warps' loads stay even.
+//     products. Warp w walks chunks w, w + W, w + 2 W, ... (G = 4, W = 2: warp w = heads w
+//     and w + 2 of every group), so long lists (popular blocks) are split W ways and the
+//     warps' loads stay even.
 //   * Stage (3 buffers per warp, 2 at D = 128: chunks k+1, k+2 in flight while k is
 //     computed): the 16 slot positions were loaded one issue ahead (index entry, or own
 //     position + validity); ballot of the valid slots; lse (lanes < 16) / delta (lanes >= 16)
@@ -74,10 +75,12 @@
 //   0.35 - 0.45 ms, from 1.12. L=16384 D=64 (2.89 M chunks, 12.2 GB from L2): 2.6 - 3.3 ms,
 //   from 7.55.
 //   Registers (ptxas, sm_90): 238 / 168 / 128 / 96 at D = 128 / 64 / 32 / 16, no spills
-//   (launch bounds 2 / 3 / 4 / 4 CTAs per SM: 8 / 12 / 16 / 16 warps); shared memory per CTA
-//   77.5 / 60.0 / 34.0 / 21.0 KB.
+//   (launch bounds 4 x (2 / 3 / 4 / 4) / W CTAs per SM: 8 / 12 / 16 / 16 warps); shared memory
+//   per CTA at W = 4 77.5 / 60.0 / 34.0 / 21.0 KB (W = 2: 41.2 / 32.3 / 18.8 / 11.8 KB).
+//   (These counts are of the W = 4 kernel; W = 2 does the same chunks with half the per-tile
+//   starts and reductions.)
 //   Risk: a block that nearly every query selects (an "attention sink") makes one CTA walk
-//   ~1,000 chunks (4 warps); if it starts late, the kernel gets a tail of ~0.3 ms. The wmma
+//   ~1,000 chunks (W warps); if it starts late, the kernel gets a tail of ~0.3 ms. The wmma
 //   kernel has the same shape; splitting long buckets over several CTAs is the next lever.
 #pragma once
 #include <cstdint>
@@ -97,7 +100,16 @@ namespace blossom {
 namespace gpu {
 namespace detail {
 
-constexpr int kBsWarps = 4;  // warps per CTA, all on the same 16-key tile
+// Warps per CTA, all on the same 16-key tile. 2 since session 15 (H100, B=64 Hq=8 Hk=2 D=64
+// bf16, run s15-2 and its repeat: L=4096 0.718 / 0.714 -> 0.634 / 0.632 ms, L=16384 2.933 /
+// 2.932 -> 2.567 / 2.559; every query also picking block 0: 0.867 -> 0.850): each warp walks
+// twice the chunks, so the per-warp start (slot list, two issues, K/V fragments) and the
+// reduction over the warps are paid half as often per tile, and 6 CTAs per SM are in
+// different phases instead of 3. One warp per tile measured slower (0.745 / 2.997: the
+// popular early blocks' walks get long). BLOSSOM_OPS_CUDA_BS_WARPS=4 (read once,
+// bs_dkdv_warps) keeps the previous split for A/B runs.
+constexpr int kBsWarps = 2;
+constexpr int kBsWarpsOld = 4;
 
 // What every CTA needs to find its tile and walk its chunks (host-computed).
 struct BsTilePlan {
@@ -108,12 +120,13 @@ struct BsTilePlan {
   int Hq = 0, Hk = 0, G = 1;
   int n = 0;       // top-n (row length of the inverse index's entries per (b, g) is L * n)
   int causal = 1;
-  // A warp walks chunks u = w, w + 4, ... with u = group * G + head; u -> u + 4 moves the
-  // group by dgrp = 4 / G and the head by dhh = 4 % G (plus a carry when head >= G).
+  // A warp walks chunks u = w, w + W, ... (W warps per tile) with u = group * G + head;
+  // u -> u + W moves the group by dgrp = W / G and the head by dhh = W % G (plus a carry when
+  // head >= G).
   int dgrp = 0, dhh = 0;
 };
 
-template <int D>
+template <int D, int W = kBsWarps>
 struct BsCfg {
   // Chunk buffers per warp: 3 (two chunks in flight while one is computed); 2 at D = 128,
   // where 3 would leave room for one CTA per SM only.
@@ -130,14 +143,15 @@ struct BsCfg {
   static constexpr int STAGE_BYTES = ROWS_BYTES + 32 * 4;  // + lse[16], delta[16]
   static constexpr int WARP_BYTES = STAGES * STAGE_BYTES;
   static constexpr int KV_BYTES = ROWS_BYTES;              // K rows 0..15, V rows 16..31
-  static constexpr int CTA_BYTES = KV_BYTES + kBsWarps * WARP_BYTES;
+  static constexpr int CTA_BYTES = KV_BYTES + W * WARP_BYTES;
   static constexpr int OS = D + 4;                         // output staging row (floats)
   static_assert(D % 16 == 0 && D <= 128, "block-sparse dK/dV tiles: D in {16, 32, 64, 128}");
   static_assert(STAGE_BYTES % 16 == 0 && KV_BYTES % 16 == 0, "cp.async needs 16-byte alignment");
   static_assert(2 * 16 * OS * 4 <= WARP_BYTES, "output staging must fit a warp's buffers");
 };
 
-// Resident CTAs per SM the register budget must allow: 3 at D = 64 (<= 168 registers: the
+// Resident 4-warp CTAs per SM the register budget must allow (the kernel's bound scales it by
+// 4 / W: the same warps per SM): 3 at D = 64 (<= 168 registers: the
 // K/V fragments and dK/dV accumulators alone are 96), 4 below, 2 at D = 128 (<= 255: the
 // accumulators alone are 128).
 template <int D>
@@ -145,12 +159,12 @@ constexpr int bs_mma_min_ctas() {
   return D == 128 ? 2 : (D == 64 ? 3 : 4);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32, bs_mma_min_ctas<D>() * 4 / W)
     bs_dkdv_mma_kernel(const AttnBwdParams<T, float> p, const BsTilePlan pl,
                        const int32_t* __restrict__ off, const int32_t* __restrict__ entries,
                        const float* __restrict__ delta) {
-  using C = BsCfg<D>;
+  using C = BsCfg<D, W>;
   using E = typename TcElem<T>::type;
   constexpr int NF = C::NF, STAGES = C::STAGES;
   extern __shared__ __align__(128) unsigned char bs_smem[];
@@ -191,7 +205,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
       const T* kb = p.k.at(b, 0, g);
       const T* vb = p.v.at(b, 0, g);
       const int ksl = static_cast<int>(p.k.stride_l), vsl = static_cast<int>(p.v.stride_l);
-      for (int x = threadIdx.x; x < 32 * C::CPR; x += kBsWarps * 32) {
+      for (int x = threadIdx.x; x < 32 * C::CPR; x += W * 32) {
         const int r = x / C::CPR, pc = x % C::CPR, kk = r & 15;
         const bool ok = ((kmask >> kk) & 1u) != 0u;
         const bool isk = r < 16;
@@ -215,7 +229,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
     const int n_slots = n_own + (ob[1] - o0);
     const int32_t* list = entries + static_cast<int64_t>(bg) * L * pl.n + o0;
     const int n_chunks = ((n_slots + 15) >> 4) * G;
-    const int my = wib < n_chunks ? (n_chunks - 1 - wib) / kBsWarps + 1 : 0;
+    const int my = wib < n_chunks ? (n_chunks - 1 - wib) / W + 1 : 0;
 
     // Position of slot 16 grp + (lane % 16) and whether it takes part (a valid query).
     auto slot_pos = [&](int grp, int& i, bool& ok) {
@@ -377,7 +391,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
         }
       // dV += P^T dO, dK += dS^T Q: 16 keys x D, k = the 16 slots.
       key_tile_dkdv_mma<E, NF>(dk, dv, pa, da, rq, ro, q_row);
-      u_c += kBsWarps;
+      u_c += W;
       buf_c = buf_c + 1 == STAGES ? 0 : buf_c + 1;
       __syncwarp();  // buffer buf_c is refilled by the next iteration's issue
     }
@@ -386,12 +400,12 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
   }
 
   // Each warp's partial dK, dV (C layout: keys gid / gid + 8, dims 8 n + 2 tig + {0, 1}) ->
-  // rows in its own buffers; then the CTA sums the 4 warps in warp order (fixed: bit-
+  // rows in its own buffers; then the CTA sums the W warps in warp order (fixed: bit-
   // reproducible, no atomics) and writes every key < L of the tile (zeros for padded keys).
   stage_key_tile_acc<NF, C::OS>(reinterpret_cast<float*>(wsm), dk, dv, gid, tig);
   __syncthreads();
   const float scale = static_cast<float>(p.shape.scale);
-  for (int x = threadIdx.x; x < 16 * C::CPR; x += kBsWarps * 32) {
+  for (int x = threadIdx.x; x < 16 * C::CPR; x += W * 32) {
     const int r = x / C::CPR, pc = x % C::CPR;
     const int j = j0 + r;
     if (j >= L) continue;
@@ -399,7 +413,7 @@ __global__ void __launch_bounds__(kBsWarps * 32, bs_mma_min_ctas<D>())
 #pragma unroll
     for (int e = 0; e < kFrag; ++e) fk[e] = fv[e] = 0.f;
 #pragma unroll
-    for (int w = 0; w < kBsWarps; ++w) {
+    for (int w = 0; w < W; ++w) {
       const float* sk = reinterpret_cast<const float*>(bs_smem + C::KV_BYTES + w * C::WARP_BYTES) +
                         r * C::OS + pc * kFrag;
       const float* sv = sk + 16 * C::OS;
@@ -427,15 +441,33 @@ inline bool bs_dkdv_old_requested() {
   return old;
 }
 
+// Warps per tile (read once): kBsWarpsOld with BLOSSOM_OPS_CUDA_BS_WARPS=4 (A/B runs),
+// else kBsWarps.
+inline int bs_dkdv_warps() {
+  static const int w = env_equals("BLOSSOM_OPS_CUDA_BS_WARPS", "4") ? kBsWarpsOld : kBsWarps;
+  return w;
+}
+
+template <typename T, int D, int W>
+void launch_bs_dkdv_mma_dw(const AttnBwdParams<T, float>& p, BsTilePlan pl, const int32_t* off,
+                           const int32_t* entries, const float* delta, int64_t ctas,
+                           cudaStream_t stream) {
+  constexpr int bytes = BsCfg<D, W>::CTA_BYTES;
+  auto kernel = bs_dkdv_mma_kernel<T, D, W>;
+  opt_in_smem(kernel, bytes);  // once per kernel and device (cuda/launch_cache.h)
+  pl.dgrp = W / pl.G;  // a warp's walk: chunk u -> u + W
+  pl.dhh = W % pl.G;
+  kernel<<<static_cast<unsigned>(ctas), W * 32, bytes, stream>>>(p, pl, off, entries, delta);
+}
+
 template <typename T, int D>
 void launch_bs_dkdv_mma_d(const AttnBwdParams<T, float>& p, const BsTilePlan& pl,
                           const int32_t* off, const int32_t* entries, const float* delta,
                           int64_t ctas, cudaStream_t stream) {
-  constexpr int bytes = BsCfg<D>::CTA_BYTES;
-  auto kernel = bs_dkdv_mma_kernel<T, D>;
-  opt_in_smem(kernel, bytes);  // once per kernel and device (cuda/launch_cache.h)
-  kernel<<<static_cast<unsigned>(ctas), kBsWarps * 32, bytes, stream>>>(p, pl, off, entries,
-                                                                          delta);
+  if (bs_dkdv_warps() == kBsWarpsOld)
+    launch_bs_dkdv_mma_dw<T, D, kBsWarpsOld>(p, pl, off, entries, delta, ctas, stream);
+  else
+    launch_bs_dkdv_mma_dw<T, D, kBsWarps>(p, pl, off, entries, delta, ctas, stream);
 }
 
 // Launches the mma.sync kernel when it covers this case (reads the inverse index and delta
@@ -477,8 +509,6 @@ bool launch_bs_dkdv_mma(const AttnBwdParams<T, float>& p, const BlockSparseMask&
     pl.G = static_cast<int>(s.q_heads / s.kv_heads);
     pl.n = static_cast<int>(m.n);
     pl.causal = m.causal ? 1 : 0;
-    pl.dgrp = kBsWarps / pl.G;
-    pl.dhh = kBsWarps % pl.G;
     switch (D) {
       case 16: launch_bs_dkdv_mma_d<T, 16>(p, pl, off, entries, delta, ctas, stream); break;
       case 32: launch_bs_dkdv_mma_d<T, 32>(p, pl, off, entries, delta, ctas, stream); break;
