@@ -41,7 +41,11 @@ if [ -n "${NCU_KERNEL:-}" ] && [ "${NCU_SOURCE:-0}" = 1 ]; then
   # function (scripts/sass_lines.py: which code the instructions come from).
   so=$(python3 -c "import blossom_ops._C as m; print(m.__file__)")
   cub=$(mktemp -d) && (cd "$cub" && cuobjdump -xelf all "$so" > /dev/null 2>&1)
-  for f in "$cub"/*.cubin; do nvdisasm -g -c "$f" 2> /dev/null; done | python3 -c '
+  # Only the cubins whose symbols name the kernel: disassembling all of them takes minutes
+  # (session 15: the step ran past its call's time limit).
+  for f in "$cub"/*.cubin; do
+    grep -q -a "$name" "$f" && nvdisasm -g -c "$f" 2> /dev/null
+  done | python3 -c '
 import sys
 sys.path.insert(0, "scripts")
 from sass_lines import split_functions
