@@ -11,7 +11,8 @@
 //
 // Work decomposition
 //   * CTA = (b, KV head g, block c, 16-key tile kt; bs / 16 tiles per block), W = kBsWarps
-//     = 2 warps on the same tile (4 before session 15, see kBsWarps); grid order kt, c fastest, so the CTAs running together gather rows of one or
+//     = 2 warps on the same tile (4 before session 15, see kBsWarps); grid order kt, c
+//     fastest, so the CTAs running together gather rows of one or
 //     two (b, g) slices (4 MB of q + dO at D=64 L=4096: L2-resident). K and V of the tile are
 //     staged once per CTA by cp.async (zeros for keys past L or padded) and kept in registers
 //     as A fragments by every warp (D <= 64; at D = 128 re-read by ldmatrix per chunk).
@@ -75,7 +76,7 @@
 //   0.35 - 0.45 ms, from 1.12. L=16384 D=64 (2.89 M chunks, 12.2 GB from L2): 2.6 - 3.3 ms,
 //   from 7.55.
 //   Registers (ptxas, sm_90): 238 / 168 / 128 / 96 at D = 128 / 64 / 32 / 16, no spills
-//   (launch bounds 4 x (2 / 3 / 4 / 4) / W CTAs per SM: 8 / 12 / 16 / 16 warps); shared memory
+//   (launch bounds 8 / 12 / 16 / 16 warps per SM, bs_mma_min_warps / W CTAs); shared memory
 //   per CTA at W = 4 77.5 / 60.0 / 34.0 / 21.0 KB (W = 2: 41.2 / 32.3 / 18.8 / 11.8 KB).
 //   (These counts are of the W = 4 kernel; W = 2 does the same chunks with half the per-tile
 //   starts and reductions.)
@@ -107,7 +108,7 @@ namespace detail {
 // reduction over the warps are paid half as often per tile, and 6 CTAs per SM are in
 // different phases instead of 3. One warp per tile measured slower (0.745 / 2.997: the
 // popular early blocks' walks get long). BLOSSOM_OPS_CUDA_BS_WARPS=4 (read once,
-// bs_dkdv_warps) keeps the previous split for A/B runs.
+// bs_dkdv_old_warps_requested) keeps the previous split for A/B runs.
 constexpr int kBsWarps = 2;
 constexpr int kBsWarpsOld = 4;
 
@@ -150,17 +151,16 @@ struct BsCfg {
   static_assert(2 * 16 * OS * 4 <= WARP_BYTES, "output staging must fit a warp's buffers");
 };
 
-// Resident 4-warp CTAs per SM the register budget must allow (the kernel's bound scales it by
-// 4 / W: the same warps per SM): 3 at D = 64 (<= 168 registers: the
-// K/V fragments and dK/dV accumulators alone are 96), 4 below, 2 at D = 128 (<= 255: the
-// accumulators alone are 128).
+// Resident warps per SM the register budget must allow, whatever W (the kernel's bound is
+// this / W CTAs): 12 at D = 64 (<= 168 registers: the K/V fragments and dK/dV accumulators
+// alone are 96), 16 below, 8 at D = 128 (<= 255: the accumulators alone are 128).
 template <int D>
-constexpr int bs_mma_min_ctas() {
-  return D == 128 ? 2 : (D == 64 ? 3 : 4);
+constexpr int bs_mma_min_warps() {
+  return D == 128 ? 8 : (D == 64 ? 12 : 16);
 }
 
 template <typename T, int D, int W>
-__global__ void __launch_bounds__(W * 32, bs_mma_min_ctas<D>() * 4 / W)
+__global__ void __launch_bounds__(W * 32, bs_mma_min_warps<D>() / W)
     bs_dkdv_mma_kernel(const AttnBwdParams<T, float> p, const BsTilePlan pl,
                        const int32_t* __restrict__ off, const int32_t* __restrict__ entries,
                        const float* __restrict__ delta) {
@@ -441,11 +441,11 @@ inline bool bs_dkdv_old_requested() {
   return old;
 }
 
-// Warps per tile (read once): kBsWarpsOld with BLOSSOM_OPS_CUDA_BS_WARPS=4 (A/B runs),
-// else kBsWarps.
-inline int bs_dkdv_warps() {
-  static const int w = env_equals("BLOSSOM_OPS_CUDA_BS_WARPS", "4") ? kBsWarpsOld : kBsWarps;
-  return w;
+// True when BLOSSOM_OPS_CUDA_BS_WARPS=4: kBsWarpsOld warps per tile instead of kBsWarps (A/B
+// runs). Read once per process, on the host.
+inline bool bs_dkdv_old_warps_requested() {
+  static const bool old = env_equals("BLOSSOM_OPS_CUDA_BS_WARPS", "4");
+  return old;
 }
 
 template <typename T, int D, int W>
@@ -464,7 +464,7 @@ template <typename T, int D>
 void launch_bs_dkdv_mma_d(const AttnBwdParams<T, float>& p, const BsTilePlan& pl,
                           const int32_t* off, const int32_t* entries, const float* delta,
                           int64_t ctas, cudaStream_t stream) {
-  if (bs_dkdv_warps() == kBsWarpsOld)
+  if (bs_dkdv_old_warps_requested())
     launch_bs_dkdv_mma_dw<T, D, kBsWarpsOld>(p, pl, off, entries, delta, ctas, stream);
   else
     launch_bs_dkdv_mma_dw<T, D, kBsWarps>(p, pl, off, entries, delta, ctas, stream);
