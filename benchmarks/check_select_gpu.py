@@ -2,7 +2,9 @@
 
 check: for bf16 / fp16, D in {16, 32, 64, 128}, G in {1, 2, 4, 8}, L in {1, 17, 200, 1000},
 block_size in {16, 32, 64} (stride 16), causal or not, with and without a validity mask
-(top_n cycling over {1, 4, 8}), the CUDA op must
+(top_n cycling over {1, 4, 8}), then 32 long bf16 cases at D in {32, 64} (L in {3100, 5000}:
+4-5 chunks of 64 compressed tokens, more than the kernel's ring of 3 chunk buffers holds, so
+its second pass loads chunks again), the CUDA op must
   * pass the tie-aware selection check of tests/test_select_blocks.py (float64 importance of
     the same 16-bit values, tolerance selection_tolerance(dtype, G));
   * be compared with the CPU op run on float32 copies of the same 16-bit values: rows that
@@ -79,7 +81,10 @@ def check():
     # top_n cycles over {1, 4, 8} instead of multiplying the grid (768 cases, a few minutes).
     grid = itertools.product((torch.bfloat16, torch.float16), (16, 32, 64, 128), (1, 2, 4, 8),
                              (1, 17, 200, 1000), (16, 32, 64), (True, False), (False, True))
-    for seed, (dtype, D, G, L, bs, causal, masked) in enumerate(grid):
+    long_grid = ((torch.bfloat16, D, G, L, bs, causal, (D + L) % 3 == 0) for D, G, L, bs, causal
+                 in itertools.product((32, 64), (1, 4), (3100, 5000), (16, 64),
+                                      (True, False)))
+    for seed, (dtype, D, G, L, bs, causal, masked) in enumerate(itertools.chain(grid, long_grid)):
         top_n = (1, 4, 8)[seed % 3]
         errs, differ, ctx = one_case(dtype, D, G, L, bs, top_n, causal, masked, seed)
         n += 1

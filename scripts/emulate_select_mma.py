@@ -185,7 +185,11 @@ def emulate(q, k, valid, vcmp, G, DP, bs, stride, top_n, causal, scale):
             if i < L and valid[i]:
                 for d in range(D):
                     Qs[R][d] = float(q[i, hh, d])
-        kbuf = [[row[:] for row in Qs], [[NAN] * D + [0.0] * (DP - D) for _ in range(64)]]
+        reuse = DP in (32, 64)  # the kernel's kReuseChunks and ring of chunk buffers (kRing)
+        NB = 3 if reuse else 2
+        kbuf = [[row[:] for row in Qs]] + [[[NAN] * D + [0.0] * (DP - D) for _ in range(64)]
+                                           for _ in range(NB - 1)]
+        buf_bits = {}  # buffer -> token bits of the chunk it holds
 
         def tok_ok(t):
             return t < t_end and vcmp[t] and blockvalid[t // tpb]
@@ -258,9 +262,13 @@ def emulate(q, k, valid, vcmp, G, DP, bs, stride, top_n, causal, scale):
             TPB = tpb
             lvl = Levels(LQ, TPB)
             kb = K_COLS // TPB
-            for ch in range(nch):
-                buf = ch & 1
-                bits = load(ch, buf)
+            # With reuse, pass 0 walks the chunks in descending order and leaves chunks
+            # 0 .. NB - 1 in buffers 0 .. NB - 1, which pass 1 reads without loading them again.
+            for ch in (reversed(range(nch)) if pas == 0 and reuse else range(nch)):
+                buf = ch % NB
+                if pas == 0 or ch >= NB or not reuse:
+                    buf_bits[buf] = load(ch, buf)
+                bits = buf_bits[buf]
                 n0 = ch * K_COLS
                 for warp in range(4):
                     if n0 >= st[warp]['t_end_w']:

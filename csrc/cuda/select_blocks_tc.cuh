@@ -7,7 +7,8 @@
 // Work decomposition
 //   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries); warp w owns
 //   QW = 16 / G queries = 16 (query, head) rows. Compressed tokens stream through shared memory
-//   in chunks of 64 (double-buffered cp.async, one __syncthreads per chunk). The scores are the
+//   in chunks of 64 (a ring of 2 or 3 cp.async buffers, one __syncthreads per chunk; at DP =
+//   32, 64 the second pass reuses the chunks the first left resident: run_pass, session 16). The scores are the
 //   transposed product S^T = K Q^T (mma.sync m16n8k16: the chunk's tokens are M, four m16 tiles;
 //   the warp's rows are N, two n8 tiles; K is the A operand straight from shared memory, Q the
 //   B operand, loaded into registers once): thread (gid = lane / 4, q4 = lane % 4) holds tokens
@@ -74,7 +75,7 @@
 // MUFU 64 exp2 per warp-chunk (8 cycles each per SM sub-partition): 2.5 ms at L = 16384;
 // shared memory (ldmatrix of the K chunk, 8 KB per warp-chunk and pass): ~2.3 ms.
 // D = 16, L = 4096 (one k16 step: 72 fewer LDSM + HMMA per warp-chunk): ~0.45 ms (0.82).
-// Resources: 2 x 64 x (DP + 8) x 2 B of K buffers + C bytes of block validity (as before);
+// Resources: kRing (2 or 3) x 64 x (DP + 8) x 2 B of K buffers + C bytes of block validity;
 // registers (PTXAS_VERBOSE=1): <= 128 without spills (4 CTAs / SM) for G >= 4 and most G = 2
 // variants; see kCapRegs below for the others (3 CTAs / SM, G = 1: 2-3).
 // Coverage: as the previous kernel (16-bit inputs, D % 8 == 0 and <= 128, G in {1, 2, 4, 8,
@@ -108,15 +109,28 @@ constexpr int kMaxTop = 8;     // top_n capacity
 // A chunk sum of exp2(s - m) above this is recomputed with the chunk's max (see pass 1).
 constexpr float kSumLimit = 18446744073709551616.f;  // 2^64
 
+// Whether pass 1 reuses the chunks pass 0 left in shared memory (see run_pass), with a ring of
+// 3 chunk buffers (27 KB of 16-bit rows per CTA at DP = 64: six CTAs per SM still fit). On at
+// DP = 32, 64. Off at DP = 128 (3 buffers would take 52 KB per CTA) and at DP = 16, where it
+// measured slower (session 16, H100, B=64 Hq=8 Hk=2 bf16, selection ms base -> reuse: D=16
+// L=16384 4.35 / 4.36 -> 4.48 / 4.45, also with 2 buffers; L=4096 unchanged), against D=64
+// L=4096 0.729 / 0.728 -> 0.718 / 0.714 and L=16384 7.03 / 6.99 -> 6.77 / 6.86. Off: 2
+// buffers, both passes ascending, each loading every chunk (the kernel before session 16).
+template <int DP>
+constexpr bool kReuseChunks = DP == 32 || DP == 64;
+template <int DP>
+constexpr int kRing = kReuseChunks<DP> ? 3 : 2;
+
 // Shared memory layout (byte offsets). The Q tile is staged in K buffer 0 before the first
 // chunk is loaded (64 rows x kLdK, exactly one buffer).
 template <int DP>
 struct TcLayout {
+  static constexpr int NB = kRing<DP>;
   static constexpr int kLdK = DP + 8;  // 16-bit elements per staged row: 16 B aligned rows,
                                        // and the 8 rows of an ldmatrix hit distinct banks
-  static constexpr int kK = 0;                              // [2][kCols][kLdK]
-  static constexpr int kMask = kK + 2 * kCols * kLdK * 2;   // [2] uint64 scored-token bits
-  static constexpr int kBlockValid = kMask + 16;            // [C] byte
+  static constexpr int kK = 0;                               // [NB][kCols][kLdK]
+  static constexpr int kMask = kK + NB * kCols * kLdK * 2;   // [NB] uint64 scored-token bits
+  static constexpr int kBlockValid = kMask + (8 * NB + 15) / 16 * 16;  // [C] byte
   static int64_t bytes(int64_t C) { return kBlockValid + ((C + 15) / 16) * 16; }
 };
 
@@ -264,6 +278,7 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
   constexpr int NS = Rw::NS, HPT = Rw::HPT, LQ = Rw::LQ;
   constexpr int LDK = Lay::kLdK;
   constexpr int DK = DP / 16;         // k16 steps
+  constexpr int NB = Lay::NB;         // chunk buffers
   static_assert(G == 1 || G == 2 || G == 4 || G == 8 || G == 16, "G");
   static_assert(N == 4 || N == 8, "N");
 
@@ -338,13 +353,17 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
   }
 
   // Q tile -> K buffer 0, row R = 16 warp + r, then into registers as B fragments for the
-  // whole CTA. Columns D..DP of K buffer 1 are zeroed here once (the loader only copies
+  // whole CTA. Columns D..DP of K buffers 1..NB-1 are zeroed here once (the loader only copies
   // columns < D; buffer 0 gets its zeros from the Q staging): Q is 0 there, but 0 x
   // uninitialised bits could be NaN.
   auto q_store = [&](int idx, uint4 v) {
     const int R = idx / (DP / 8), d8 = (idx % (DP / 8)) * 8;
     *reinterpret_cast<uint4*>(kbuf + R * LDK + d8) = v;
-    if (d8 >= D) *reinterpret_cast<uint4*>(kbuf + (kCols + R) * LDK + d8) = v;
+    if (d8 >= D) {
+#pragma unroll
+      for (int nb = 1; nb < NB; ++nb)
+        *reinterpret_cast<uint4*>(kbuf + (nb * kCols + R) * LDK + d8) = v;
+    }
   };
   if (q_early) {
 #pragma unroll
@@ -398,13 +417,12 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
   const int nseg = std::max(0, std::min(SPR, D / 8 - seg0));
   const int64_t k_step = int64_t(RPP) * k_sl;  // elements between this thread's rows
   const E* const src0 = kg + int64_t(jr) * k_sl + seg0 * 8;  // chunk 0
-  const unsigned dst0 = smem_addr(kbuf + jr * LDK + seg0 * 8);  // buffer 0; 1: + kBufBytes
-  const E* src_next = src0;  // the next chunk to load (chunks are loaded in order)
+  const unsigned dst0 = smem_addr(kbuf + jr * LDK + seg0 * 8);  // buffer 0; b: + b kBufBytes
   auto load_chunk = [&](int ch, int buf) {
     const int n0 = ch * kCols;
     const unsigned dst = dst0 + buf * kBufBytes;
     const int rows = t_end - n0 - jr;  // copy row r when r * RPP < rows
-    const E* src = src_next;
+    const E* src = src0 + ch * (RPT * k_step);  // RPT steps of RPP rows = one chunk
     if (D == DP) {  // uniform: every segment of a row (no per-segment test)
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
@@ -423,7 +441,6 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
         src += k_step;
       }
     }
-    src_next = src;  // RPT steps of RPP rows = the next chunk
     detail::cp_async_commit();
     if (warp < 2) {
       const unsigned bits = __ballot_sync(kFullMask, tok_ok(n0 + warp * 32 + lane));
@@ -657,17 +674,38 @@ __device__ __forceinline__ void select_mma2_body(const SelectParams<T>& p, const
     }
   };
   // One pass over the tile's chunks (PASS 0: statistics, 1: offers with block size tpb_c).
+  // The chunks go through a ring of NB buffers, chunk ch in buffer ch % NB, NB - 1 chunks in
+  // flight while one is computed. With kReuseChunks, pass 0 takes them in DESCENDING order (its
+  // sums do not care), so it ends with chunks 0 .. NB - 1 resident; pass 1 needs ascending
+  // order (an offer keeps ties with the lower block) and starts on those without loading
+  // them, and a tile of at most NB chunks (every tile at L <= 3072) loads, waits and
+  // synchronises nothing in pass 1. Every iteration commits one cp.async group (empty when it
+  // loads nothing), so waiting for all but the NB - 2 youngest groups means "chunk ch landed".
   auto run_pass = [&](auto pass_c, auto tpb_c) {
     constexpr int PASS = decltype(pass_c)::value;
+    constexpr bool kDesc = PASS == 0 && kReuseChunks<DP>;  // descending chunk order
+    constexpr bool kLoadAll = PASS == 0 || !kReuseChunks<DP>;  // no chunk resident at the start
     if constexpr (PASS == 1) clean_chunks(tpb_c);
-    __syncthreads();  // previous readers of kbuf (Q staging / the last chunk) are done
-    src_next = src0;
-    if (nch > 0) load_chunk(0, 0);
-    for (int ch = 0; ch < nch; ++ch) {
-      const int buf = ch & 1;
-      detail::cp_async_wait<0>();
-      __syncthreads();  // chunk ch visible; every thread is done with chunk ch - 1
-      if (ch + 1 < nch) load_chunk(ch + 1, buf ^ 1);
+    if constexpr (kLoadAll) {
+      __syncthreads();  // previous readers of kbuf (Q staging / the last chunk) are done
+#pragma unroll
+      for (int k = 0; k < NB - 1; ++k) {  // the first NB - 1 chunks in the pass's order
+        const int ch = kDesc ? nch - 1 - k : k;
+        if (ch >= 0 && ch < nch) load_chunk(ch, ch % NB);
+        else detail::cp_async_commit();
+      }
+    }
+    for (int it = 0; it < nch; ++it) {
+      const int ch = kDesc ? nch - 1 - it : it;
+      const int buf = ch % NB;
+      if (kLoadAll || nch > NB) {  // block-uniform
+        detail::cp_async_wait<NB - 2>();
+        __syncthreads();  // chunk ch visible; every thread is done with the previous chunk
+        // The chunk NB - 1 places further on goes into the previous chunk's buffer.
+        const int nx = kDesc ? ch - (NB - 1) : ch + (NB - 1);
+        if (kDesc ? nx >= 0 : (nx < nch && (kLoadAll || nx >= NB))) load_chunk(nx, nx % NB);
+        else detail::cp_async_commit();
+      }
       const int n0 = ch * kCols;
       if (n0 >= t_end_w) continue;  // warp-uniform: nothing scored here for this warp
       float acc[4][2][4];
