@@ -185,7 +185,7 @@ def emulate(q, k, valid, vcmp, G, DP, bs, stride, top_n, causal, scale):
             if i < L and valid[i]:
                 for d in range(D):
                     Qs[R][d] = float(q[i, hh, d])
-        reuse = DP in (32, 64)  # the kernel's kReuseChunks and ring of chunk buffers (kRing)
+        reuse = DP in (32, 64)  # the kernel's kReuseChunks and its ring (TcLayout::NB)
         NB = 3 if reuse else 2
         kbuf = [[row[:] for row in Qs]] + [[[NAN] * D + [0.0] * (DP - D) for _ in range(64)]
                                            for _ in range(NB - 1)]

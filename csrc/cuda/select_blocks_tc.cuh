@@ -5,19 +5,19 @@
 // issued instructions (Nsight: IPC ~2.1, ALU busiest), not by tensor cores, MUFU or memory.
 //
 // Work decomposition
-//   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries); warp w owns
-//   QW = 16 / G queries = 16 (query, head) rows. Compressed tokens stream through shared memory
-//   in chunks of 64 (a ring of 2 or 3 cp.async buffers, one __syncthreads per chunk; at DP =
-//   32, 64 the second pass reuses the chunks the first left resident: run_pass, session 16). The scores are the
-//   transposed product S^T = K Q^T (mma.sync m16n8k16: the chunk's tokens are M, four m16 tiles;
-//   the warp's rows are N, two n8 tiles; K is the A operand straight from shared memory, Q the
-//   B operand, loaded into registers once): thread (gid = lane / 4, q4 = lane % 4) holds tokens
-//   8 k + gid (k = 0..7) of 4 rows. Rows are ordered so that these 4 rows are the 4 heads of one
-//   query for G = 4 (both heads of 2 queries for G = 2, 4 queries for G = 1, 4 of the heads for
-//   G = 8 / 16 with lanes xor 1, 2 holding the rest; Rows<G> below): the sum over the heads is
-//   in-thread, no shuffle. Pass 1 gathers per row the statistics (lse), pass 2 the
-//   probabilities, their head and block sums, and offers each block to a per-lane top-n list;
-//   a final arg-max merge over the query's lanes writes the ascending top-n (-1 padding).
+//   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries); warp w owns QW =
+//   16 / G queries = 16 (query, head) rows. Compressed tokens stream through shared memory in chunks
+//   of 64 (a ring of 2 or 3 cp.async buffers, one __syncthreads per chunk; at DP = 32, 64 the second
+//   pass reuses the chunks the first left resident: run_pass). The scores are the transposed product
+//   S^T = K Q^T (mma.sync m16n8k16: the chunk's tokens are M, four m16 tiles; the warp's rows are N,
+//   two n8 tiles; K is the A operand straight from shared memory, Q the B operand, loaded into
+//   registers once): thread (gid = lane / 4, q4 = lane % 4) holds tokens 8 k + gid (k = 0..7) of 4
+//   rows. Rows are ordered so that these 4 rows are the 4 heads of one query for G = 4 (both heads
+//   of 2 queries for G = 2, 4 queries for G = 1, 4 of the heads for G = 8 / 16 with lanes xor 1, 2
+//   holding the rest; Rows<G> below): the sum over the heads is in-thread, no shuffle. Pass 1
+//   gathers per row the statistics (lse), pass 2 the probabilities, their head and block sums, and
+//   offers each block to a per-lane top-n list; a final arg-max merge over the query's lanes writes
+//   the ascending top-n (-1 padding).
 //
 // Changes against the first version, per chunk and warp
 //   * Offers: a lane's list is best-first floats (importance) + block indices, N = 4 entries
@@ -75,7 +75,7 @@
 // MUFU 64 exp2 per warp-chunk (8 cycles each per SM sub-partition): 2.5 ms at L = 16384;
 // shared memory (ldmatrix of the K chunk, 8 KB per warp-chunk and pass): ~2.3 ms.
 // D = 16, L = 4096 (one k16 step: 72 fewer LDSM + HMMA per warp-chunk): ~0.45 ms (0.82).
-// Resources: kRing (2 or 3) x 64 x (DP + 8) x 2 B of K buffers + C bytes of block validity;
+// Resources: TcLayout::NB (2 or 3) x 64 x (DP + 8) x 2 B of K buffers + C bytes of block validity;
 // registers (PTXAS_VERBOSE=1): <= 128 without spills (4 CTAs / SM) for G >= 4 and most G = 2
 // variants; see kCapRegs below for the others (3 CTAs / SM, G = 1: 2-3).
 // Coverage: as the previous kernel (16-bit inputs, D % 8 == 0 and <= 128, G in {1, 2, 4, 8,
@@ -115,17 +115,15 @@ constexpr float kSumLimit = 18446744073709551616.f;  // 2^64
 // measured slower (session 16, H100, B=64 Hq=8 Hk=2 bf16, selection ms base -> reuse: D=16
 // L=16384 4.35 / 4.36 -> 4.48 / 4.45, also with 2 buffers; L=4096 unchanged), against D=64
 // L=4096 0.729 / 0.728 -> 0.718 / 0.714 and L=16384 7.03 / 6.99 -> 6.77 / 6.86. Off: 2
-// buffers, both passes ascending, each loading every chunk (the kernel before session 16).
+// buffers, both passes ascending, each loading every chunk (the order before session 16).
 template <int DP>
 constexpr bool kReuseChunks = DP == 32 || DP == 64;
-template <int DP>
-constexpr int kRing = kReuseChunks<DP> ? 3 : 2;
 
 // Shared memory layout (byte offsets). The Q tile is staged in K buffer 0 before the first
 // chunk is loaded (64 rows x kLdK, exactly one buffer).
 template <int DP>
 struct TcLayout {
-  static constexpr int NB = kRing<DP>;
+  static constexpr int NB = kReuseChunks<DP> ? 3 : 2;  // chunk buffers in the ring
   static constexpr int kLdK = DP + 8;  // 16-bit elements per staged row: 16 B aligned rows,
                                        // and the 8 rows of an ldmatrix hit distinct banks
   static constexpr int kK = 0;                               // [NB][kCols][kLdK]
