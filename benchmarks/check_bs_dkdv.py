@@ -52,6 +52,7 @@ CASES = [
     (4, 16, 256, True, None, 4, "popular"),   # block 0 in every list
     (2, 32, 161, False, "valid", 3, "popular"),
     (4, 16, 190, True, "lengths", 4, "strided"),
+    (4, 16, 230, True, "lengths", 10, None),  # top_n > 8: the index reads rows in place
 ]
 DTYPES = ("bfloat16", "float16")
 DIMS = (16, 32, 64, 128)

@@ -13,8 +13,10 @@ grad_k, grad_v and grad_gate must equal the default route's bit for bit (only th
 differ), grad_q by rounding only (the separate kernels round dQ twice). That route also
 turns off the fused forward (BLOSSOM_OPS_CUDA_FUSED_FWD=0, csrc/cuda/attn_fwd_fused.cuh):
 out and every branch output and lse must equal the default route's bit for bit. A fifth route issues the fused dQ's second-branch prologue loads late
-(BLOSSOM_OPS_CUDA_EARLY_LOADS=0, as before session 13): every output and gradient must equal
-the default route's bit for bit.
+(BLOSSOM_OPS_CUDA_EARLY_LOADS=0, as before session 13) and a sixth builds the block-sparse
+inverse index reading block_idx in place instead of one group of queries ahead
+(BLOSSOM_OPS_CUDA_INDEX_AHEAD=0, as before session 17): on both, every output and gradient must
+equal the default route's bit for bit.
     python3 benchmarks/check_gate_fold_gpu.py [--quick] [--time 64x4096]
 """
 from __future__ import annotations
@@ -149,7 +151,9 @@ def main():
                                             "BLOSSOM_OPS_CUDA_FUSED_DQ": "0",
                                             "BLOSSOM_OPS_CUDA_FUSED_FWD": "0"}),
                           ("fold-late", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
-                                         "BLOSSOM_OPS_CUDA_EARLY_LOADS": "0"})):
+                                         "BLOSSOM_OPS_CUDA_EARLY_LOADS": "0"}),
+                          ("index-in-place", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
+                                              "BLOSSOM_OPS_CUDA_INDEX_AHEAD": "0"})):
             path = os.path.join(tmp, name + ".pt")
             cmd = [sys.executable, __file__, "--child", path] + (["--quick"] if args.quick else [])
             if args.time and name != "fold+simple":
@@ -178,13 +182,15 @@ def main():
         fails += not same_fwd
         print(f"{'ok  ' if same_fwd else 'FAIL'} fused vs unfused forward, case {n}: out, "
               f"o_sel, lse_sel, o_win, lse_win {'bit-identical' if same_fwd else 'DIFFER'}")
-        late = runs["fold-late"][n]
-        same_late = all(torch.equal(a, b) for a, b in
-                        zip(runs["fold"][n]["fwd"] + runs["fold"][n]["grads"],
-                            late["fwd"] + late["grads"]))
-        fails += not same_late
-        print(f"{'ok  ' if same_late else 'FAIL'} early vs late loads, case {n}: outputs and "
-              f"gradients {'bit-identical' if same_late else 'DIFFER'}")
+        for name, what in (("fold-late", "early vs late loads"),
+                           ("index-in-place", "index rows ahead vs in place")):
+            other = runs[name][n]
+            same = all(torch.equal(a, b) for a, b in
+                       zip(runs["fold"][n]["fwd"] + runs["fold"][n]["grads"],
+                           other["fwd"] + other["grads"]))
+            fails += not same
+            print(f"{'ok  ' if same else 'FAIL'} {what}, case {n}: outputs and gradients "
+                  f"{'bit-identical' if same else 'DIFFER'}")
         fu, un = runs["fold"][n]["grads"], runs["fold-unfused"][n]["grads"]
         same_kvg = all(torch.equal(a, b) for a, b in zip(fu[1:], un[1:]))
         fails += not same_kvg
@@ -192,7 +198,7 @@ def main():
               f"{'bit-identical' if same_kvg else 'DIFFER'}; grad q relative difference "
               f"{rel(fu[0], un[0]):.2e}")
     for name, want in (("fold", True), ("old", True), ("fold-unfused", False),
-                       ("fold-late", True)):
+                       ("fold-late", True), ("index-in-place", True)):
         ks = runs[name]["kernels"]
         for kern in ("attn_fwd_fused_kernel", "attn_dq_fused_kernel"):
             ran = any(kern in k for k in ks)
