@@ -15,9 +15,8 @@ turns off the fused forward (BLOSSOM_OPS_CUDA_FUSED_FWD=0, csrc/cuda/attn_fwd_fu
 out and every branch output and lse must equal the default route's bit for bit. A fifth route issues the fused dQ's second-branch prologue loads late
 (BLOSSOM_OPS_CUDA_EARLY_LOADS=0, as before session 13) and a sixth builds the block-sparse
 inverse index reading block_idx in place instead of one group of queries ahead
-(BLOSSOM_OPS_CUDA_INDEX_AHEAD=0, as before session 17), a seventh stages the fused kernels'
-block chunks through 3 buffers (BLOSSOM_OPS_CUDA_BLK_STAGES=3): on each, every output and
-gradient must equal the default route's bit for bit.
+(BLOSSOM_OPS_CUDA_INDEX_AHEAD=0, as before session 17): on both, every output and gradient must
+equal the default route's bit for bit.
     python3 benchmarks/check_gate_fold_gpu.py [--quick] [--time 64x4096]
 """
 from __future__ import annotations
@@ -154,9 +153,7 @@ def main():
                           ("fold-late", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
                                          "BLOSSOM_OPS_CUDA_EARLY_LOADS": "0"}),
                           ("index-in-place", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
-                                              "BLOSSOM_OPS_CUDA_INDEX_AHEAD": "0"}),
-                          ("blk-stages-3", {"BLOSSOM_OPS_CUDA_GATE_FOLD": "1",
-                                            "BLOSSOM_OPS_CUDA_BLK_STAGES": "3"})):
+                                              "BLOSSOM_OPS_CUDA_INDEX_AHEAD": "0"})):
             path = os.path.join(tmp, name + ".pt")
             cmd = [sys.executable, __file__, "--child", path] + (["--quick"] if args.quick else [])
             if args.time and name != "fold+simple":
@@ -186,8 +183,7 @@ def main():
         print(f"{'ok  ' if same_fwd else 'FAIL'} fused vs unfused forward, case {n}: out, "
               f"o_sel, lse_sel, o_win, lse_win {'bit-identical' if same_fwd else 'DIFFER'}")
         for name, what in (("fold-late", "early vs late loads"),
-                           ("index-in-place", "index rows ahead vs in place"),
-                           ("blk-stages-3", "2 vs 3 block-chunk buffers")):
+                           ("index-in-place", "index rows ahead vs in place")):
             other = runs[name][n]
             same = all(torch.equal(a, b) for a, b in
                        zip(runs["fold"][n]["fwd"] + runs["fold"][n]["grads"],
@@ -202,7 +198,7 @@ def main():
               f"{'bit-identical' if same_kvg else 'DIFFER'}; grad q relative difference "
               f"{rel(fu[0], un[0]):.2e}")
     for name, want in (("fold", True), ("old", True), ("fold-unfused", False),
-                       ("fold-late", True), ("index-in-place", True), ("blk-stages-3", True)):
+                       ("fold-late", True), ("index-in-place", True)):
         ks = runs[name]["kernels"]
         for kern in ("attn_fwd_fused_kernel", "attn_dq_fused_kernel"):
             ran = any(kern in k for k in ks)

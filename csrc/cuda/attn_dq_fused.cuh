@@ -37,7 +37,7 @@ namespace detail {
 
 // kPair: both prologues at once (dq_prologue_pair); false (BLOSSOM_OPS_CUDA_EARLY_LOADS=0,
 // fused_branches.cuh): the window's prologue after the block-sparse loop, as before session 13.
-template <typename T, int D, class SelPolicy, class WinPolicy, bool kPair = true, int NB = 2>
+template <typename T, int D, class SelPolicy, class WinPolicy, bool kPair = true>
 __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>())
     attn_dq_fused_kernel(const AttnBwdParams<T, float> ps, const SelPolicy pol_s,
                          float* __restrict__ delta_s, const AttnBwdParams<T, float> pw,
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>()
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
 
-  unsigned char* base = smem_tc + wib * fused_warp_bytes<D, NB>();
+  unsigned char* base = smem_tc + wib * fused_warp_bytes<D>();
   float dq[NF][4];
 #pragma unroll
   for (int f = 0; f < NF; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>()
       if (qbits != 0u) {
         load_group_frags<T, D, HPW, QPW>(qb, ps.q, b, i0, h0, qbits, lane);
         load_group_frags<T, D, HPW, QPW>(ob, ps.grad_out, b, i0, h0, qbits, lane);
-        blk_dq_chunks<T, D, HPW, SelPolicy, QPW, NB>(ps, pol_s, base, b, i0, g, qbits, qb, ob,
+        blk_dq_chunks<T, D, HPW, SelPolicy, QPW>(ps, pol_s, base, b, i0, g, qbits, qb, ob,
                                                  my_lse2, my_dlt, lane, dq);
       }
     });
@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, true, true>()
     load_group_frags<T, D, HPW, QPW>(ob, ps.grad_out, b, i0, h0, qbits, lane);
     float my_lse2[2], my_dlt[2];
     dq_cols(t_s, lane, my_lse2, my_dlt);
-    blk_dq_chunks<T, D, HPW, SelPolicy, QPW, NB>(ps, pol_s, base, b, i0, g, qbits, qb, ob,
-                                                 my_lse2, my_dlt, lane, dq);
+    blk_dq_chunks<T, D, HPW, SelPolicy, QPW>(ps, pol_s, base, b, i0, g, qbits, qb, ob, my_lse2,
+                                             my_dlt, lane, dq);
     __syncwarp();  // the block list and rows of the first loop are dead before the second
     dq_cols(t_w, lane, my_lse2, my_dlt);
     slot_dq_chunks<T, D, HPW, WinPolicy, true, QPW, true>(pw, pol_w, base, b, i0, g, qbits, qb,
@@ -126,13 +126,9 @@ bool launch_attn_dq_fused(const AttnBwdParams<T, float>& ps, const SelPolicy& po
       return false;
     return dispatch_stage_config(s.head_dim, s.group(), true, [&](auto d_c, auto) {
       constexpr int D = decltype(d_c)::value;
-      size_t bytes = kStageWarps * fused_warp_bytes<D>();
+      const size_t bytes = kStageWarps * fused_warp_bytes<D>();
       auto kernel = early_loads_off() ? attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy, false>
                                       : attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy, true>;
-      if (blk_stages() == 3 && !early_loads_off()) {
-        kernel = attn_dq_fused_kernel<T, D, SelPolicy, WinPolicy, true, 3>;
-        bytes = kStageWarps * fused_warp_bytes<D, 3>();
-      }
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(pair_warps), kStageWarps * 32, bytes, stream>>>(
           ps, pol_s, delta_s, pw, pol_w, delta_w, TcGrid::make(s, 4, 2));

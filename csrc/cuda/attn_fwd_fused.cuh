@@ -27,7 +27,7 @@ namespace detail {
 // MINB: resident CTAs per SM the register budget must allow (the window forward's bound by
 // default; BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS picks another for A/B, see fused_fwd_ctas).
 template <typename T, int D, class SelPolicy, class WinPolicy,
-          int MINB = tc_min_ctas<D, false, true>(), int NB = 2>
+          int MINB = tc_min_ctas<D, false, true>()>
 __global__ void __launch_bounds__(kStageWarps * 32, MINB)
     attn_fwd_fused_kernel(const AttnFwdParams<T, float> ps, const SelPolicy pol_s,
                           const AttnFwdParams<T, float> pw, const WinPolicy pol_w,
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, MINB)
   int64_t b, i0, g, h0;
   if (!stage_coords_fast<HPW>(grid, wib, b, i0, g, h0)) return;  // uniform per warp
   i0 *= QPW;
-  unsigned char* base = smem_tc + wib * fused_warp_bytes<D, NB>();
+  unsigned char* base = smem_tc + wib * fused_warp_bytes<D>();
 
   float o[NF][4], m[2], lp[2];
   auto reset = [&]() {
@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(kStageWarps * 32, MINB)
 
   reset();
   if (qbits != 0u)
-    blk_fwd_chunks<T, D, HPW, SelPolicy, QPW, NB>(ps, pol_s, base, b, i0, g, qbits, qb, lane, o,
-                                                  m, lp);
+    blk_fwd_chunks<T, D, HPW, SelPolicy, QPW>(ps, pol_s, base, b, i0, g, qbits, qb, lane, o, m,
+                                              lp);
   uint4 sel[staged_pieces_per_lane<C, HPW, QPW>()];  // out_sel's words of this lane's pieces
   finish_fwd_warp<C, HPW, QPW, T, false>(ps, base, o, m, lp, b, i0, h0, lane, sel);
   __syncwarp();  // the staging area becomes the window's K/V buffers
@@ -114,13 +114,8 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps_in, const SelPolicy
     if (s.head_dim < 64) return false;
     return dispatch_stage_config(s.head_dim, s.group(), true, [&](auto d_c, auto) {
       constexpr int D = decltype(d_c)::value;
-      size_t bytes = kStageWarps * fused_warp_bytes<D>();
+      const size_t bytes = kStageWarps * fused_warp_bytes<D>();
       auto kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy>;
-      if (blk_stages() == 3) {
-        kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy,
-                                       tc_min_ctas<D, false, true>(), 3>;
-        bytes = kStageWarps * fused_warp_bytes<D, 3>();
-      }
       if constexpr (D == 64) {
         if (fused_fwd_ctas() == 9) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 9>;
         if (fused_fwd_ctas() == 10) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 10>;

@@ -1228,24 +1228,10 @@ struct ColumnMasks {
 // is before the column's causal edge. The per-warp work (coordinates, Q / dO fragments,
 // rowsums, epilogue) is shared by QPW queries, and a block two of them select (the own
 // block, nearly always) is staged once.
-// Shared memory of a block-chunk warp with NB chunk buffers (TcCfg's layout for NB = 2): the
-// K / V buffers, then the block list.
-template <class C, int NB>
-constexpr size_t blk_idx_off() {
-  return tc_align128(size_t(NB) * 2 * C::KC * C::RS * 2);
-}
-template <class C, int NB>
-constexpr size_t blk_warp_bytes() {
-  return tc_align128(blk_idx_off<C, NB>() + size_t(2) * C::KC * 4);
-}
-
-// NB: chunk buffers in the ring, NB - 1 chunks in flight while one is computed (2: the
-// default; 3 behind BLOSSOM_OPS_CUDA_BLK_STAGES=3, fused kernels only, session 17).
-template <typename T, class C, class Policy, int QPW = 1, int NB = 2>
+template <typename T, class C, class Policy, int QPW = 1>
 struct TcBlkWarp {
   using E = typename TcElem<T>::type;
   static_assert(C::KC == 16, "a block chunk is one 16-key segment");
-  static_assert(NB == 2 || NB == 3, "chunk buffers");
   static_assert(QPW == 1 || QPW == 2 || QPW == 4 || QPW == 8, "queries per warp");
   // List entry: block | (query bit set << kQShift); the launcher keeps blocks below 2^23.
   static constexpr int kQShift = 23;
@@ -1253,7 +1239,7 @@ struct TcBlkWarp {
   // This lane's 16-byte piece: PPK lanes cover the K and V pieces of one row, KPP rows per
   // pass, RPL passes (D = 64: rows lane / 16 + 2 k, k < 8).
   static constexpr int PPK = 2 * C::CPR, KPP = 32 / PPK, RPL = C::KC / KPP;
-  E* kv;           // [NB][2][KC][RS]
+  E* kv;           // [2][2][KC][RS]
   int* blist;      // the listed blocks, slot order (the idx area: 2 * KC ints)
   const char* src;  // this lane's piece of row r0 of key 0: (k or v).at(b, r0, g) + column
   E* dst0;          // its piece of row r0 in buffer 0
@@ -1271,7 +1257,7 @@ struct TcBlkWarp {
                                        const Bshd<const T>& v, int64_t b_, int64_t i0_, int64_t g,
                                        int64_t kv_len, const Policy& pol, int lane_) {
     kv = reinterpret_cast<E*>(base);
-    blist = reinterpret_cast<int*>(base + blk_idx_off<C, NB>());
+    blist = reinterpret_cast<int*>(base + C::idx_off);
     lane = lane_;
     b = b_;
     i0 = i0_;
@@ -1379,10 +1365,6 @@ struct TcBlkWarp {
       key0_next = blk * bs + (ch & seg_mask) * C::KC;
       return issue(pol, key0_next, kend0, buf);
     };
-    if constexpr (NB == 3) {
-      for_each_chunk3(n_chunks, issue_next, key0_next, qm_next, body);
-      return;
-    }
     uint32_t mask = n_chunks > 0 ? issue_next(0, 0) : 0u;
     int key0 = key0_next;
     unsigned qm = qm_next;
@@ -1401,52 +1383,6 @@ struct TcBlkWarp {
       mask = mask_next;
       key0 = key0_next;
       qm = qm_next;
-    }
-  }
-
-  // for_each_chunk with 3 buffers: chunks ch + 1 and ch + 2 in flight while ch is computed.
-  template <class Issue, class Body>
-  __device__ __forceinline__ void for_each_chunk3(int n_chunks, Issue& issue_next,
-                                                  const int& key0_next, const unsigned& qm_next,
-                                                  Body& body) const {
-    uint32_t mask = 0u, mask1 = 0u;
-    int key0 = 0, key01 = 0;
-    unsigned qm = 1u, qm1 = 1u;
-    if (n_chunks > 0) {
-      mask = issue_next(0, 0);
-      key0 = key0_next;
-      qm = qm_next;
-    }
-    if (n_chunks > 1) {
-      mask1 = issue_next(1, 1);
-      key01 = key0_next;
-      qm1 = qm_next;
-    }
-    int buf = 0;
-    for (int ch = 0; ch < n_chunks; ++ch) {
-      uint32_t mask2 = 0u;
-      int key02 = 0;
-      unsigned qm2 = 1u;
-      if (ch + 2 < n_chunks) {
-        mask2 = issue_next(ch + 2, buf == 0 ? 2 : buf - 1);  // (buf + 2) % 3
-        key02 = key0_next;
-        qm2 = qm_next;
-        cp_async_wait<2>();
-      } else if (ch + 1 < n_chunks) {
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncwarp();  // every lane's copies visible to the whole warp
-      if (mask != 0u) body(buf, mask, key0, qm);
-      __syncwarp();  // buffer `buf` is rewritten two iterations later
-      mask = mask1;
-      key0 = key01;
-      qm = qm1;
-      mask1 = mask2;
-      key01 = key02;
-      qm1 = qm2;
-      buf = buf == 2 ? 0 : buf + 1;
     }
   }
 
@@ -1470,7 +1406,7 @@ struct TcBlkWarp {
 // The block-chunk forward chunk loop of one warp (the block list, then every chunk), as
 // slot_fwd_chunks for the per-slot kernels; base is the warp's TcCfg<D, 16> area. Shared by
 // attn_fwd_kernel_tc_blk and the fused forward.
-template <typename T, int D, int HPW, class Policy, int QPW, int NB = 2>
+template <typename T, int D, int HPW, class Policy, int QPW>
 __device__ __forceinline__ void blk_fwd_chunks(const AttnFwdParams<T, float>& p, const Policy& pol,
                                                unsigned char* base, int64_t b, int64_t i0,
                                                int64_t g, unsigned qbits,
@@ -1479,7 +1415,7 @@ __device__ __forceinline__ void blk_fwd_chunks(const AttnFwdParams<T, float>& p,
                                                float (&lp)[2]) {
   using C = TcCfg<D, 16>;
   using E = typename TcElem<T>::type;
-  TcBlkWarp<T, C, Policy, QPW, NB> w;
+  TcBlkWarp<T, C, Policy, QPW> w;
   w.init(base, p.k, p.v, b, i0, g, p.shape.kv_len, pol, lane);
   const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
   const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);
@@ -1556,7 +1492,7 @@ __global__ void __launch_bounds__(kStageWarps * 32, tc_min_ctas<D, false>())
 // The block-chunk dQ chunk loop of one warp, after its prologue (the block list, then every
 // chunk): dq += K^T dS^T, as slot_dq_chunks does for the per-slot kernels. base is the
 // warp's TcCfg<D, 16> area. Shared by attn_dq_kernel_tc_blk and the fused dQ.
-template <typename T, int D, int HPW, class Policy, int QPW, int NB = 2>
+template <typename T, int D, int HPW, class Policy, int QPW>
 __device__ __forceinline__ void blk_dq_chunks(const AttnBwdParams<T, float>& p, const Policy& pol,
                                               unsigned char* base, int64_t b, int64_t i0,
                                               int64_t g, unsigned qbits,
@@ -1567,7 +1503,7 @@ __device__ __forceinline__ void blk_dq_chunks(const AttnBwdParams<T, float>& p, 
                                               float (&dq)[D / 16][4]) {
   using C = TcCfg<D, 16>;
   using E = typename TcElem<T>::type;
-  TcBlkWarp<T, C, Policy, QPW, NB> w;
+  TcBlkWarp<T, C, Policy, QPW> w;
   w.init(base, p.k, p.v, b, i0, g, p.shape.kv_len, pol, lane);
   const float qsc = static_cast<float>(p.shape.scale) * kLog2e;
   const int a_row = tile_row_offset<C>(lane), a_col = tile_col_offset<C>(lane);

@@ -10,21 +10,11 @@ namespace blossom {
 namespace gpu {
 namespace detail {
 
-// Per-warp shared memory: the block-chunk (NB chunk buffers) and the per-slot areas are used
-// one after the other.
-template <int D, int NB = 2>
+// Per-warp shared memory: the block-chunk and the per-slot areas are used one after the other.
+template <int D>
 constexpr size_t fused_warp_bytes() {
-  return TcCfg<D>::warp_bytes > blk_warp_bytes<TcCfg<D, 16>, NB>()
-             ? TcCfg<D>::warp_bytes
-             : blk_warp_bytes<TcCfg<D, 16>, NB>();
-}
-
-// BLOSSOM_OPS_CUDA_BLK_STAGES=3 (read once; A/B, session 17): the fused forward and dQ stage
-// their block chunks through 3 buffers (two chunks in flight) instead of 2, at ~14 warps per
-// SM instead of 16 / 18 (shared memory).
-inline int blk_stages() {
-  static const int n = env_equals("BLOSSOM_OPS_CUDA_BLK_STAGES", "3") ? 3 : 2;
-  return n;
+  return TcCfg<D>::warp_bytes > TcCfg<D, 16>::warp_bytes ? TcCfg<D>::warp_bytes
+                                                         : TcCfg<D, 16>::warp_bytes;
 }
 
 // BLOSSOM_OPS_CUDA_EARLY_LOADS=0 (read once; A/B): the fused dQ issues the loads of its second
