@@ -50,7 +50,7 @@ def test_matches_reference_tie_aware(device, dtype, case, args, ties):
     ctx = f"{case} block_len={block_len} stride={stride} block_size={block_size} " \
           f"top_n={top_n} ties={ties} dtype={dtype}"
     assert_selection_valid("select_blocks", idx, importance, cand, top_n,
-                           selection_tolerance(dtype, case.G), ctx)
+                           selection_tolerance(dtype, case.G, same_keys=True), ctx)
     # a padded query selects nothing
     valid = case.validity()
     assert (idx.cpu()[~valid] == -1).all(), "a padded query selected a block"
@@ -85,3 +85,25 @@ def test_nan_padding_is_never_read(device, case, args):
     k2 = nan_where_invalid(nan_embedded(k_cmp), cvalid)
     idx2 = blossom_ops.select_blocks(q2, k2, top_n, **kw)
     assert torch.equal(idx2, idx), "NaN padding changed the selection"
+
+
+def test_same_keys_margin_catches_a_near_miss():
+    """The tie margin of select_blocks' own tests (same_keys: the reference scores the very
+    16-bit values the kernel got) is float32's: a choice that loses 1e-3 of importance against
+    the reference's top-n is wrong there, while the margin for compressed keys rounded to
+    bf16 (blossom_attention) still counts it as a tie."""
+    imp = torch.tensor([0.300, 0.299, 0.100, 0.050], dtype=torch.float64).view(1, 1, 1, 4)
+    cand = torch.ones(1, 1, 4, dtype=torch.bool)
+    near_miss = torch.tensor([[[[1]]]], dtype=torch.int32)  # block 1 instead of block 0
+    tight = selection_tolerance(torch.bfloat16, 1, same_keys=True)
+    loose = selection_tolerance(torch.bfloat16, 1)
+    assert tight < 1e-3 < loose
+    assert_selection_valid("near miss", near_miss, imp, cand, 1, loose)
+    try:
+        assert_selection_valid("near miss", near_miss, imp, cand, 1, tight)
+    except AssertionError as e:
+        assert "wrong selection" in str(e)
+    else:
+        raise AssertionError("a selection 1e-3 below the best passed the same-keys margin")
+    assert_selection_valid("best", torch.tensor([[[[0]]]], dtype=torch.int32), imp, cand, 1,
+                           tight)
