@@ -12,7 +12,7 @@
 # build is in place (setup.py build_ext --inplace), so base runs use PYTHONPATH=base_src.
 # CASES (default 64x4096,64x16384: D x L at B=64 Hq=8 Hk=2 bf16) and STEPS pass through to
 # benchmarks/profile_gpu.py. Environment switches read once per process (BLOSSOM_OPS_CUDA_*)
-# can be A/B'd without a second build: run profile_gpu.py twice with and without them.
+# need no second build: benchmarks/step_ab_gpu.py alternates them in fresh processes.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in

@@ -79,7 +79,7 @@ struct IndexRow {
 #pragma unroll
       for (int k = 0; k < NS; ++k)
         if (k == s) c = v[k];
-      if (c < 0 || c >= C || c == own || (causal && c * bs > i)) return -1;
+      if (entry_excluded(c, own, i, C, bs, causal)) return -1;
 #pragma unroll
       for (int k = 0; k < NS; ++k)
         if (k < s && v[k] == c) return -1;

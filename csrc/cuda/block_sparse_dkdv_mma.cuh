@@ -10,12 +10,12 @@
 // chunks are in flight by cp.async while one is computed.
 //
 // Work decomposition
-//   * CTA = (b, KV head g, block c, 16-key tile kt; bs / 16 tiles per block), W = kBsWarps
-//     = 2 warps on the same tile (4 before session 15, see kBsWarps); grid order kt, c
-//     fastest, so the CTAs running together gather rows of one or
-//     two (b, g) slices (4 MB of q + dO at D=64 L=4096: L2-resident). K and V of the tile are
-//     staged once per CTA by cp.async (zeros for keys past L or padded) and kept in registers
-//     as A fragments by every warp (D <= 64; at D = 128 re-read by ldmatrix per chunk).
+//   * CTA = (b, KV head g, block c, 16-key tile kt; bs / 16 tiles per block), W = kBsWarps = 2
+//     warps on the same tile (4 before session 15, see kBsWarps); grid order kt, c fastest, so
+//     the CTAs running together gather rows of one or two (b, g) slices (4 MB of q + dO at D=64
+//     L=4096: L2-resident). K and V of the tile are staged once per CTA by cp.async (zeros for
+//     keys past L or padded) and kept in registers as A fragments by every warp (D <= 64; at
+//     D = 128 re-read by ldmatrix per chunk).
 //   * The tile's query list is a list of slots: the own-block queries (from j0 on when causal:
 //     earlier ones see none of the tile's keys), clipped to L, then the bucket of block c in
 //     the inverse index (block_index_kernel: valid queries only, no duplicates, the own block

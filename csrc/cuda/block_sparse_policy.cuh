@@ -11,14 +11,20 @@
 namespace blossom {
 namespace gpu {
 
+// Whether entry c of query i's list adds no block of its own, before the repeat test: -1 and
+// out-of-range entries, the own block, and (causal) blocks that start after i.
+__device__ __forceinline__ bool entry_excluded(int64_t c, int64_t own, int64_t i, int64_t C,
+                                               int64_t bs, bool causal) {
+  return c < 0 || c >= C || c == own || (causal && c * bs > i);
+}
+
 // Block c selected by query i in slot s, or -1 when the slot adds nothing to the own block:
-// -1 entries, out-of-range entries, the own block, repeats of an earlier slot, and (causal)
-// blocks that start after i.
+// entry_excluded, or a repeat of an earlier slot.
 __device__ __forceinline__ int64_t selected_block(const int32_t* row, int64_t s, int64_t own,
                                                   int64_t i, int64_t C, int64_t bs,
                                                   bool causal) {
   const int64_t c = row[s];
-  if (c < 0 || c >= C || c == own || (causal && c * bs > i)) return -1;
+  if (entry_excluded(c, own, i, C, bs, causal)) return -1;
   for (int64_t k = 0; k < s; ++k)
     if (row[k] == c) return -1;
   return c;

@@ -5,19 +5,19 @@
 // issued instructions (Nsight: IPC ~2.1, ALU busiest), not by tensor cores, MUFU or memory.
 //
 // Work decomposition
-//   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries); warp w owns QW =
-//   16 / G queries = 16 (query, head) rows. Compressed tokens stream through shared memory in chunks
-//   of 64 (a ring of 2 or 3 cp.async buffers, one __syncthreads per chunk; at DP = 32, 64 the second
-//   pass reuses the chunks the first left resident: run_pass). The scores are the transposed product
-//   S^T = K Q^T (mma.sync m16n8k16: the chunk's tokens are M, four m16 tiles; the warp's rows are N,
-//   two n8 tiles; K is the A operand straight from shared memory, Q the B operand, loaded into
-//   registers once): thread (gid = lane / 4, q4 = lane % 4) holds tokens 8 k + gid (k = 0..7) of 4
-//   rows. Rows are ordered so that these 4 rows are the 4 heads of one query for G = 4 (both heads
-//   of 2 queries for G = 2, 4 queries for G = 1, 4 of the heads for G = 8 / 16 with lanes xor 1, 2
-//   holding the rest; Rows<G> below): the sum over the heads is in-thread, no shuffle. Pass 1
-//   gathers per row the statistics (lse), pass 2 the probabilities, their head and block sums, and
-//   offers each block to a per-lane top-n list; a final arg-max merge over the query's lanes writes
-//   the ascending top-n (-1 padding).
+//   One CTA (4 warps) per (b, kv head g, tile of QT = 64 / G consecutive queries); warp w owns
+//   QW = 16 / G queries = 16 (query, head) rows. Compressed tokens stream through shared memory
+//   in chunks of 64 (a ring of 2 or 3 cp.async buffers, one __syncthreads per chunk; at DP =
+//   32, 64 the second pass reuses the chunks the first left resident: run_pass). The scores are
+//   the transposed product S^T = K Q^T (mma.sync m16n8k16: the chunk's tokens are M, four m16
+//   tiles; the warp's rows are N, two n8 tiles; K is the A operand straight from shared memory,
+//   Q the B operand, loaded into registers once): thread (gid = lane / 4, q4 = lane % 4) holds
+//   tokens 8 k + gid (k = 0..7) of 4 rows. Rows are ordered so that these 4 rows are the 4
+//   heads of one query for G = 4 (both heads of 2 queries for G = 2, 4 queries for G = 1, 4 of
+//   the heads for G = 8 / 16 with lanes xor 1, 2 holding the rest; Rows<G> below): the sum over
+//   the heads is in-thread, no shuffle. Pass 1 gathers per row the statistics (lse), pass 2 the
+//   probabilities, their head and block sums, and offers each block to a per-lane top-n list; a
+//   final arg-max merge over the query's lanes writes the ascending top-n (-1 padding).
 //
 // Changes against the first version, per chunk and warp
 //   * Offers: a lane's list is best-first floats (importance) + block indices, N = 4 entries
