@@ -25,7 +25,7 @@ namespace gpu {
 namespace detail {
 
 // MINB: resident CTAs per SM the register budget must allow (the window forward's bound by
-// default; BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS picks another for A/B, see fused_fwd_ctas).
+// default; at D = 64 the launcher picks kFusedFwdCtas64, see fused_fwd_ctas).
 template <typename T, int D, class SelPolicy, class WinPolicy,
           int MINB = tc_min_ctas<D, false, true>()>
 __global__ void __launch_bounds__(kStageWarps * 32, MINB)
@@ -70,13 +70,15 @@ __global__ void __launch_bounds__(kStageWarps * 32, MINB)
   finish_fwd_warp<C, HPW, QPW, T, true>(pw, base, o, m, lp, b, i0, h0, lane, nullptr, sel);
 }
 
-// BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS=9 or 10 (read once): the fused forward bounded to that many
-// 2-warp CTAs per SM (<= 112 / <= 102 registers) instead of 8 (<= 128; it takes 125 at
-// D = 64). 0: the default.
+// 2-warp CTAs per SM the fused forward's registers must allow at D = 64: 9 (<= 112; ptxas
+// takes 96 without spills, so 10 fit: 20 warps per SM) since session 18, instead of the window
+// forward's 8 (<= 128; 122 taken, 16 warps). H200, B=64 Hq=8 Hk=2 bf16, profile_gpu, fused
+// forward ms 8 -> 9: L=4096 1.561, 1.562, 1.558 -> 1.499, 1.509; L=16384 6.43, 6.45, 6.54 ->
+// 6.19, 6.36. 11 CTAs (80 registers, 42 bytes of spills) measured slower: 1.604 / 6.81.
+// BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS=8 (read once) keeps the previous bound for A/B runs.
+constexpr int kFusedFwdCtas64 = 9;
 inline int fused_fwd_ctas() {
-  static const int n = env_equals("BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS", "9")    ? 9
-                       : env_equals("BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS", "10") ? 10
-                                                                           : 0;
+  static const int n = env_equals("BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS", "8") ? 8 : kFusedFwdCtas64;
   return n;
 }
 
@@ -117,8 +119,8 @@ bool launch_attn_fwd_fused(const AttnFwdParams<T, float>& ps_in, const SelPolicy
       const size_t bytes = kStageWarps * fused_warp_bytes<D>();
       auto kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy>;
       if constexpr (D == 64) {
-        if (fused_fwd_ctas() == 9) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 9>;
-        if (fused_fwd_ctas() == 10) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 10>;
+        kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, kFusedFwdCtas64>;
+        if (fused_fwd_ctas() == 8) kernel = attn_fwd_fused_kernel<T, D, SelPolicy, WinPolicy, 8>;
       }
       stage_smem_attr(kernel, bytes);
       kernel<<<stage_grid(pair_warps), kStageWarps * 32, bytes, stream>>>(
