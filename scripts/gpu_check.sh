@@ -57,7 +57,7 @@ for step in $STEPS; do
     check)
       run_step check "$OUT/check.log" python3 scripts/sanitize_ops.py --check
       # The fast paths' own sweeps: tensor-core selection (1568 cases) and the fused
-      # short-sequence path (81 cases, then again with the dK/dV cluster split at 2).
+      # short-sequence path (82 cases, then again with the dK/dV cluster split at 2).
       run_step check_select "$OUT/check.log" python3 benchmarks/check_select_gpu.py check
       run_step check_short "$OUT/check.log" python3 benchmarks/check_short_gpu.py --quick --no-time
       run_step check_short_split2 "$OUT/check.log" env BLOSSOM_OPS_CUDA_SHORT_SPLIT=2 \

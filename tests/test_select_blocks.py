@@ -1,6 +1,7 @@
 """select_blocks (LTIS scoring and top-n), compared tie-aware with the importance computed by
 blossom_ops.reference.select_blocks_scores in float64: entries forced by a strict margin
 exactly, tied ones as sets, -1 padding exactly."""
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
@@ -99,11 +100,7 @@ def test_same_keys_margin_catches_a_near_miss():
     loose = selection_tolerance(torch.bfloat16, 1)
     assert tight < 1e-3 < loose
     assert_selection_valid("near miss", near_miss, imp, cand, 1, loose)
-    try:
+    with pytest.raises(AssertionError, match="wrong selection"):
         assert_selection_valid("near miss", near_miss, imp, cand, 1, tight)
-    except AssertionError as e:
-        assert "wrong selection" in str(e)
-    else:
-        raise AssertionError("a selection 1e-3 below the best passed the same-keys margin")
     assert_selection_valid("best", torch.tensor([[[[0]]]], dtype=torch.int32), imp, cand, 1,
                            tight)
