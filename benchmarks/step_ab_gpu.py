@@ -4,10 +4,10 @@ Each variant is a set of BLOSSOM_OPS_CUDA_* assignments (the switches are read o
 process), so every measurement runs in a fresh process; variants alternate, REPS rounds, and
 the table gives each variant's per-round medians. Times are bench_gpu.py's (triton do_bench
 median of one fwd+bwd step, L2 flushed before each), so unlike profile_gpu.py's kernel sums
-they include what overlaps between kernels (side streams) and the gaps between them.
+they include what overlaps between kernels and the gaps between them.
 
 Usage: python3 benchmarks/step_ab_gpu.py --cases 64x4096,64x16384 --reps 3 \\
-           --variant base: --variant side0:BLOSSOM_OPS_CUDA_SIDE_STREAM=0
+           --variant base: --variant ctas8:BLOSSOM_OPS_CUDA_FUSED_FWD_CTAS=8
        (one case in this process: python3 benchmarks/step_ab_gpu.py --one 64x4096)
 """
 from __future__ import annotations
