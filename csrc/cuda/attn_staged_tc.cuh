@@ -511,15 +511,26 @@ __device__ __forceinline__ void keys_heads_to_b(const float (&acc)[4], uint32_t&
   b1 = movmatrix_trans(pack2<E>(acc[2], acc[3]));
 }
 
+// The float staging area [8][OLD] is swizzled: dim d of a row sits in column d ^ 4 when bit 5
+// of d is set (the upper 32 of every 64 dims). for_each_staged_piece reads a row's 8-float
+// pieces as two float4 per lane, a quarter-warp at a time (8 lanes, pieces c .. c + 7 of one
+// row at D >= 64); unswizzled, pieces c and c + 4 sit 32 words apart, on the same banks, and
+// each LDS.128 took 8 wavefronts instead of 4 (session 20, Nsight on the H200: 2.1 M excess
+// wavefronts in the fused forward at B=16 L=4096, 4% of its shared-memory wavefronts, in a
+// kernel bound by L1/TEX data-pipe wavefronts at 87%). stage_heads' scalar stores flip the
+// same bit for a whole instruction (16 f + gid [+ 8] share bit 5), so they stay
+// conflict-free.
+
 // Writes the head-major rows of the accumulators (O^T or dQ^T slices, C layout: dims x
-// heads), each head column times mul[j], into the float staging area [8][OLD].
+// heads), each head column times mul[j], into the float staging area [8][OLD] (swizzled).
 template <class C>
 __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF][4],
                                             const float (&mul)[2], int lane) {
   const int gid = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int f = 0; f < C::NF; ++f) {
-    float* r0 = ost + (2 * tig) * C::OLD + 16 * f + gid;
+    // Bit 5 of 16 f + gid (gid < 8) is bit 1 of f.
+    float* r0 = ost + (2 * tig) * C::OLD + ((16 * f + gid) ^ (((f >> 1) & 1) << 2));
     float* r1 = r0 + C::OLD;
     r0[0] = acc[f][0] * mul[0];
     r1[0] = acc[f][1] * mul[1];
@@ -601,9 +612,11 @@ __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t 
     const int n = t / C::CPR, c = t % C::CPR;
     const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
     if (QPW > 1 && i0 + q >= L) continue;
+    // Piece c's two float4 trade places in the swizzled row when bit 5 of 8 c is set (c & 4).
     const float* src = ost + n * C::OLD + c * kFrag;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[0];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[1];
+    const int sw = (c >> 2) & 1;
+    const float4 a0 = reinterpret_cast<const float4*>(src)[sw];
+    const float4 a1 = reinterpret_cast<const float4*>(src)[sw ^ 1];
     float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     store(q, hh, c, v8, k);
   }
