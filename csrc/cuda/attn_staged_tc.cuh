@@ -511,15 +511,19 @@ __device__ __forceinline__ void keys_heads_to_b(const float (&acc)[4], uint32_t&
   b1 = movmatrix_trans(pack2<E>(acc[2], acc[3]));
 }
 
-// The float staging area [8][OLD] is swizzled: dim d of a row sits in column d ^ 4 when bit 5
-// of d is set (the upper 32 of every 64 dims). for_each_staged_piece reads a row's 8-float
-// pieces as two float4 per lane, a quarter-warp at a time (8 lanes, pieces c .. c + 7 of one
-// row at D >= 64); unswizzled, pieces c and c + 4 sit 32 words apart, on the same banks, and
+// Column of dim d in a row of the float staging area [8][OLD]: d ^ 4 when bit 5 of d is set
+// (the upper 32 of every 64 dims). for_each_staged_piece reads a row's 8-float pieces as two
+// float4 per lane, a quarter-warp at a time (8 lanes, pieces c .. c + 7 of one row at
+// D >= 64); unswizzled, pieces c and c + 4 sit 32 words apart, on the same banks, and
 // each LDS.128 took 8 wavefronts instead of 4 (session 20, Nsight on the H200: 2.1 M excess
 // wavefronts in the fused forward at B=16 L=4096, 4% of its shared-memory wavefronts, in a
 // kernel bound by L1/TEX data-pipe wavefronts at 87%). stage_heads' scalar stores flip the
 // same bit for a whole instruction (16 f + gid [+ 8] share bit 5), so they stay
 // conflict-free.
+__host__ __device__ constexpr int staged_col(int d) { return d ^ ((d >> 3) & 4); }
+static_assert(staged_col(35) == 39 && staged_col(43) == staged_col(35) + 8 &&
+                  staged_col(31) == 31 && staged_col(100) == 96,
+              "bit 2 flips with bit 5 only; + 8 commutes with it");
 
 // Writes the head-major rows of the accumulators (O^T or dQ^T slices, C layout: dims x
 // heads), each head column times mul[j], into the float staging area [8][OLD] (swizzled).
@@ -529,8 +533,8 @@ __device__ __forceinline__ void stage_heads(float* ost, const float (&acc)[C::NF
   const int gid = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int f = 0; f < C::NF; ++f) {
-    // Bit 5 of 16 f + gid (gid < 8) is bit 1 of f.
-    float* r0 = ost + (2 * tig) * C::OLD + ((16 * f + gid) ^ (((f >> 1) & 1) << 2));
+    // r0[8] is staged_col(16 f + gid + 8): adding 8 keeps bits 2 and 5.
+    float* r0 = ost + (2 * tig) * C::OLD + staged_col(16 * f + gid);
     float* r1 = r0 + C::OLD;
     r0[0] = acc[f][0] * mul[0];
     r1[0] = acc[f][1] * mul[1];
@@ -612,11 +616,11 @@ __device__ __forceinline__ void for_each_staged_piece(const float* ost, int64_t 
     const int n = t / C::CPR, c = t % C::CPR;
     const int q = QPW == 1 ? 0 : n / HPW, hh = QPW == 1 ? n : n % HPW;
     if (QPW > 1 && i0 + q >= L) continue;
-    // Piece c's two float4 trade places in the swizzled row when bit 5 of 8 c is set (c & 4).
-    const float* src = ost + n * C::OLD + c * kFrag;
-    const int sw = (c >> 2) & 1;
-    const float4 a0 = reinterpret_cast<const float4*>(src)[sw];
-    const float4 a1 = reinterpret_cast<const float4*>(src)[sw ^ 1];
+    // The piece's second half, dims 8 c + 4 .., sits at staged_col(8 c) ^ 4.
+    const float* row = ost + n * C::OLD;
+    const int col = staged_col(c * kFrag);
+    const float4 a0 = *reinterpret_cast<const float4*>(row + col);
+    const float4 a1 = *reinterpret_cast<const float4*>(row + (col ^ 4));
     float v8[kFrag] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     store(q, hh, c, v8, k);
   }
